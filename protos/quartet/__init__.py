@@ -1,0 +1,1 @@
+"""Quartet's wire contract: the generated protobuf / gRPC package `quartet.v1`."""
