@@ -1,0 +1,69 @@
+"""The contract between the one server runtime and each model role.
+
+A role package (services/generator, services/reward, ...) exposes in its `__init__.py`:
+
+    NAME: str                       # "generator"
+    Options: type[pydantic.BaseModel]  # the role's own typed options (backend, limits, ...)
+    def create(ctx: RoleContext, options: Options) -> Role
+
+`services.common.server.serve_role` builds the gRPC server (auth, status mapping, metrics,
+health, reflection, TLS), calls `create`, registers the servicer, marks health NOT_SERVING,
+calls `role.load()` (the slow part: loading the model), then marks health SERVING. On SIGTERM it
+marks NOT_SERVING, stops accepting, lets in-flight calls finish, then calls `role.close()`.
+
+The servicer is thin (decode, call the backend, encode); the backend is a plain class that tests
+drive directly without gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelConfig(BaseModel):
+    """Which checkpoint a role serves and where it computes."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    path: str | None = Field(None, description="Local Hugging Face checkpoint directory (config.json, weights, tokenizer).")
+    dtype: str = Field("auto", description="Compute dtype: auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on CUDA).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: CUDA when present).")
+
+
+@dataclass
+class RoleContext:
+    """What the runtime hands a role when creating it."""
+
+    model: ModelConfig
+    registry: CollectorRegistry          # role-specific Prometheus metrics go here
+    max_message_bytes: int               # the server's receive limit, reported in GetInfo limits
+    checkpoint_dir: Path | None = None   # where Save/Load may write/read (value role)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Role(Protocol):
+    """A loaded (or loading) model role behind one gRPC service."""
+
+    #: Full proto service name, e.g. "quartet.v1.Generator" (for health and reflection).
+    service_name: str
+    #: Method names that need the admin token scope, e.g. {"UpdateWeights"}.
+    admin_methods: frozenset[str]
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        """Register the servicer (generated add_XServicer_to_server)."""
+
+    def load(self) -> None:
+        """Load the model; may take long. Calls arriving before it returns get UNAVAILABLE."""
+
+    def close(self) -> None:
+        """Release background threads and resources after the server stopped."""
+
+
+RoleFactory = Callable[[RoleContext, BaseModel], Role]
