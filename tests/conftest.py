@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny checkpoints built locally (no download), tokens, loopback addresses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores: keep every test process from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CALL_TOKEN = "test-call-token-0123456789"
+ADMIN_TOKEN = "test-admin-token-9876543210"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init Qwen2 (hidden 64, 2 layers) + char tokenizer saved with save_pretrained."""
+    from services.common.modelkit import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_other(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture and tokenizer as tiny_checkpoint, different random weights."""
+    from services.common.modelkit import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-other") / "model", seed=1)
+
+
+@pytest.fixture
+def tokens() -> dict[str, str]:
+    return {"token": CALL_TOKEN, "admin_token": ADMIN_TOKEN}
