@@ -13,6 +13,7 @@ of different lengths and answer one number per response token. They share this m
    ones (up to float reassociation in batched matmuls).
 4. `MicroBatch.response_view` / `response_rows`: map per-position outputs [b, W] back to one row per
    response token.
+5. `CallGate`: admission control, at most N scoring calls at once, the next refused with Overloaded.
 
 Alignment (the one rule both roles follow): the output at position p belongs to the state after
 tokens 0..p, i.e. it is about token p + 1. Response token k (response_start <= k < len) is therefore
@@ -25,14 +26,16 @@ Shapes: B sequences in the request, b rows in one micro-batch, W its widest row,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from services.common.codec import RaggedTensor
-from services.common.errors import InvalidArgument, OutOfRange
+from services.common.errors import InvalidArgument, OutOfRange, Overloaded
 
 TOKENS_FIELD = "sequences.token_ids"
 START_FIELD = "sequences.response_start"
@@ -212,3 +215,25 @@ def unbatch(pieces: Sequence[tuple[MicroBatch, Sequence[Tensor]]], batch_size: i
     if missing:
         raise ValueError(f"rows {missing} are in no micro-batch")
     return out  # type: ignore[return-value]
+
+
+class CallGate:
+    """At most `limit` calls inside at once; the next one gets Overloaded (RESOURCE_EXHAUSTED) at once.
+
+    Calls beyond the limit are refused rather than queued: a caller that backs off and retries sees
+    the overload, where a hidden queue would only turn it into deadline errors.
+    """
+
+    def __init__(self, limit: int, what: str) -> None:
+        self._sem = threading.BoundedSemaphore(limit)
+        self._limit = limit
+        self._what = what
+
+    @contextmanager
+    def enter(self) -> Iterator[None]:
+        if not self._sem.acquire(blocking=False):
+            raise Overloaded(f"{self._what}: {self._limit} calls already running (max_concurrent={self._limit}); retry later")
+        try:
+            yield
+        finally:
+            self._sem.release()

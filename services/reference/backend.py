@@ -1,0 +1,140 @@
+"""The frozen reference policy: log π_ref(t_k | t_<k) of the response tokens of full sequences.
+
+A plain class (no gRPC): the servicer decodes a request and calls `logprobs`; tests call it directly.
+The model is loaded once by `load()` and never changes. Log-probabilities are those of the raw model
+at temperature 1 (no temperature, top-p or top-k), taken in fp32 whatever the compute dtype: the
+orchestrator's KL term compares them with the policy's own fp32 log-probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from prometheus_client import CollectorRegistry, Counter
+from torch import Tensor
+
+from services.common import hf
+from services.common.batching import CallGate, SequencesLike, check_sequences, micro_batches, unbatch
+from services.common.errors import NotReady
+from services.common.role import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from services.reference import Options
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What `load()` found, for GetInfo."""
+
+    path: str
+    dtype: torch.dtype
+    device: torch.device
+    vocab_size: int  # rows of the input embedding = width of the logits
+    tokenizer_fingerprint: str
+    max_positions: int | None  # config.max_position_embeddings, the longest row accepted
+
+
+def load_model_facts(model_cfg: ModelConfig) -> tuple[torch.device, torch.dtype, str]:
+    """(device, dtype, path) from the role's model config; ValueError naming what to set."""
+    if not model_cfg.path:
+        raise ValueError("model.path is not set; pass the checkpoint directory (--model PATH)")
+    device = hf.resolve_device(model_cfg.device, field="model.device")
+    dtype = hf.resolve_dtype(model_cfg.dtype, device=device, field="model.dtype")
+    return device, dtype, model_cfg.path
+
+
+class ReferenceBackend:
+    """Scores response tokens under a frozen causal LM, micro-batched under a token budget."""
+
+    def __init__(self, model_cfg: ModelConfig, options: Options, registry: CollectorRegistry) -> None:
+        self.model_cfg = model_cfg
+        self.options = options
+        self.info: LoadedModel | None = None
+        self._model: PreTrainedModel | None = None
+        self._pad_id = 0
+        self._gate = CallGate(options.max_concurrent, "reference")
+        self.sequences_total = Counter(
+            "quartet_reference_sequences", "Sequences scored by LogProbs.", registry=registry)
+        self.tokens_total = Counter(
+            "quartet_reference_tokens", "Real (unpadded) tokens run through the reference model.", registry=registry)
+        self.response_tokens_total = Counter(
+            "quartet_reference_response_tokens", "Response tokens whose log-probability was returned.",
+            registry=registry)
+        self.padded_tokens_total = Counter(
+            "quartet_reference_padded_tokens", "Tokens in forward passes, padding included (rows x width).",
+            registry=registry)
+        self.micro_batches_total = Counter(
+            "quartet_reference_micro_batches", "Forward passes (micro-batches) run by LogProbs.", registry=registry)
+
+    def load(self) -> None:
+        """Load tokenizer and model (slow). Until it returns, logprobs raises NotReady."""
+        device, dtype, path = load_model_facts(self.model_cfg)
+        tokenizer = hf.load_tokenizer(path)
+        model = hf.load_causal_lm(path, dtype=dtype, device=device, attn_implementation=self.options.attn_implementation)
+        model.requires_grad_(False)
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.info = LoadedModel(
+            path=str(path), dtype=dtype, device=device,
+            vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+            tokenizer_fingerprint=hf.tokenizer_fingerprint(tokenizer),
+            max_positions=getattr(model.config, "max_position_embeddings", None),
+        )
+        self._model = model
+
+    def logprobs(self, sequences: SequencesLike, response_start: Sequence[int] | Tensor) -> list[Tensor]:
+        """log π_ref of every response token, temperature 1.
+
+        Args:
+            sequences: B rows of token ids, prompt ++ response (list of lists, 1-d tensors or RaggedTensor).
+            response_start: [B] index where each row's response begins, 1 <= response_start_i <= len_i.
+
+        Returns:
+            B float32 CPU tensors; row i has len_i - response_start_i entries (0 when the row has no
+            response), entry j = log π_ref(t_k | t_<k) for k = response_start_i + j.
+
+        Raises:
+            InvalidArgument / OutOfRange naming the field (see batching.check_sequences), Overloaded when
+            max_concurrent calls are already running, NotReady before load().
+        """
+        model, info = self._model, self.info
+        if model is None or info is None:
+            raise NotReady("reference model is still loading")
+        with self._gate.enter():
+            rows, starts = check_sequences(
+                sequences, response_start, vocab_size=info.vocab_size,
+                max_sequences=self.options.max_batch_sequences, max_tokens=self.options.max_tokens_per_call,
+                max_row_tokens=min(self.options.max_batch_tokens, info.max_positions or self.options.max_batch_tokens),
+            )
+            pieces = []
+            with torch.inference_mode():
+                for mb in micro_batches(rows, starts, self.options.max_batch_tokens, pad_id=self._pad_id):
+                    pieces.append((mb, self._score(model, mb, info.device)))
+                    self.micro_batches_total.inc()
+                    self.padded_tokens_total.inc(mb.num_tokens)
+            out = unbatch(pieces, len(rows))
+        self.sequences_total.inc(len(rows))
+        self.tokens_total.inc(sum(r.numel() for r in rows))
+        self.response_tokens_total.inc(sum(r.numel() for r in out))
+        return out
+
+    @staticmethod
+    def _score(model: PreTrainedModel, mb, device: torch.device) -> list[Tensor]:
+        """Response-token log-probabilities of one micro-batch, rows in micro-batch order."""
+        logits = model(
+            input_ids=mb.input_ids.to(device),
+            attention_mask=mb.attention_mask.to(device),
+            position_ids=mb.position_ids.to(device),
+            use_cache=False,
+        ).logits  # [b, W, V]
+        # Logits at position p predict token p + 1 (batching's alignment): the target of position p.
+        targets = mb.response_view(torch.roll(mb.input_ids, -1, dims=1)).to(device)  # [b, T]
+        picked = mb.response_view(logits).float()  # [b, T, V]
+        logprobs = picked.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+        counts = (mb.lengths - mb.response_start).tolist()
+        cpu = logprobs.cpu()
+        return [cpu[i, :n].clone() for i, n in enumerate(counts)]
