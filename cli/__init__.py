@@ -1,0 +1,1 @@
+"""The `quartet` command line: see cli/main.py."""

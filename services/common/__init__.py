@@ -1,0 +1,1 @@
+"""Shared runtime of every role: server bootstrap, auth, metrics, config, the tensor codec."""
