@@ -1,0 +1,302 @@
+"""From what the services returned for one step (a ``Rollout``) to the padded batch the update
+trains on (an ``Experience``): old log-probs, KL to the reference, token rewards, advantages.
+
+Shapes: ``B`` = prompts x G sequences (prompt-major: each prompt's G samples are contiguous rows),
+``L`` padded prompt ++ response length, ``T`` longest response. ``mask`` is 1 on real response
+tokens. Every formula comes from orchestrator.algorithms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from orchestrator.algo_config import AlgorithmConfig
+from orchestrator.algorithms.advantages import gae, group_advantages, masked_whiten, token_rewards
+from orchestrator.algorithms.kl import kl_estimate, lookup, zero_padding
+from orchestrator.policy import DEFAULT_MICRO_BATCH_TOKENS, TokenBatch, sequence_logprobs
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """What the services returned for one step. Rows are prompt-major: B = prompts x group_size."""
+
+    prompt_ids: list[list[int]]  # [B] prompt token ids, each >= 1 token
+    completion_ids: list[list[int]]  # [B] sampled response ids, each >= 1 token
+    generator_logprobs: list[list[float]]  # [B] log π_gen of each sampled token, aligned with completion_ids
+    rewards: Tensor  # [B] float32 sequence scores (weighted sum over reward endpoints)
+    group_size: int  # G samples per prompt
+    ref_logprobs: list[Tensor] | None = None  # [B] rows [C_i] log π_ref of each sampled token
+    values: list[Tensor] | None = None  # [B] rows [C_i] critic V(s_t) at each response token
+    finished: list[bool] | None = None  # [B] True if stopped by EOS / stop string, False if cut by length
+
+    def __post_init__(self) -> None:
+        b = len(self.prompt_ids)
+        if b == 0:
+            raise ValueError("empty rollout: at least one prompt's samples are needed")
+        if self.group_size < 1 or b % self.group_size:
+            raise ValueError(
+                f"{b} rows is not a multiple of group_size={self.group_size}: keep G samples per prompt"
+            )
+        _check_rows("completion_ids", self.completion_ids, b)
+        _check_rows("generator_logprobs", self.generator_logprobs, b)
+        if tuple(self.rewards.shape) != (b,):
+            raise ValueError(f"rewards must be [B]=[{b}], got shape {tuple(self.rewards.shape)}")
+        for i, (p, c) in enumerate(zip(self.prompt_ids, self.completion_ids, strict=True)):
+            if len(p) == 0:
+                raise ValueError(
+                    f"row {i}: empty prompt; a response token is scored from the position before it"
+                )
+            if len(c) == 0:
+                raise ValueError(
+                    f"row {i}: empty completion; the generator always returns >= 1 token, so this is a bug upstream"
+                )
+        lengths = [len(c) for c in self.completion_ids]
+        for name in ("generator_logprobs", "ref_logprobs", "values"):
+            rows = getattr(self, name)
+            if rows is not None:
+                _check_rows(name, rows, b)
+                bad = [i for i, (r, n) in enumerate(zip(rows, lengths, strict=True)) if len(r) != n]
+                if bad:
+                    raise ValueError(
+                        f"{name} row {bad[0]} has {len(rows[bad[0]])} entries, its completion {lengths[bad[0]]}"
+                    )
+        if self.finished is not None:
+            _check_rows("finished", self.finished, b)
+
+
+def _check_rows(name: str, rows: Sequence[object], b: int) -> None:
+    if len(rows) != b:
+        raise ValueError(f"{name} has {len(rows)} rows, expected B={b} (one per completion)")
+
+
+@dataclass(frozen=True)
+class LogprobGap:
+    """|generator - trainer| log-prob of the sampled tokens over real tokens: sampler/trainer mismatch."""
+
+    mean: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One step's training batch (OpenRLHF style). Per-token tensors are over response tokens."""
+
+    input_ids: Tensor  # [B, L] int64 prompt ++ completion, right-padded with the pad id
+    attention_mask: Tensor  # [B, L] int64 1 on real tokens
+    position_ids: Tensor  # [B, L] int64 0..len-1 on real tokens
+    response_start: Tensor  # [B] int64 = prompt length: index of the first response token
+    mask: Tensor  # [B, T] float32 1 on real response tokens
+    old_logprobs: Tensor  # [B, T] log π_old(a_t|s_t), the ratio's denominator (trainer or generator)
+    generator_logprobs: Tensor  # [B, T] log π_gen(a_t|s_t) reported by the sampler
+    ref_logprobs: Tensor | None  # [B, T] log π_ref(a_t|s_t), None without a reference
+    values: Tensor | None  # [B, T] V(s_t) at rollout time, None without a critic
+    rewards: Tensor  # [B] float32 sequence scores
+    kl: Tensor  # [B, T] per-token KL(π_old || π_ref) estimate (cfg.kl_estimator), 0 without a reference
+    token_rewards: Tensor  # [B, T] score on the last real token, - kl_coef * kl when kl_placement = reward
+    advantages: Tensor  # [B, T] A_t (group advantages broadcast over tokens), 0 at padding
+    returns: Tensor | None  # [B, T] GAE value targets A_t + V(s_t), None for group advantages
+    group_size: int  # G samples per prompt
+    logprob_gap: LogprobGap  # generator vs trainer log-probs of the sampled tokens
+    kl_ref: float  # mean of kl over real tokens
+
+    @property
+    def batch(self) -> TokenBatch:
+        """The token rows as a TokenBatch for forward passes."""
+        return TokenBatch(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=self.position_ids,
+            response_start=self.response_start,
+            response_length=self.mask.shape[1],
+        )
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real response tokens in the batch."""
+        return int(self.mask.sum())
+
+
+def pad_rows(
+    rows: Sequence[Sequence[float] | Tensor], width: int, *, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Right-pad ragged rows into [B, width] with zeros."""
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, row in enumerate(rows):
+        values = torch.as_tensor(row, dtype=dtype).reshape(-1)
+        out[i, : values.numel()] = values
+    return out
+
+
+def pad_sequences(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], *, pad_token_id: int
+) -> TokenBatch:
+    """Prompt ++ completion rows, right-padded to the longest with ``pad_token_id``."""
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
+        attention_mask[i, : len(r)] = 1
+    # 0..len-1 on real tokens; pads repeat the last position (they are never attended to by real ones).
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return TokenBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        response_start=torch.as_tensor([len(p) for p in prompt_ids], dtype=torch.int64),
+        response_length=max(len(c) for c in completion_ids),
+    )
+
+
+def logprob_gap(generator_logprobs: Tensor, trainer_logprobs: Tensor, mask: Tensor) -> LogprobGap:
+    """Mean and max |generator - trainer| over real tokens ([B, T] each)."""
+    real = mask.bool()
+    gap = zero_padding((generator_logprobs - trainer_logprobs).abs(), real)
+    count = int(real.sum())
+    return LogprobGap(mean=float(gap.sum()) / max(count, 1), max=float(gap.max()) if count else 0.0)
+
+
+@dataclass(frozen=True)
+class _AdvantageInputs:
+    rewards: Tensor  # [B]
+    mask: Tensor  # [B, T] float
+    kl: Tensor  # [B, T] per-token KL estimate, 0 at padding
+    values: Tensor | None  # [B, T]
+    group_size: int
+
+
+@dataclass(frozen=True)
+class _Advantages:
+    token_rewards: Tensor  # [B, T]
+    advantages: Tensor  # [B, T]
+    returns: Tensor | None  # [B, T]
+
+
+def _reward_kl_coef(cfg: AlgorithmConfig) -> float:
+    """The KL weight inside the rewards: kl_coef when the KL is placed in the reward, else 0."""
+    return cfg.kl_coef if cfg.kl_placement == "reward" else 0.0
+
+
+def _gae_advantages(x: _AdvantageInputs, cfg: AlgorithmConfig) -> _Advantages:
+    if x.values is None:
+        raise ValueError(
+            "advantage: gae needs the critic's values: configure the value service, or use advantage: group_zscore"
+        )
+    rewards = token_rewards(x.rewards, x.mask, kl=x.kl, kl_coef=_reward_kl_coef(cfg))
+    out = gae(rewards, x.values, x.mask, gamma=cfg.gamma, lam=cfg.lam)
+    return _Advantages(token_rewards=rewards, advantages=out.advantages, returns=out.returns)
+
+
+def _group_zscore_advantages(x: _AdvantageInputs, cfg: AlgorithmConfig) -> _Advantages:
+    coef = _reward_kl_coef(cfg)
+    # KL in the reward with sequence-level advantages: the sequence reward is score - coef * Σ_t KL_t,
+    # the sum of the token rewards GAE would see.
+    sequence_rewards = x.rewards - coef * x.kl.sum(dim=1)
+    per_sequence = group_advantages(sequence_rewards, x.group_size, scale=cfg.group_scale)
+    advantages = zero_padding(per_sequence[:, None].expand_as(x.mask), x.mask.bool())
+    rewards = token_rewards(x.rewards, x.mask, kl=x.kl, kl_coef=coef)
+    return _Advantages(token_rewards=rewards, advantages=advantages, returns=None)
+
+
+# The config literal -> advantage estimator table.
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[_AdvantageInputs, AlgorithmConfig], _Advantages]] = {
+    "gae": _gae_advantages,
+    "group_zscore": _group_zscore_advantages,
+}
+
+
+def _old_from_trainer(trainer: Tensor, generator: Tensor) -> Tensor:
+    return trainer
+
+
+def _old_from_generator(trainer: Tensor, generator: Tensor) -> Tensor:
+    return generator
+
+
+# The config literal -> source of the old log-probs (the PPO ratio's denominator).
+OLD_LOGPROB_SOURCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "trainer": _old_from_trainer,
+    "generator": _old_from_generator,
+}
+
+
+def build_experience(
+    rollout: Rollout,
+    policy_model: torch.nn.Module,
+    cfg: AlgorithmConfig,
+    *,
+    pad_token_id: int,
+    micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+) -> Experience:
+    """Pad the rollout, recompute the policy's log-probs (no grad), estimate the KL to the reference
+    and compute advantages with ``cfg.advantage``.
+
+    The trainer's log-probs are computed every step, even with ``old_logprobs: generator``, because
+    the generator/trainer gap is a metric every step.
+
+    Raises:
+        ValueError: GAE without values, or a non-zero kl_coef without reference log-probs.
+    """
+    batch = pad_sequences(rollout.prompt_ids, rollout.completion_ids, pad_token_id=pad_token_id)
+    device = next(policy_model.parameters()).device
+    batch_on_device = TokenBatch(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        response_start=batch.response_start.to(device),
+        response_length=batch.response_length,
+    )
+    with torch.no_grad():
+        trainer_logprobs = sequence_logprobs(
+            policy_model, batch_on_device, micro_batch_tokens=micro_batch_tokens, with_entropy=False
+        ).logprobs.cpu()
+    width = batch.response_length
+    mask = batch.response_mask.to(torch.float32)
+    generator_logprobs = pad_rows(rollout.generator_logprobs, width)
+    old_logprobs = lookup(OLD_LOGPROB_SOURCES, cfg.old_logprobs, "old_logprobs source")(
+        trainer_logprobs, generator_logprobs
+    )
+    ref_logprobs = None if rollout.ref_logprobs is None else pad_rows(rollout.ref_logprobs, width)
+    if ref_logprobs is None and cfg.kl_coef > 0:
+        raise ValueError(
+            f"kl_coef={cfg.kl_coef} needs the reference's log-probs: configure the reference service, or set kl_coef: 0"
+        )
+    kl = (
+        torch.zeros_like(mask)
+        if ref_logprobs is None
+        else kl_estimate(old_logprobs, ref_logprobs, mask, cfg.kl_estimator).per_token
+    )
+    values = None if rollout.values is None else pad_rows(rollout.values, width)
+    rewards = rollout.rewards.detach().to(torch.float32).cpu()
+    inputs = _AdvantageInputs(rewards=rewards, mask=mask, kl=kl, values=values, group_size=rollout.group_size)
+    adv = lookup(ADVANTAGE_ESTIMATORS, cfg.advantage, "advantage estimator")(inputs, cfg)
+    advantages = masked_whiten(adv.advantages, mask) if cfg.whiten_advantages else adv.advantages
+    count = max(int(mask.sum()), 1)
+    return Experience(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        response_start=batch.response_start,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        generator_logprobs=zero_padding(generator_logprobs, mask.bool()),
+        ref_logprobs=ref_logprobs,
+        values=values,
+        rewards=rewards,
+        kl=kl,
+        token_rewards=adv.token_rewards,
+        advantages=advantages,
+        returns=adv.returns,
+        group_size=rollout.group_size,
+        logprob_gap=logprob_gap(generator_logprobs, trainer_logprobs, mask),
+        kl_ref=float(kl.sum()) / count,
+    )

@@ -1,0 +1,135 @@
+"""Per-token log-probs and entropy of a causal LM on right-padded prompt ++ response rows.
+
+Layout (the one the reference and value services use too, services/common/batching.py): row i is
+``prompt_i ++ response_i`` right-padded to L; response token k of row i sits at position
+``response_start[i] + k`` and is predicted by the logits at the position before it. Right padding
+keeps every real token at its unbatched position and a causal model never lets a real position see
+the padding after it, so batched outputs equal per-sequence ones up to float reassociation.
+
+Shapes: ``B`` rows, ``L`` padded row length, ``T`` response tokens, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from orchestrator.algorithms.kl import zero_padding
+
+# Default token budget of one forward pass (rows x padded length); logits take rows x L x V floats.
+DEFAULT_MICRO_BATCH_TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded prompt ++ response rows, what a forward pass needs."""
+
+    input_ids: Tensor  # [B, L] int64 prompt ++ response, right-padded with the pad id
+    attention_mask: Tensor  # [B, L] int64 1 on real tokens (prompt and response)
+    position_ids: Tensor  # [B, L] int64 0..len-1 on real tokens (pads repeat the last)
+    response_start: Tensor  # [B] int64 index of the first response token (= prompt length >= 1)
+    response_length: int  # T, the longest response
+
+    def rows(self, index: Tensor | slice) -> TokenBatch:
+        """The sub-batch of rows ``index`` (same T)."""
+        return TokenBatch(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            position_ids=self.position_ids[index],
+            response_start=self.response_start[index],
+            response_length=self.response_length,
+        )
+
+    @property
+    def response_mask(self) -> Tensor:
+        """[B, T] bool, True on real response tokens."""
+        positions = self.response_start[:, None] + torch.arange(
+            self.response_length, device=self.input_ids.device
+        )
+        return positions < self.attention_mask.sum(dim=1)[:, None]
+
+
+@dataclass(frozen=True)
+class TokenLogProbs:
+    """Log-probs of the tokens in each response, and the policy's entropy where each was chosen."""
+
+    logprobs: Tensor  # [B, T] fp32 log π(a_t|s_t), 0 at padding
+    entropy: (
+        Tensor | None
+    )  # [B, T] fp32 H(π(·|s_t)) of the full distribution, 0 at padding; None if not asked
+
+
+def response_logits(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
+    """[B, T, V] fp32 logits at the positions that predict each response token (one forward pass).
+
+    The batch is trimmed to its longest real row first. Positions past a row's response are clamped
+    to a real position and hold finite junk: mask them with ``batch.response_mask``.
+    """
+    width = int(batch.attention_mask.sum(dim=1).max())
+    out = model(
+        input_ids=batch.input_ids[:, :width],
+        attention_mask=batch.attention_mask[:, :width],
+        position_ids=batch.position_ids[:, :width],
+        use_cache=False,
+    )
+    logits = out.logits  # [B, width, V]
+    # Logits at position p predict token p + 1: response token k is read at response_start + k - 1.
+    steps = torch.arange(batch.response_length, device=logits.device)
+    index = (batch.response_start[:, None] - 1 + steps[None, :]).clamp(max=width - 1)
+    gathered = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+    return gathered.float()
+
+
+def response_tokens(batch: TokenBatch) -> Tensor:
+    """[B, T] int64 the response token ids (clamped junk past each row's end: mask it)."""
+    steps = torch.arange(batch.response_length, device=batch.input_ids.device)
+    index = (batch.response_start[:, None] + steps[None, :]).clamp(max=batch.input_ids.shape[1] - 1)
+    return batch.input_ids.gather(1, index)
+
+
+def logprobs_from_logits(logits: Tensor, batch: TokenBatch, *, with_entropy: bool = True) -> TokenLogProbs:
+    """Log-probs of the response tokens (and entropy) from ``response_logits`` output [B, T, V].
+
+    log_softmax in fp32 whatever the model dtype: bf16 log-probs carry ~1e-2 error, enough to move
+    the PPO ratio by itself.
+    """
+    real = batch.response_mask
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token_logp = logp.gather(-1, response_tokens(batch)[:, :, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = zero_padding(-(logp.exp() * logp).sum(dim=-1), real)
+    return TokenLogProbs(logprobs=zero_padding(token_logp, real), entropy=entropy)
+
+
+def micro_batch_slices(batch: TokenBatch, micro_batch_tokens: int) -> list[slice]:
+    """Contiguous row slices, each holding at most ``micro_batch_tokens`` padded tokens (>= 1 row)."""
+    rows = batch.input_ids.shape[0]
+    width = max(1, int(batch.attention_mask.sum(dim=1).max()))
+    per_slice = max(1, micro_batch_tokens // width)
+    return [slice(start, min(start + per_slice, rows)) for start in range(0, rows, per_slice)]
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    *,
+    micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+    with_entropy: bool = True,
+) -> TokenLogProbs:
+    """Log-probs [B, T] of each response token under ``model`` and the entropy [B, T] of its
+    next-token distribution there, in micro-batches of at most ``micro_batch_tokens`` padded tokens.
+
+    Runs under the caller's grad mode: wrap in ``torch.no_grad()`` for old log-probs. With grad on,
+    every micro-batch's graph is kept until the caller's backward; a trainer that needs to bound
+    memory calls this per micro-batch and backpropagates each (see trainer.py).
+    """
+    pieces = [
+        logprobs_from_logits(response_logits(model, batch.rows(s)), batch.rows(s), with_entropy=with_entropy)
+        for s in micro_batch_slices(batch, micro_batch_tokens)
+    ]
+    logprobs = torch.cat([p.logprobs for p in pieces])
+    entropy = torch.cat([p.entropy for p in pieces]) if with_entropy else None  # type: ignore[misc]
+    return TokenLogProbs(logprobs=logprobs, entropy=entropy)

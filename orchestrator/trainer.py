@@ -1,0 +1,402 @@
+"""The orchestrator's policy update: PPO, GRPO or TRPO on one Experience.
+
+``PolicyTrainer.update`` picks the update from a table keyed by ``cfg.name``; each update reads like
+its paper and takes every formula from orchestrator.algorithms:
+
+- PPO / GRPO: ``epochs`` passes over the batch in shuffled minibatches (a seeded generator, part of
+  the checkpointed state), each minibatch split into micro-batches under a token budget whose
+  gradients accumulate, normalised by the minibatch's global item count (``num_items``) so the sum
+  equals the whole-minibatch loss; gradient clipping; one AdamW step per minibatch.
+- TRPO: one natural-gradient step on the whole batch with a KL trust region and a line search
+  (``algorithms.trpo.trpo_step``); no optimizer.
+
+Shapes: ``B`` sequences, ``T`` response tokens, ``V`` vocabulary; ``mask`` is 1 on real tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from orchestrator.algo_config import AlgorithmConfig
+from orchestrator.algorithms.kl import kl_estimate, lookup, masked_mean, zero_padding
+from orchestrator.algorithms.losses import aggregate, grpo_loss, policy_loss
+from orchestrator.algorithms.trpo import mean_categorical_kl, trpo_step
+from orchestrator.experience import Experience
+from orchestrator.policy import (
+    DEFAULT_MICRO_BATCH_TOKENS,
+    TokenBatch,
+    TokenLogProbs,
+    logprobs_from_logits,
+    micro_batch_slices,
+    response_logits,
+)
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """What one policy update did; means over its optimizer steps (PPO / GRPO)."""
+
+    policy_loss: float  # clipped surrogate, without KL terms (PPO / GRPO); TRPO: its whole loss after the step
+    kl_ref: float  # mean per-token KL(π || π_ref) estimate (cfg.kl_estimator) of the policy being trained
+    clipfrac: float  # share of real tokens where the ratio clip was active (0 for TRPO)
+    approx_kl: float  # KL(π_old || π): k3 estimate before each step (PPO / GRPO), final exact KL (TRPO)
+    entropy: float  # mean next-token entropy over real tokens
+    grad_norm: float  # policy gradient L2 norm before clipping
+    lr: float  # optimizer learning rate (0 for TRPO: its step size is trpo_step_size)
+    optimizer_steps: int  # minibatch steps taken (TRPO: 1 if accepted, else 0)
+    trpo_accepted: float = 0.0  # 1 if the line search accepted a step, else 0 (0 for PPO / GRPO)
+    trpo_backtracks: float = 0.0  # trials rejected before the accepted one (all of them if none)
+    trpo_step_size: float = 0.0  # β scaling the natural-gradient direction
+    trpo_final_kl: float = 0.0  # mean KL(π_old || π_new) of the accepted step (0 if rejected)
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class ValueTrainInputs:
+    """Ragged rows for Value.TrainStep, one per completion (length C_i)."""
+
+    returns: list[Tensor]  # [B] rows [C_i] float32 GAE return targets
+    old_values: list[Tensor]  # [B] rows [C_i] float32 values at rollout time
+    mask: list[Tensor]  # [B] rows [C_i] float32 1 = train on this token
+
+
+def value_train_inputs(exp: Experience) -> ValueTrainInputs:
+    """The critic's targets from a GAE experience, as rows trimmed to each completion's length."""
+    if exp.returns is None or exp.values is None:
+        raise ValueError("the critic trains on GAE returns: use advantage: gae (with the value service)")
+    lengths = exp.mask.sum(dim=1).to(torch.int64).tolist()
+    return ValueTrainInputs(
+        returns=[exp.returns[i, :n].clone() for i, n in enumerate(lengths)],
+        old_values=[exp.values[i, :n].clone() for i, n in enumerate(lengths)],
+        mask=[exp.mask[i, :n].clone() for i, n in enumerate(lengths)],
+    )
+
+
+@dataclass(frozen=True)
+class _Minibatch:
+    """Rows of an Experience on the model's device."""
+
+    batch: TokenBatch
+    mask: Tensor  # [b, T] float
+    old_logprobs: Tensor  # [b, T]
+    ref_logprobs: Tensor | None  # [b, T]
+    advantages: Tensor  # [b, T]
+
+    @classmethod
+    def take(cls, exp: Experience, rows: Tensor | slice, device: torch.device) -> _Minibatch:
+        full = exp.batch.rows(rows)
+        return cls(
+            batch=TokenBatch(
+                input_ids=full.input_ids.to(device),
+                attention_mask=full.attention_mask.to(device),
+                position_ids=full.position_ids.to(device),
+                response_start=full.response_start.to(device),
+                response_length=full.response_length,
+            ),
+            mask=exp.mask[rows].to(device),
+            old_logprobs=exp.old_logprobs[rows].to(device),
+            ref_logprobs=None if exp.ref_logprobs is None else exp.ref_logprobs[rows].to(device),
+            advantages=exp.advantages[rows].to(device),
+        )
+
+    def rows(self, index: slice) -> _Minibatch:
+        return _Minibatch(
+            batch=self.batch.rows(index),
+            mask=self.mask[index],
+            old_logprobs=self.old_logprobs[index],
+            ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[index],
+            advantages=self.advantages[index],
+        )
+
+
+@dataclass(frozen=True)
+class _Norm:
+    """Loss normalisation shared by every micro-batch of one optimizer step."""
+
+    num_items: Tensor | int | None  # global tokens (token_mean) or sequences (the per-sequence modes)
+    max_len: int  # T of the experience (Dr. GRPO's constant normaliser)
+
+
+@dataclass(frozen=True)
+class _LossParts:
+    loss: Tensor  # [] to minimise, KL-in-loss term included
+    policy_loss: Tensor  # [] surrogate part
+    clipfrac: Tensor  # []
+    approx_kl: Tensor  # []
+
+
+LossFn = Callable[[Tensor, _Minibatch, AlgorithmConfig, _Norm], _LossParts]
+
+# The aggregation literal -> what `num_items` counts in a minibatch (mask [b, T]).
+_NUM_ITEMS: dict[str, Callable[[Tensor], Tensor | int]] = {
+    "token_mean": lambda mask: mask.sum(),
+    "seq_mean_token_mean": lambda mask: mask.shape[0],
+    "seq_mean_token_sum_norm": lambda mask: mask.shape[0],
+}
+
+
+def _aggregate(per_token: Tensor, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> Tensor:
+    return aggregate(per_token, mb.mask, cfg.aggregation, max_len=norm.max_len, num_items=norm.num_items)
+
+
+def _kl_loss_term(logprobs: Tensor, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> Tensor:
+    """kl_coef x aggregated KL(π || π_ref) when the KL is placed in the loss, else 0."""
+    if cfg.kl_placement != "loss" or cfg.kl_coef == 0 or mb.ref_logprobs is None:
+        return logprobs.new_zeros(())
+    kl = kl_estimate(logprobs, mb.ref_logprobs, mb.mask, cfg.kl_estimator).per_token
+    return cfg.kl_coef * _aggregate(kl, mb, cfg, norm)
+
+
+def _ppo_loss(logprobs: Tensor, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> _LossParts:
+    out = policy_loss(
+        logprobs,
+        mb.old_logprobs,
+        mb.advantages,
+        mb.mask,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        aggregation=cfg.aggregation,
+        max_len=norm.max_len,
+        num_items=norm.num_items,
+        dual_clip=cfg.dual_clip,
+    )
+    loss = out.loss + _kl_loss_term(logprobs, mb, cfg, norm)
+    return _LossParts(loss=loss, policy_loss=out.loss, clipfrac=out.clipfrac, approx_kl=out.approx_kl)
+
+
+def _grpo_loss(logprobs: Tensor, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> _LossParts:
+    beta = cfg.kl_coef if cfg.kl_placement == "loss" else 0.0
+    # Without a reference (kl_coef = 0) the k3 term against the policy itself is exactly 0.
+    ref = logprobs.detach() if mb.ref_logprobs is None else mb.ref_logprobs
+    out = grpo_loss(
+        logprobs,
+        mb.old_logprobs,
+        ref,
+        mb.advantages,
+        mb.mask,
+        beta=beta,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        aggregation=cfg.aggregation,
+        max_len=norm.max_len,
+        num_items=norm.num_items,
+    )
+    return _LossParts(
+        loss=out.loss, policy_loss=out.policy_loss, clipfrac=out.clipfrac, approx_kl=out.approx_kl
+    )
+
+
+def _trpo_surrogate(out: TokenLogProbs, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> _LossParts:
+    """-E[r A] (Schulman et al. 2015, eq. 14), unclipped: the trust region does the clipping's job."""
+    real = mb.mask.bool()
+    ratio = torch.exp(zero_padding(out.logprobs, real) - zero_padding(mb.old_logprobs, real))
+    surrogate = _aggregate(zero_padding(-mb.advantages * ratio, real), mb, cfg, norm)
+    loss = surrogate + _kl_loss_term(out.logprobs, mb, cfg, norm)
+    if cfg.entropy_coef > 0 and out.entropy is not None:
+        loss = loss - cfg.entropy_coef * _aggregate(out.entropy, mb, cfg, norm)
+    zero = surrogate.new_zeros(())
+    return _LossParts(loss=loss, policy_loss=surrogate, clipfrac=zero, approx_kl=zero)
+
+
+@dataclass
+class _Totals:
+    """Running sums over optimizer steps (PPO / GRPO)."""
+
+    policy_loss: float = 0.0
+    clipfrac: float = 0.0
+    approx_kl: float = 0.0
+    entropy: float = 0.0
+    kl_ref: float = 0.0
+    grad_norm: float = 0.0
+    steps: int = 0
+
+    def add(self, **step: float) -> None:
+        for name, value in step.items():
+            setattr(self, name, getattr(self, name) + value)
+        self.steps += 1
+
+
+class PolicyTrainer:
+    """Owns the orchestrator's policy copy and its AdamW optimizer, and updates the policy.
+
+    The model is put in eval mode: RL on LMs runs without dropout, so that the trainer's old
+    log-probs equal its log-probs before the first step (ratio exactly 1 on-policy). Optimizer state
+    lives with the parameters (fp32 on CPU for the CPU runs).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: AlgorithmConfig,
+        *,
+        seed: int,
+        micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.micro_batch_tokens = micro_batch_tokens
+        self.model.eval()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the policy has no trainable parameter (requires_grad=True)")
+        self.device = self.params[0].device
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._shuffle = torch.Generator().manual_seed(seed)
+        self.updates = 0
+
+    def update(self, exp: Experience) -> UpdateStats:
+        """One policy update on ``exp`` with ``cfg.name``'s algorithm."""
+        stats = lookup(_UPDATES, self.cfg.name, "algorithm")(self, exp)
+        self.updates += 1
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state, the minibatch shuffle RNG and the update count (for resume)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "shuffle_rng": self._shuffle.get_state(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._shuffle.set_state(state["shuffle_rng"])
+        self.updates = int(state["updates"])
+
+    def _forward(self, mb: _Minibatch) -> TokenLogProbs:
+        return logprobs_from_logits(response_logits(self.model, mb.batch), mb.batch, with_entropy=True)
+
+    def _minibatch_step(self, exp: Experience, rows: Tensor, loss_fn: LossFn, totals: _Totals) -> None:
+        """Accumulate gradients over micro-batches of ``rows``, clip, take one optimizer step."""
+        cfg = self.cfg
+        mb = _Minibatch.take(exp, rows, self.device)
+        norm = _Norm(
+            num_items=lookup(_NUM_ITEMS, cfg.aggregation, "aggregation")(mb.mask), max_len=exp.mask.shape[1]
+        )
+        tokens = max(float(mb.mask.sum()), 1.0)
+        sums = dict.fromkeys(("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_ref"), 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        for piece in micro_batch_slices(mb.batch, self.micro_batch_tokens):
+            part = mb.rows(piece)
+            out = self._forward(part)
+            parts = loss_fn(out.logprobs, part, cfg, norm)
+            loss = parts.loss - cfg.entropy_coef * _aggregate(out.entropy, part, cfg, norm)
+            loss.backward()
+            # The loss pieces already carry the global normaliser, so they add up; the per-token
+            # means are re-weighted by each piece's share of the real tokens.
+            share = float(part.mask.sum()) / tokens
+            sums["policy_loss"] += float(parts.policy_loss.detach())
+            sums["clipfrac"] += float(parts.clipfrac) * share
+            sums["approx_kl"] += float(parts.approx_kl) * share
+            sums["entropy"] += float(masked_mean(out.entropy.detach(), part.mask.bool())) * share
+            sums["kl_ref"] += _kl_ref(out.logprobs.detach(), part, cfg) * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        totals.add(**sums, grad_norm=float(grad_norm))
+
+
+def _kl_ref(logprobs: Tensor, mb: _Minibatch, cfg: AlgorithmConfig) -> float:
+    if mb.ref_logprobs is None:
+        return 0.0
+    return float(kl_estimate(logprobs, mb.ref_logprobs, mb.mask, cfg.kl_estimator).mean)
+
+
+def _clipped_update(trainer: PolicyTrainer, exp: Experience, loss_fn: LossFn) -> UpdateStats:
+    """PPO-style epochs over shuffled minibatches (Schulman et al. 2017, Algorithm 1)."""
+    cfg = trainer.cfg
+    size = cfg.minibatch_size or exp.num_sequences
+    totals = _Totals()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(exp.num_sequences, generator=trainer._shuffle)
+        for start in range(0, exp.num_sequences, size):
+            trainer._minibatch_step(exp, order[start : start + size], loss_fn, totals)
+    n = max(totals.steps, 1)
+    return UpdateStats(
+        policy_loss=totals.policy_loss / n,
+        kl_ref=totals.kl_ref / n,
+        clipfrac=totals.clipfrac / n,
+        approx_kl=totals.approx_kl / n,
+        entropy=totals.entropy / n,
+        grad_norm=totals.grad_norm / n,
+        lr=float(trainer.optimizer.param_groups[0]["lr"]),
+        optimizer_steps=totals.steps,
+    )
+
+
+def _ppo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
+    return _clipped_update(trainer, exp, _ppo_loss)
+
+
+def _grpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
+    return _clipped_update(trainer, exp, _grpo_loss)
+
+
+def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
+    """One TRPO step on the whole batch (Schulman et al. 2015, section 6).
+
+    The KL constraint is the exact mean KL(π_old || π) between full next-token distributions at the
+    response tokens, π_old being the policy at the start of this update. Memory: the whole batch in
+    one forward pass plus the old distribution [B, T, V] and trpo_step's double-backprop graph (no
+    micro-batching: the Fisher-vector products need one graph over the batch).
+    """
+    cfg, model = trainer.cfg, trainer.model
+    mb = _Minibatch.take(exp, slice(None), trainer.device)
+    norm = _Norm(num_items=None, max_len=exp.mask.shape[1])
+    with torch.no_grad():
+        start_logits = response_logits(model, mb.batch)
+        start = logprobs_from_logits(start_logits, mb.batch, with_entropy=True)
+        old_distribution = torch.log_softmax(start_logits, dim=-1)  # [B, T, V]
+
+    def loss_fn() -> Tensor:
+        out = logprobs_from_logits(
+            response_logits(model, mb.batch), mb.batch, with_entropy=cfg.entropy_coef > 0
+        )
+        return _trpo_surrogate(out, mb, cfg, norm).loss
+
+    def kl_fn() -> Tensor:
+        return mean_categorical_kl(response_logits(model, mb.batch), old_distribution, mb.mask)
+
+    # trpo_step takes the gradient internally; one extra backward gives its norm for the metrics.
+    grads = torch.autograd.grad(loss_fn(), trainer.params, allow_unused=True)
+    grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None]))
+    result = trpo_step(
+        trainer.params,
+        loss_fn,
+        kl_fn,
+        max_kl=cfg.trpo_max_kl,
+        damping=cfg.trpo_damping,
+        cg_iters=cfg.trpo_cg_iters,
+        backtrack_coef=cfg.trpo_backtrack_coef,
+        max_backtracks=cfg.trpo_max_backtracks,
+    )
+    index = result.accepted_index
+    final_kl = result.trial_kls[index] if index is not None else 0.0
+    return UpdateStats(
+        policy_loss=result.trial_losses[index] if index is not None else result.loss_before,
+        kl_ref=_kl_ref(start.logprobs, mb, cfg),
+        clipfrac=0.0,
+        approx_kl=final_kl,
+        entropy=float(masked_mean(start.entropy, mb.mask.bool())),
+        grad_norm=float(grad_norm),
+        lr=0.0,
+        optimizer_steps=int(index is not None),
+        trpo_accepted=float(index is not None),
+        trpo_backtracks=float(index if index is not None else len(result.trial_kls)),
+        trpo_step_size=result.step_size,
+        trpo_final_kl=final_kl,
+    )
+
+
+# The config literal -> update table.
+_UPDATES: dict[str, Callable[[PolicyTrainer, Experience], UpdateStats]] = {
+    "ppo": _ppo_update,
+    "grpo": _grpo_update,
+    "trpo": _trpo_update,
+}
