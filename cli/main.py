@@ -11,7 +11,8 @@ from importlib import metadata
 
 import typer
 
-from cli import serve, status
+from cli import demo, serve, status, train
+from cli import eval as eval_cmd
 
 app = typer.Typer(
     name="quartet",
@@ -38,6 +39,9 @@ app.command("serve", help=serve.SERVE_HELP)(serve.serve)
 app.command("status")(status.status)
 app.command("health")(status.health)
 app.command("version")(version)
+app.command("train", help=train.TRAIN_HELP)(train.train)
+app.command("demo", help=demo.DEMO_HELP)(demo.demo)
+app.command("eval", help=eval_cmd.EVAL_HELP)(eval_cmd.eval_checkpoint)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""`quartet train CONFIG [--set key=value]... [--resume]`: one RL run with a progress bar and a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+TRAIN_HELP = (
+    "Run RL fine-tuning (PPO, GRPO or TRPO) from a YAML run config (see examples/). Services are reached "
+    "at their endpoints, or started here with services.local: true. --resume continues from the last "
+    "complete checkpoint."
+)
+
+
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML run config (examples/grpo.yaml, ppo.yaml, trpo.yaml).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override, repeatable, e.g. "
+                                                   "--set algorithm.lr=1e-5 --set steps=50.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+) -> None:
+    from rich.console import Console
+
+    from orchestrator.config import ConfigError, load_config
+
+    console = Console()
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as e:
+        console.print(f"[bold red]config error:[/] {e}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    results = run_with_progress(cfg, resume=resume, console=console)
+    print_summary(console, cfg, results)
+
+
+def run_with_progress(cfg, *, resume: bool, console, on_step=None):
+    """Open the session, run every step under a rich progress bar; returns the StepResults."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from orchestrator.clients import ServiceError
+    from orchestrator.config import ConfigError
+    from orchestrator.launcher import LaunchError
+    from orchestrator.session import Session
+
+    try:
+        with Session(cfg, resume=resume, log=lambda m: console.print(f"[dim]{m}[/]")) as session:
+            o = session.orchestrator
+            if session.metrics is not None and session.metrics.port:
+                console.print(f"[dim]metrics: http://127.0.0.1:{session.metrics.port}/metrics[/]")
+            columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+            with Progress(*columns, console=console, transient=False) as bar:
+                task = bar.add_task(cfg.algorithm.name, total=cfg.steps, completed=o.state.step, info="")
+
+                def show(r) -> None:
+                    info = (f"reward {r.rewards['mean']:.3f}  kl {r.metrics.get('kl_ref', 0.0):.4f}  "
+                            f"{r.metrics['step_seconds']:.2f} s/step")
+                    bar.update(task, completed=r.step, info=info)
+                    if on_step is not None:
+                        on_step(r)
+
+                results = o.run(show)
+            final = session.save_final()
+            if final is not None:
+                console.print(f"[dim]checkpoint: {final}[/]")
+            return results
+    except (ConfigError, ServiceError, LaunchError) as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: services stopped; resume with --resume[/]")
+        raise typer.Exit(130) from None
+
+
+def print_summary(console, cfg, results) -> None:
+    """A one-screen table: first vs last step, and the mean seconds per phase."""
+    from rich.table import Table
+
+    if not results:
+        console.print("nothing to do: the run had already reached its steps")
+        return
+    first, last = results[0], results[-1]
+    table = Table(title=f"{cfg.algorithm.name} run: {len(results)} steps ({last.step} total) in {cfg.run_dir}")
+    table.add_column("metric")
+    table.add_column(f"step {first.step}", justify="right")
+    table.add_column(f"step {last.step}", justify="right")
+    table.add_row("reward mean", f"{first.rewards['mean']:.4f}", f"{last.rewards['mean']:.4f}")
+    for key in ("kl_ref", "policy_loss", "value_loss", "clipfrac", "entropy", "approx_kl", "grad_norm",
+                "logprob_gap_mean", "tokens_per_second", "step_seconds"):
+        if key in last.metrics:
+            table.add_row(key, f"{first.metrics.get(key, float('nan')):.4g}", f"{last.metrics[key]:.4g}")
+    phases = sorted({p for r in results for p in r.phases})
+    for p in phases:
+        mean = sum(r.phases.get(p, 0.0) for r in results) / len(results)
+        table.add_row(f"{p} s (mean)", "", f"{mean:.4f}")
+    console.print(table)

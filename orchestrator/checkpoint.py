@@ -1,0 +1,134 @@
+"""Checkpoints of the whole run state, written atomically.
+
+Layout of `<checkpoint dir>/step-00000012/`:
+    policy/           save_pretrained (safetensors) + tokenizer: loads with plain transformers
+    trainer.pt        optimizer state (trainer.state_dict()) and RNG states (torch, python, numpy)
+    state.json        step, data cursor, weight version, value checkpoint name
+    config.yaml       the resolved run config
+    COMPLETE          written last
+
+Everything is written into a temporary sibling directory that is renamed into place only when
+complete, so a crash never leaves a directory that looks like a checkpoint; `latest` also
+requires the COMPLETE marker. The value service saves its critic under the same step name inside
+its own checkpoint directory (Value.Save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestrator.config import dump_config
+from orchestrator.data import Cursor
+
+MARKER = "COMPLETE"
+PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Run state read back from a checkpoint."""
+
+    path: Path
+    step: int
+    cursor: Cursor
+    weight_version: int
+    value_checkpoint: str | None
+    trainer_state: Any
+    rng: dict[str, Any]
+
+
+def rng_states() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_states(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+
+
+def step_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(ckpt_dir: Path, *, orch, keep: int = 2) -> Path:
+    """Write the run state of `orch` (an Orchestrator) as `<ckpt_dir>/step-N`; returns its path."""
+    state = orch.state
+    name = step_name(state.step)
+    final = ckpt_dir / name
+    tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    orch.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+    orch.tokenizer.save_pretrained(tmp / "policy")
+    trainer_state = orch.trainer.state_dict() if hasattr(orch.trainer, "state_dict") else None
+    torch.save({"trainer": trainer_state, "rng": rng_states()}, tmp / "trainer.pt")
+    value_name = None
+    if orch.services.value is not None and orch.cfg.uses_value:
+        value_name = f"{Path(orch.cfg.run_dir).name}-{name}"
+        orch.services.value.save(value_name)
+    meta = {"step": state.step, "cursor": {"epoch": state.cursor.epoch, "position": state.cursor.position},
+            "weight_version": state.weight_version, "value_checkpoint": value_name}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "config.yaml").write_text(dump_config(orch.cfg))
+    with (tmp / MARKER).open("w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():  # a step re-done after a resume: replace the old copy
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    prune(ckpt_dir, keep=keep)
+    return final
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.name.startswith(PREFIX) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    found = complete_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def prune(ckpt_dir: Path, *, keep: int) -> None:
+    """Keep the `keep` newest complete checkpoints; remove stale temporary directories."""
+    for old in complete_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in ckpt_dir.glob(".tmp-*"):
+        if not tmp.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read(path: Path) -> Restored:
+    """The run state of a complete checkpoint (the policy itself loads from `path / 'policy'`)."""
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    meta = json.loads((path / "state.json").read_text())
+    blob = torch.load(path / "trainer.pt", weights_only=False)
+    return Restored(
+        path=path, step=int(meta["step"]), cursor=Cursor(**meta["cursor"]), weight_version=int(meta["weight_version"]),
+        value_checkpoint=meta.get("value_checkpoint"), trainer_state=blob["trainer"], rng=blob["rng"],
+    )

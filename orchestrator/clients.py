@@ -1,0 +1,340 @@
+"""Typed clients of the four roles: the only orchestrator module that sees protobuf.
+
+Each wrapper encodes plain Python/torch inputs, calls with the role's deadline, and checks what
+comes back before anything reaches the update: wrong counts, wrong shapes, non-finite numbers and
+token ids outside the vocabulary raise `ServiceError` naming the service and the call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from quartet.v1 import (
+    common_pb2,
+    generator_pb2,
+    generator_pb2_grpc,
+    reference_pb2,
+    reference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    value_pb2,
+    value_pb2_grpc,
+)
+
+from orchestrator.config import Endpoint
+from services.common.channel import open_channel
+from services.common.codec import RaggedTensor, decode_ragged, decode_tensor, encode_ragged
+from services.common.errors import QuartetError
+
+
+class ServiceError(RuntimeError):
+    """A service failed a call or answered something unusable; nothing of it entered the update."""
+
+    def __init__(self, service: str, call: str, problem: str) -> None:
+        super().__init__(f"{service} service, {call}: {problem}")
+        self.service, self.call, self.problem = service, call, problem
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What GetInfo reported."""
+
+    role: str
+    identity: str
+    model_path: str
+    backend: str
+    tokenizer_fingerprint: str
+    weight_version: int
+    vocab_size: int
+    last_step_id: int
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Generate's answer, prompt-major: sample k = i * n + j is sample j of prompt i."""
+
+    completion_ids: list[list[int]]  # [P * n] rows of sampled token ids
+    logprobs: list[list[float]]  # [P * n] raw-policy logprobs aligned with completion_ids
+    finished: list[bool]  # [P * n] True if the sample stopped on EOS / a stop token
+    texts: list[str]  # [P * n] decoded completions
+    weight_version: int
+
+
+@dataclass(frozen=True)
+class Scores:
+    rewards: torch.Tensor  # [B] float32, finite
+    failed: list[bool]  # [B] verifier failures (scored with the failure reward)
+    identity: str
+
+
+@dataclass(frozen=True)
+class ValueTrainResult:
+    loss: float
+    clipfrac: float
+    explained_variance: float
+    grad_norm: float
+    duplicate: bool
+    steps_trained: int
+    last_step_id: int
+
+
+@dataclass(frozen=True)
+class WeightSync:
+    version: int
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+def _channel(ep: Endpoint, *, admin: bool) -> grpc.Channel:
+    token = (ep.admin_token or ep.token) if admin else ep.token
+    root = Path(ep.tls_ca).read_bytes() if ep.tls_ca else None
+    return open_channel(ep.address, token=token, root_cert=root)
+
+
+class _Client:
+    role = "service"
+
+    def __init__(self, ep: Endpoint, *, deadline_s: float, info_deadline_s: float = 10.0, name: str | None = None):
+        self.endpoint = ep
+        self.name = name or f"{self.role} at {ep.address}"
+        self.deadline_s = deadline_s
+        self.info_deadline_s = info_deadline_s
+        self._channel = _channel(ep, admin=False)
+        self._admin_channel = _channel(ep, admin=True) if ep.admin_token and ep.admin_token != ep.token else self._channel
+
+    def _call(self, method, request, *, call: str, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self.deadline_s)
+        except grpc.RpcError as e:
+            raise ServiceError(self.name, call, f"{e.code().name}: {e.details()}") from None
+
+    def _fail(self, call: str, problem: str) -> ServiceError:
+        return ServiceError(self.name, call, problem)
+
+    def _info(self, stub) -> ServiceInfo:
+        m = self._call(stub.GetInfo, common_pb2.GetInfoRequest(), call="GetInfo", timeout=self.info_deadline_s)
+        return ServiceInfo(
+            role=m.role, identity=m.identity or f"{m.role}/{m.backend}@{self.endpoint.address}", model_path=m.model_path,
+            backend=m.backend, tokenizer_fingerprint=m.tokenizer_fingerprint, weight_version=int(m.weight_version),
+            vocab_size=int(m.vocab_size), last_step_id=int(m.last_step_id),
+        )
+
+    def _rows(self, msg, *, call: str, field: str, lengths: Sequence[int]) -> list[torch.Tensor]:
+        """Decode a float Ragged and check one finite row per sequence of the expected length."""
+        try:
+            ragged = decode_ragged(msg, field=field, rows=len(lengths))
+        except QuartetError as e:
+            raise self._fail(call, f"malformed {field}: {e}") from None
+        got = ragged.lengths.tolist()
+        if got != list(lengths):
+            bad = next(i for i, (a, b) in enumerate(zip(got, lengths, strict=True)) if a != b)
+            raise self._fail(call, f"{field} row {bad} has {got[bad]} entries, expected {lengths[bad]} (one per response token)")
+        values = ragged.values.to(torch.float32)
+        if not bool(torch.isfinite(values).all()):
+            raise self._fail(call, f"{field} holds non-finite values")
+        return [r.clone() for r in RaggedTensor(values, ragged.offsets).rows()]
+
+    def close(self) -> None:
+        self._channel.close()
+        if self._admin_channel is not self._channel:
+            self._admin_channel.close()
+
+
+def _sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> common_pb2.SequenceBatch:
+    rows = [torch.tensor([*p, *c], dtype=torch.int64) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    return common_pb2.SequenceBatch(token_ids=encode_ragged(rows, torch.int64), response_start=[len(p) for p in prompt_ids])
+
+
+class GeneratorClient(_Client):
+    role = "generator"
+
+    def __init__(self, ep: Endpoint, *, deadline_s: float, weights_deadline_s: float, **kw) -> None:
+        super().__init__(ep, deadline_s=deadline_s, **kw)
+        self.weights_deadline_s = weights_deadline_s
+        self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
+        self._admin = generator_pb2_grpc.GeneratorStub(self._admin_channel)
+        self.vocab_size: int | None = None
+
+    def info(self) -> ServiceInfo:
+        info = self._info(self._stub)
+        self.vocab_size = info.vocab_size or None
+        return info
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], *, n: int, temperature: float, top_p: float, top_k: int,
+        max_new_tokens: int, stop_token_ids: Sequence[int], seed: int, request_id: str,
+    ) -> Samples:
+        """n samples for each of P prompts; per-sample seeds derive from (seed, prompt, sample)."""
+        params = generator_pb2.SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+            stop_token_ids=list(stop_token_ids), seed=seed,
+        )
+        req = generator_pb2.GenerateRequest(
+            prompt_ids=encode_ragged([torch.tensor(p, dtype=torch.int64) for p in prompt_ids], torch.int64),
+            params=params, request_id=request_id, return_text=True,
+        )
+        resp = self._call(self._stub.Generate, req, call="Generate")
+        return self._check_samples(resp, n_prompts=len(prompt_ids), n=n, max_new_tokens=max_new_tokens)
+
+    def _check_samples(self, resp, *, n_prompts: int, n: int, max_new_tokens: int) -> Samples:
+        call, b = "Generate", n_prompts * n
+        try:
+            ids = decode_ragged(resp.completion_ids, field="completion_ids", dtypes=(torch.int64, torch.int32), rows=b)
+        except QuartetError as e:
+            raise self._fail(call, f"expected {b} samples ({n_prompts} prompts x {n}): {e}") from None
+        lengths = ids.lengths.tolist()
+        if min(lengths, default=1) < 1 or max(lengths, default=0) > max_new_tokens:
+            raise self._fail(call, f"completion lengths {min(lengths)}..{max(lengths)} outside 1..{max_new_tokens}")
+        vocab = self.vocab_size
+        if ids.values.numel() and (int(ids.values.min()) < 0 or (vocab and int(ids.values.max()) >= vocab)):
+            raise self._fail(call, f"token ids outside the vocabulary [0, {vocab}) (min {int(ids.values.min())}, max {int(ids.values.max())})")
+        logprobs = self._rows(resp.logprobs, call=call, field="logprobs", lengths=lengths)
+        if any(bool((r > 1e-4).any()) for r in logprobs):
+            raise self._fail(call, "logprobs above 0 (a log-probability is <= 0)")
+        if len(resp.finish_reasons) != b:
+            raise self._fail(call, f"{len(resp.finish_reasons)} finish reasons for {b} samples")
+        if list(resp.prompt_index) and list(resp.prompt_index) != [k // n for k in range(b)]:
+            raise self._fail(call, "samples are not prompt-major (prompt_index disagrees)")
+        texts = list(resp.completion_text) if len(resp.completion_text) == b else [""] * b
+        return Samples(
+            completion_ids=[r.long().tolist() for r in ids.rows()],
+            logprobs=[r.tolist() for r in logprobs],
+            finished=[f == generator_pb2.FINISH_REASON_STOP for f in resp.finish_reasons],
+            texts=texts, weight_version=int(resp.weight_version),
+        )
+
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> WeightSync:
+        """Stream a complete weight set (bucketed chunks with crc32); returns the served version."""
+        from services.common.weights import push_weights
+
+        start = time.perf_counter()
+        try:
+            resp = push_weights(self._admin, named_tensors, version, timeout=self.weights_deadline_s)
+        except grpc.RpcError as e:
+            raise ServiceError(self.name, "UpdateWeights", f"{e.code().name}: {e.details()}") from None
+        if int(resp.version) != version:
+            raise self._fail("UpdateWeights", f"serves version {resp.version} after pushing version {version}")
+        return WeightSync(int(resp.version), int(resp.tensors_updated), int(resp.bytes_received), time.perf_counter() - start)
+
+
+class RewardClient(_Client):
+    role = "reward"
+
+    def __init__(self, ep: Endpoint, *, deadline_s: float, weight: float = 1.0, **kw) -> None:
+        super().__init__(ep, deadline_s=deadline_s, **kw)
+        self.weight = weight
+        self._stub = reward_pb2_grpc.RewardStub(self._channel)
+
+    def info(self) -> ServiceInfo:
+        return self._info(self._stub)
+
+    def score(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], prompt_text: Sequence[str],
+        completion_text: Sequence[str], metadata: Sequence[Mapping[str, str]],
+    ) -> Scores:
+        b = len(completion_ids)
+        req = reward_pb2.ScoreRequest(
+            prompt_ids=encode_ragged([torch.tensor(p, dtype=torch.int64) for p in prompt_ids], torch.int64),
+            completion_ids=encode_ragged([torch.tensor(c, dtype=torch.int64) for c in completion_ids], torch.int64),
+            prompt_text=list(prompt_text), completion_text=list(completion_text),
+            metadata=[reward_pb2.Metadata(values=dict(m)) for m in metadata],
+        )
+        resp = self._call(self._stub.Score, req, call="Score")
+        try:
+            rewards = decode_tensor(resp.rewards, field="rewards", ndim=1).to(torch.float32).clone()
+        except QuartetError as e:
+            raise self._fail("Score", f"malformed rewards: {e}") from None
+        if rewards.numel() != b:
+            raise self._fail("Score", f"returned {rewards.numel()} rewards for {b} samples")
+        if not bool(torch.isfinite(rewards).all()):
+            raise self._fail("Score", "returned non-finite rewards")
+        failed = list(resp.failed) if len(resp.failed) == b else [False] * b
+        return Scores(rewards, failed, resp.identity)
+
+
+class ReferenceClient(_Client):
+    role = "reference"
+
+    def __init__(self, ep: Endpoint, *, deadline_s: float, **kw) -> None:
+        super().__init__(ep, deadline_s=deadline_s, **kw)
+        self._stub = reference_pb2_grpc.ReferenceStub(self._channel)
+
+    def info(self) -> ServiceInfo:
+        return self._info(self._stub)
+
+    def logprobs(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """log π_ref of every response token: B rows, row i of length len(completion_ids[i])."""
+        req = reference_pb2.LogProbsRequest(sequences=_sequences(prompt_ids, completion_ids))
+        resp = self._call(self._stub.LogProbs, req, call="LogProbs")
+        return self._rows(resp.logprobs, call="LogProbs", field="logprobs", lengths=[len(c) for c in completion_ids])
+
+
+class ValueClient(_Client):
+    role = "value"
+
+    def __init__(self, ep: Endpoint, *, deadline_s: float, train_deadline_s: float, checkpoint_deadline_s: float, **kw):
+        super().__init__(ep, deadline_s=deadline_s, **kw)
+        self.train_deadline_s, self.checkpoint_deadline_s = train_deadline_s, checkpoint_deadline_s
+        self._stub = value_pb2_grpc.ValueStub(self._channel)
+        self._admin = value_pb2_grpc.ValueStub(self._admin_channel)
+
+    def info(self) -> ServiceInfo:
+        return self._info(self._stub)
+
+    def values(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """V(s_t) at every response token: B rows aligned with completion_ids."""
+        req = value_pb2.ValuesRequest(sequences=_sequences(prompt_ids, completion_ids))
+        resp = self._call(self._stub.Values, req, call="Values")
+        return self._rows(resp.values, call="Values", field="values", lengths=[len(c) for c in completion_ids])
+
+    def train_step(
+        self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], *,
+        returns: Sequence[torch.Tensor], old_values: Sequence[torch.Tensor], mask: Sequence[torch.Tensor] | None,
+        clip_range: float | None, step_id: int, epochs: int = 1, minibatch_size: int = 0,
+    ) -> ValueTrainResult:
+        """One TrainStep with the step id (a retried call is acknowledged, not trained twice)."""
+        f32 = torch.float32
+        req = value_pb2.TrainStepRequest(
+            sequences=_sequences(prompt_ids, completion_ids),
+            returns=encode_ragged([r.to(f32) for r in returns], f32),
+            old_values=encode_ragged([v.to(f32) for v in old_values], f32),
+            step_id=step_id, epochs=epochs, minibatch_size=minibatch_size,
+        )
+        if mask is not None:
+            req.mask.CopyFrom(encode_ragged([m.to(f32) for m in mask], f32))
+        if clip_range is not None:
+            req.clip_range = clip_range
+        r = self._call(self._admin.TrainStep, req, call="TrainStep", timeout=self.train_deadline_s)
+        if not math.isfinite(r.loss):
+            raise self._fail("TrainStep", f"non-finite value loss {r.loss}")
+        return ValueTrainResult(r.loss, r.clip_fraction, r.explained_variance, r.grad_norm, r.duplicate,
+                                int(r.steps_trained), int(r.last_step_id))
+
+    def save(self, name: str) -> str:
+        r = self._call(self._admin.Save, value_pb2.SaveRequest(name=name), call="Save", timeout=self.checkpoint_deadline_s)
+        return r.path
+
+    def load(self, name: str) -> int:
+        r = self._call(self._admin.Load, value_pb2.LoadRequest(name=name), call="Load", timeout=self.checkpoint_deadline_s)
+        return int(r.last_step_id)
+
+
+def check_tokenizers(infos: Mapping[str, ServiceInfo], *, trainer_fingerprint: str | None = None) -> None:
+    """Refuse a run whose generator, reference, value (and trainer) disagree on what token ids mean."""
+    prints = {name: i.tokenizer_fingerprint for name, i in infos.items() if i.tokenizer_fingerprint}
+    if trainer_fingerprint:
+        prints["trainer (models.policy)"] = trainer_fingerprint
+    if len(set(prints.values())) > 1:
+        listing = ", ".join(f"{k}={v[:12]}" for k, v in prints.items())
+        raise ServiceError(
+            "run", "GetInfo",
+            f"tokenizer fingerprints disagree ({listing}): serve the same tokenizer in every role "
+            "(models.policy, models.reference and models.value must share one tokenizer)",
+        )

@@ -1,0 +1,291 @@
+"""The run config: one typed file (YAML) plus `--set key=value` overrides.
+
+Every field carries its own description (docs/config-reference.md is generated from them by
+`orchestrator.docs`). Errors name the field and say what to change: a misspelt key gets the list
+of valid keys and the closest match, an impossible combination says which side to change.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.algo_config import AlgorithmConfig
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelsConfig(_Strict):
+    """Checkpoints of the roles (local Hugging Face directories)."""
+
+    policy: str = Field(..., description="Checkpoint the policy starts from (trained by the orchestrator, served by the generator).")
+    reference: str | None = Field(None, description="Frozen reference checkpoint for the KL term; default: the policy checkpoint.")
+    value: str | None = Field(None, description="Trunk of the critic (value service); default: the policy checkpoint.")
+    dtype: str = Field("float32", description="Trainer dtype: float32 (CPU; bit-reproducible) | bfloat16 | float16.")
+    device: str = Field("cpu", description="Trainer device: cpu | cuda | cuda:N | auto.")
+
+
+class Endpoint(_Strict):
+    """Where a running service listens, and how to reach it."""
+
+    address: str = Field(..., description="host:port of the service, e.g. 127.0.0.1:50051.")
+    token: str | None = Field(None, description="Call-scope bearer token (None: auth off).")
+    admin_token: str | None = Field(
+        None, description="Admin-scope token for UpdateWeights / TrainStep / Save / Load; default: `token`."
+    )
+    tls_ca: str | None = Field(None, description="PEM file of the CA that signed the server's certificate (None: plaintext).")
+
+
+class RewardEndpoint(Endpoint):
+    """A reward service and the weight of its score in the total reward."""
+
+    weight: float = Field(1.0, description="Weight of this service's reward in the weighted sum over reward services.")
+
+
+class LocalServices(_Strict):
+    """Options of the services that `local: true` starts as child processes."""
+
+    reward: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "rule", "rule": "arithmetic"},
+        description="Options of the local reward service (the reward role's Options, e.g. kind: rule, rule: arithmetic).",
+    )
+    generator: dict[str, Any] = Field(default_factory=dict, description="Options of the local generator role.")
+    reference: dict[str, Any] = Field(default_factory=dict, description="Options of the local reference role.")
+    value: dict[str, Any] = Field(default_factory=dict, description="Options of the local value role (e.g. its learning rate).")
+    startup_timeout_s: float = Field(180.0, gt=0, description="Seconds to wait for every local service to report SERVING.")
+
+
+class Deadlines(_Strict):
+    """Per-call deadlines in seconds."""
+
+    generate_s: float = Field(120.0, gt=0, description="Generator.Generate deadline.")
+    score_s: float = Field(60.0, gt=0, description="Reward.Score deadline.")
+    logprobs_s: float = Field(60.0, gt=0, description="Reference.LogProbs deadline.")
+    values_s: float = Field(60.0, gt=0, description="Value.Values deadline.")
+    train_step_s: float = Field(300.0, gt=0, description="Value.TrainStep deadline.")
+    weights_s: float = Field(300.0, gt=0, description="Generator.UpdateWeights deadline (the whole stream).")
+    checkpoint_s: float = Field(300.0, gt=0, description="Value.Save / Value.Load deadline.")
+    info_s: float = Field(10.0, gt=0, description="GetInfo deadline.")
+
+
+class ServicesConfig(_Strict):
+    """The four roles: endpoints of running services, or `local: true` to start them here."""
+
+    local: bool = Field(False, description="Start all services as child processes on free loopback ports with fresh tokens.")
+    generator: Endpoint | None = Field(None, description="Generator endpoint (required unless local).")
+    reference: Endpoint | None = Field(None, description="Reference endpoint (required unless local, when the KL coefficient > 0).")
+    value: Endpoint | None = Field(None, description="Value endpoint (required unless local, when the advantage is gae).")
+    rewards: list[RewardEndpoint] = Field(default_factory=list, description="Reward endpoints; the reward is their weighted sum.")
+    local_options: LocalServices = Field(default_factory=LocalServices, description="Options of the local services.")
+    deadlines: Deadlines = Field(default_factory=Deadlines, description="Per-call deadlines.")
+
+
+class SamplingConfig(_Strict):
+    """How the generator samples (the trainer always uses the raw policy's logprobs)."""
+
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (> 0).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass in (0, 1]; 1 = off.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 = off.")
+    max_new_tokens: int = Field(6, ge=1, description="Most tokens generated per sample.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Extra stop tokens (EOS always stops).")
+
+
+class DatasetConfig(_Strict):
+    """The prompts: a local jsonl or parquet file."""
+
+    path: str = Field(..., description="Local .jsonl or .parquet file, one prompt per row.")
+    format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="File format; auto: from the suffix.")
+    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    metadata_columns: list[str] = Field(
+        default_factory=lambda: ["answer"], description="Columns passed to reward services as string metadata (e.g. the answer)."
+    )
+    shuffle: bool = Field(True, description="Visit the prompts in a new seeded order every epoch.")
+
+
+class CheckpointConfig(_Strict):
+    """Where and how often the run state is saved."""
+
+    dir: str | None = Field(None, description="Checkpoint directory; default: <run_dir>/checkpoints.")
+    interval: int = Field(0, ge=0, description="Save every N steps (0: only at the end of the run).")
+    keep: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+
+
+class RunConfig(_Strict):
+    """One RL run: models, services, algorithm, data, checkpoints."""
+
+    models: ModelsConfig = Field(..., description="Checkpoints of the policy, reference and critic.")
+    services: ServicesConfig = Field(default_factory=ServicesConfig, description="Where the four roles run.")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="Algorithm, advantage, KL and update settings.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters of the generator.")
+    dataset: DatasetConfig = Field(..., description="The prompt set.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoint directory and interval.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per step.")
+    samples_per_prompt: int = Field(8, ge=1, description="Samples per prompt G (>= 2 for group advantages).")
+    steps: int = Field(100, ge=1, description="Steps (updates) in the run; a resumed run stops at the same total.")
+    seed: int = Field(0, ge=0, description="Run seed: data order, sampling seeds, trainer RNG.")
+    metrics_port: int | None = Field(0, ge=0, description="Orchestrator Prometheus port (0: a free port, null: off).")
+    run_dir: str = Field("runs/run", description="Directory for the step log, service logs, checkpoints and plots.")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> RunConfig:
+        algo, svc = self.algorithm, self.services
+        if algo.advantage == "group_zscore" and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"algorithm.advantage=group_zscore needs samples_per_prompt >= 2 (got {self.samples_per_prompt}): "
+                "set samples_per_prompt to 2 or more, or use advantage: gae with a value service"
+            )
+        if not svc.local:
+            if svc.generator is None:
+                raise ValueError("services.generator is required: give its endpoint or set services.local: true")
+            if not svc.rewards:
+                raise ValueError("services.rewards is empty: list at least one reward endpoint or set services.local: true")
+            if algo.advantage == "gae" and svc.value is None:
+                raise ValueError(
+                    "algorithm.advantage=gae needs a value service: set services.value, "
+                    "or use advantage: group_zscore (with samples_per_prompt >= 2), or services.local: true"
+                )
+            if algo.kl_coef > 0 and svc.reference is None:
+                raise ValueError(
+                    f"algorithm.kl_coef={algo.kl_coef} needs a reference service: set services.reference, or kl_coef: 0"
+                )
+        elif svc.generator or svc.reference or svc.value or svc.rewards:
+            raise ValueError(
+                "services.local: true starts its own services: remove services.generator/reference/value/rewards, "
+                "or set services.local: false to use them"
+            )
+        if sum(r.weight for r in svc.rewards) == 0 and svc.rewards:
+            raise ValueError("services.rewards weights sum to 0: give at least one reward a non-zero weight")
+        return self
+
+    @property
+    def uses_value(self) -> bool:
+        """Whether the run has a critic (GAE advantages)."""
+        return self.algorithm.advantage == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the run computes KL to a reference policy."""
+        return self.algorithm.kl_coef > 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.run_dir) / "checkpoints"
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at `loc[:-1]` (for listing valid keys)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        cls = None
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            for inner in (cand, *getattr(cand, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    cls = inner
+    return cls
+
+
+def explain(err: ValidationError, model: type[BaseModel] = RunConfig) -> str:
+    """One line per problem, each naming the field and saying what to change."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+        name = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            holder = _model_at(model, loc)
+            valid = sorted(holder.model_fields) if holder else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"{name}: unknown field{hint} Valid fields here: {', '.join(valid)}. Remove or rename it.")
+        elif e["type"] == "missing":
+            lines.append(f"{name}: required field is missing; add it to the config or pass --set {name}=...")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"{name or 'config'}: {msg}{shown}")
+    return "invalid run config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML: numbers, booleans, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set algorithm.lr=1e-5")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: the key {key!r} has an empty part; use dotted names like algorithm.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({e}); quote it") from e
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `a.b=c` into the nested dict (list items by index: services.rewards.0.weight=2)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            key: Any = int(part) if isinstance(node, list) else part
+            if isinstance(node, list):
+                if key >= len(node):
+                    raise ConfigError(f"--set {text!r}: {'.'.join(parts[: i + 1])} has only {len(node)} items")
+                node = node[key]
+                continue
+            if not isinstance(node.get(key), dict | list):
+                node[key] = {}
+            node = node[key]
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Validate a config dict (after overrides) or raise ConfigError saying what to change."""
+    data = apply_overrides(dict(data), list(overrides or []))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(explain(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply `--set` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML run config (see examples/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of fields (models:, dataset:, ...)")
+    return build_config(data, overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (stored in every checkpoint and the run dir)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

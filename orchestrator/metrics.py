@@ -1,0 +1,95 @@
+"""The orchestrator's Prometheus endpoint: one gauge per step metric, phase timings, weight sync.
+
+Names follow Prometheus conventions (quartet_ prefix, base units, _total counters, _seconds
+durations); the phase is a label, and the reward service identity used at each step is an
+info-style gauge (value 1) whose label carries the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PHASES = ("generate", "score", "reference", "values", "update", "value_train", "sync", "checkpoint")
+
+# step-log key -> (metric name, help). Each is a gauge holding the value of the last step.
+GAUGES: dict[str, tuple[str, str]] = {
+    "step": ("quartet_step", "Last completed step."),
+    "kl_ref": ("quartet_kl_reference", "Mean per-token KL of the policy to the reference (estimator of the config)."),
+    "policy_loss": ("quartet_policy_loss", "Policy loss of the last update."),
+    "value_loss": ("quartet_value_loss", "Clipped value loss reported by the value service."),
+    "clipfrac": ("quartet_clip_fraction", "Share of tokens where the PPO/GRPO ratio was clipped."),
+    "entropy": ("quartet_entropy", "Mean per-token policy entropy (nats)."),
+    "approx_kl": ("quartet_approx_kl", "Approximate KL between the old and the new policy."),
+    "trpo_accepted": ("quartet_trpo_accepted_ratio", "TRPO: fraction of line searches that accepted a step."),
+    "trpo_backtracks": ("quartet_trpo_line_search_steps", "TRPO: backtracking steps of the last line search."),
+    "trpo_final_kl": ("quartet_trpo_final_kl", "TRPO: mean KL of the accepted step."),
+    "grad_norm": ("quartet_grad_norm", "Policy gradient norm before clipping."),
+    "logprob_gap_mean": ("quartet_logprob_gap", "Mean |generator - trainer| logprob of sampled tokens."),
+    "logprob_gap_max": ("quartet_logprob_gap_max", "Max |generator - trainer| logprob of sampled tokens."),
+    "tokens_per_second": ("quartet_tokens_per_second", "Generated tokens per second of step wall time."),
+    "step_seconds": ("quartet_step_seconds", "Wall time of the last step."),
+    "sync_seconds": ("quartet_weight_sync_seconds", "Seconds of the last weight broadcast to the generator."),
+    "sync_bytes": ("quartet_weight_sync_bytes", "Bytes of the last weight broadcast."),
+    "weight_version": ("quartet_weight_version", "Weight version the generator serves."),
+    "response_length_mean": ("quartet_response_length_tokens", "Mean completion length in tokens."),
+}
+REWARD_STATS = ("mean", "std", "min", "max")
+
+
+class RunMetrics:
+    """Holds the registry and updates it from one step record."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.gauges = {key: Gauge(name, doc, registry=r) for key, (name, doc) in GAUGES.items()}
+        self.reward = Gauge("quartet_reward", "Reward statistics of the last step's samples.", ["stat"], registry=r)
+        self.phase = Gauge("quartet_phase_seconds", "Seconds spent in each phase of the last step.", ["phase"], registry=r)
+        self.phase_hist = Histogram(
+            "quartet_phase_duration_seconds", "Distribution of per-phase seconds over steps.", ["phase"], registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.steps = Counter("quartet_steps_total", "Completed steps.", registry=r)
+        self.tokens = Counter("quartet_generated_tokens_total", "Generated tokens.", registry=r)
+        self.sync_bytes = Counter("quartet_weight_sync_bytes_total", "Bytes broadcast to the generator.", registry=r)
+        self.reward_service = Gauge(
+            "quartet_reward_service_info", "Reward service identity used at the last step (value 1).",
+            ["identity", "weight"], registry=r,
+        )
+        self.server = None
+        self.port: int | None = None
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start the HTTP endpoint (port 0 = a free port); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self.server = server
+        self.port = int(server.server_port)
+        return self.port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def record(self, metrics: Mapping[str, float], phases: Mapping[str, float], rewards: Mapping[str, float],
+               reward_services: Mapping[str, float], generated_tokens: int) -> None:
+        """Update every gauge from one completed step."""
+        for key, gauge in self.gauges.items():
+            if key in metrics:
+                gauge.set(float(metrics[key]))
+        for stat in REWARD_STATS:
+            if stat in rewards:
+                self.reward.labels(stat=stat).set(float(rewards[stat]))
+        for name, seconds in phases.items():
+            self.phase.labels(phase=name).set(seconds)
+            self.phase_hist.labels(phase=name).observe(seconds)
+        self.reward_service.clear()
+        for identity, weight in reward_services.items():
+            self.reward_service.labels(identity=identity, weight=f"{weight:g}").set(1)
+        self.steps.inc()
+        self.tokens.inc(generated_tokens)
+        if "sync_bytes" in metrics:
+            self.sync_bytes.inc(float(metrics["sync_bytes"]))

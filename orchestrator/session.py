@@ -1,0 +1,192 @@
+"""Open a run: services (started here or reached remotely), checks, policy, trainer, state, metrics.
+
+`Session(cfg, resume=...)` is a context manager; everything it starts (child services, the metrics
+endpoint, channels) is stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orchestrator import checkpoint
+from orchestrator.clients import (
+    GeneratorClient,
+    ReferenceClient,
+    RewardClient,
+    ServiceError,
+    ServiceInfo,
+    ValueClient,
+    check_tokenizers,
+)
+from orchestrator.config import Endpoint, RewardEndpoint, RunConfig, dump_config
+from orchestrator.data import PromptStream, load_prompts
+from orchestrator.launcher import LocalStack, ServiceSpec
+from orchestrator.loop import Orchestrator, RunState, Services, truncate_step_log
+from orchestrator.metrics import RunMetrics
+from services.common.hf import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_fingerprint,
+)
+
+
+def local_specs(cfg: RunConfig) -> list[ServiceSpec]:
+    """The services `local: true` starts for this config (reference / value only when used)."""
+    m, opts = cfg.models, cfg.services.local_options
+    specs = [ServiceSpec("generator", m.policy, opts.generator), ServiceSpec("reward", None, opts.reward)]
+    if cfg.uses_reference:
+        specs.append(ServiceSpec("reference", m.reference or m.policy, opts.reference))
+    if cfg.uses_value:
+        ckpt = str((Path(cfg.run_dir) / "value-checkpoints").resolve())
+        specs.append(ServiceSpec("value", m.value or m.policy, opts.value, checkpoint_dir=ckpt))
+    return specs
+
+
+class Session:
+    """Everything one run needs; `.orchestrator` drives the steps."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = lambda _msg: None):
+        self.cfg, self.resume, self.log = cfg, resume, log
+        self.stack: LocalStack | None = None
+        self.services: Services | None = None
+        self.metrics: RunMetrics | None = None
+        self.orchestrator: Orchestrator | None = None
+        self.infos: dict[str, ServiceInfo] = {}
+        self.resumed_from: Path | None = None
+
+    def __enter__(self) -> Session:
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _endpoints(self) -> dict[str, Endpoint | list[RewardEndpoint] | None]:
+        cfg = self.cfg
+        if not cfg.services.local:
+            s = cfg.services
+            return {"generator": s.generator, "reference": s.reference, "value": s.value, "rewards": s.rewards}
+        self.log("starting local services ...")
+        self.stack = LocalStack(cfg.run_dir, local_specs(cfg), startup_timeout_s=cfg.services.local_options.startup_timeout_s,
+                                dtype=cfg.models.dtype, device=cfg.models.device)
+        up = self.stack.start()
+
+        def ep(label: str) -> Endpoint | None:
+            s = up.get(label)
+            return Endpoint(address=s.address, token=s.token, admin_token=s.admin_token) if s else None
+
+        reward = up["reward"]
+        return {"generator": ep("generator"), "reference": ep("reference"), "value": ep("value"),
+                "rewards": [RewardEndpoint(address=reward.address, token=reward.token, admin_token=reward.admin_token)]}
+
+    def _connect(self) -> Services:
+        cfg, d = self.cfg, self.cfg.services.deadlines
+        eps = self._endpoints()
+        common = {"info_deadline_s": d.info_s}
+        gen = GeneratorClient(eps["generator"], deadline_s=d.generate_s, weights_deadline_s=d.weights_s, **common)
+        rewards = [RewardClient(r, deadline_s=d.score_s, weight=r.weight, **common) for r in eps["rewards"]]
+        ref = ReferenceClient(eps["reference"], deadline_s=d.logprobs_s, **common) if cfg.uses_reference else None
+        val = (ValueClient(eps["value"], deadline_s=d.values_s, train_deadline_s=d.train_step_s,
+                           checkpoint_deadline_s=d.checkpoint_s, **common) if cfg.uses_value else None)
+        self.services = Services(gen, rewards, ref, val)
+        self.infos = {"generator": gen.info()}
+        if ref is not None:
+            self.infos["reference"] = ref.info()
+        if val is not None:
+            self.infos["value"] = val.info()
+        for i, r in enumerate(rewards):
+            self.infos[f"reward[{i}]"] = r.info()
+        return self.services
+
+    def open(self) -> None:
+        cfg = self.cfg
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        restored = None
+        if self.resume:
+            path = checkpoint.latest(cfg.checkpoint_dir)
+            if path is None:
+                self.log(f"no complete checkpoint in {cfg.checkpoint_dir}: starting from step 0")
+            else:
+                restored = checkpoint.read(path)
+                self.resumed_from = path
+        services = self._connect()
+        tokenizer = load_tokenizer(cfg.models.policy)
+        check_tokenizers({k: v for k, v in self.infos.items() if not k.startswith("reward")},
+                         trainer_fingerprint=tokenizer_fingerprint(tokenizer))
+        self._seed_everything()
+        device = resolve_device(cfg.models.device, field="models.device")
+        dtype = resolve_dtype(cfg.models.dtype, device=device, field="models.dtype")
+        # TRPO's Fisher-vector product needs double backprop through attention: eager on CPU (NOTES.md).
+        attn = "eager" if cfg.algorithm.name == "trpo" else None
+        policy_path = restored.path / "policy" if restored else cfg.models.policy
+        policy = load_causal_lm(policy_path, dtype=dtype, device=device, attn_implementation=attn)
+        from orchestrator.trainer import PolicyTrainer
+
+        trainer = PolicyTrainer(policy, cfg.algorithm, seed=cfg.seed)
+        prompts = PromptStream(load_prompts(cfg.dataset), seed=cfg.seed, shuffle=cfg.dataset.shuffle)
+        served = self.infos["generator"].weight_version
+        state = RunState(weight_version=served)
+        if restored is not None:
+            if restored.trainer_state is not None:
+                trainer.load_state_dict(restored.trainer_state)
+            checkpoint.set_rng_states(restored.rng)
+            if restored.value_checkpoint and services.value is not None:
+                services.value.load(restored.value_checkpoint)
+            state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served)
+            truncate_step_log(run_dir / "steps.jsonl", restored.step)
+            self.log(f"resumed from {restored.path} at step {restored.step}")
+        elif self.resume is False:
+            (run_dir / "steps.jsonl").unlink(missing_ok=True)
+        self.metrics = RunMetrics()
+        if cfg.metrics_port is not None:
+            self.metrics.serve(cfg.metrics_port)
+        self.orchestrator = Orchestrator(
+            cfg, services, policy=policy, tokenizer=tokenizer, trainer=trainer, prompts=prompts, state=state,
+            metrics=self.metrics, checkpoint=lambda o: checkpoint.save(cfg.checkpoint_dir, orch=o, keep=cfg.checkpoint.keep),
+        )
+        if restored is not None or served != 0:
+            # The generator must serve exactly the trainer's policy before the first Generate.
+            sync = services.generator.update_weights(self.orchestrator.named_weights(), served + 1)
+            self.orchestrator.state = RunState(state.step, state.cursor, sync.version)
+
+    def _seed_everything(self) -> None:
+        seed = self.cfg.seed
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    def save_final(self) -> Path | None:
+        """Checkpoint the end of the run unless the interval just did."""
+        o = self.orchestrator
+        if o is None or o.state.step == 0:
+            return None
+        path = self.cfg.checkpoint_dir / checkpoint.step_name(o.state.step)
+        if (path / checkpoint.MARKER).is_file():
+            return path
+        return checkpoint.save(self.cfg.checkpoint_dir, orch=o, keep=self.cfg.checkpoint.keep)
+
+    def close(self) -> None:
+        if self.orchestrator is not None:
+            self.orchestrator.close()
+        if self.services is not None:
+            self.services.close()
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self.stack is not None:
+            self.stack.stop()
+
+
+__all__ = ["ServiceError", "Session", "local_specs"]
