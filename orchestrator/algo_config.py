@@ -70,7 +70,11 @@ DEFAULT_ALGORITHM: AlgorithmName = "grpo"
 
 def _per_algorithm(field: str) -> str:
     """Help-text suffix listing a field's default for each algorithm, built from the table (no drift)."""
-    return "Default per algorithm: " + ", ".join(f"{a}: {d[field]!r}" for a, d in ALGORITHM_DEFAULTS.items()) + "."
+    return (
+        "Default per algorithm: "
+        + ", ".join(f"{a}: {d[field]!r}" for a, d in ALGORITHM_DEFAULTS.items())
+        + "."
+    )
 
 
 def _grpo(field: str) -> Any:
@@ -129,7 +133,9 @@ class AlgorithmConfig(BaseModel):
         0.2, ge=0.0, lt=1.0, description="The probability ratio is clipped below at 1 - clip_low."
     )
     clip_high: float = Field(
-        0.2, ge=0.0, description="The ratio is clipped above at 1 + clip_high (DAPO's clip-higher: e.g. 0.28)."
+        0.2,
+        ge=0.0,
+        description="The ratio is clipped above at 1 + clip_high (DAPO's clip-higher: e.g. 0.28).",
     )
     dual_clip: float | None = Field(
         None,
@@ -185,11 +191,16 @@ class AlgorithmConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> AlgorithmConfig:
-        if self.name == "grpo" and self.kl_placement == "loss" and self.kl_estimator != "k3" and self.kl_coef > 0:
+        if (
+            self.name == "grpo"
+            and self.kl_placement == "loss"
+            and self.kl_estimator != "k3"
+            and self.kl_coef > 0
+        ):
             raise ValueError(
-                f"algorithm grpo puts the k3 estimator in its loss (DeepSeekMath eq. 4), but kl_estimator is "
-                f"{self.kl_estimator!r}: set kl_estimator: k3, or kl_placement: reward, or use algorithm: ppo "
-                "with kl_placement: loss for a k1/k2 loss term"
+                "algorithm grpo puts the k3 estimator in its loss (DeepSeekMath eq. 4), but kl_estimator "
+                f"is {self.kl_estimator!r}: set kl_estimator: k3, or kl_placement: reward, or use "
+                "algorithm: ppo with kl_placement: loss for a k1/k2 loss term"
             )
         if self.name == "grpo" and self.dual_clip is not None:
             raise ValueError("dual_clip is a PPO option: unset dual_clip, or use algorithm: ppo")

@@ -15,7 +15,7 @@ Shapes: ``B`` sequences, ``T`` response tokens, ``V`` vocabulary; ``mask`` is 1 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -41,7 +41,7 @@ from orchestrator.policy import (
 class UpdateStats:
     """What one policy update did; means over its optimizer steps (PPO / GRPO)."""
 
-    policy_loss: float  # clipped surrogate, without KL terms (PPO / GRPO); TRPO: its whole loss after the step
+    policy_loss: float  # clipped surrogate without KL terms (PPO / GRPO); TRPO: its whole loss after the step
     kl_ref: float  # mean per-token KL(π || π_ref) estimate (cfg.kl_estimator) of the policy being trained
     clipfrac: float  # share of real tokens where the ratio clip was active (0 for TRPO)
     approx_kl: float  # KL(π_old || π): k3 estimate before each step (PPO / GRPO), final exact KL (TRPO)
@@ -65,6 +65,10 @@ class ValueTrainInputs:
     returns: list[Tensor]  # [B] rows [C_i] float32 GAE return targets
     old_values: list[Tensor]  # [B] rows [C_i] float32 values at rollout time
     mask: list[Tensor]  # [B] rows [C_i] float32 1 = train on this token
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        """Unpacks as ``returns, old_values, mask`` (attribute access reads better)."""
+        return iter((self.returns, self.old_values, self.mask))
 
 
 def value_train_inputs(exp: Experience) -> ValueTrainInputs:
@@ -269,6 +273,10 @@ class PolicyTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self._shuffle.set_state(state["shuffle_rng"])
         self.updates = int(state["updates"])
+
+    def value_train_inputs(self, exp: Experience) -> ValueTrainInputs:
+        """See the module-level ``value_train_inputs``."""
+        return value_train_inputs(exp)
 
     def _forward(self, mb: _Minibatch) -> TokenLogProbs:
         return logprobs_from_logits(response_logits(self.model, mb.batch), mb.batch, with_entropy=True)
