@@ -206,7 +206,7 @@ class Orchestrator:
 
     def _result(self, timer, seconds, stats, value_stats, exp, rewards, samples, sync, identities) -> StepResult:
         n_tokens = sum(len(c) for c in samples.completion_ids)
-        metrics = {k: float(v) for k, v in vars(stats).items() if isinstance(v, int | float | bool)}
+        metrics = stats.as_dict()
         if value_stats is not None:
             metrics.update(value_loss=value_stats.loss, value_clipfrac=value_stats.clipfrac,
                            value_explained_variance=value_stats.explained_variance)
