@@ -8,6 +8,7 @@ their own metrics to the same registry (RoleContext.registry).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -123,9 +124,13 @@ class MetricsEndpoint:
     _thread: Any
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        """Close the endpoint in the background: shutdown() waits out the server's 0.5 s poll."""
+
+        def close() -> None:
+            self._server.shutdown()
+            self._server.server_close()
+
+        threading.Thread(target=close, name="quartet-metrics-stop", daemon=True).start()
 
 
 def start_metrics_http(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:

@@ -39,7 +39,8 @@ class Options(BaseModel):
 class EchoRole(generator_pb2_grpc.GeneratorServicer):
     service_name = "quartet.v1.Generator"
     admin_methods = frozenset({"UpdateWeights"})
-    backend = "echo"
+    backend = "echo"      # read by the runtime for the quartet_service_info metric
+    identity = "echo@test"
 
     def __init__(self, ctx: RoleContext, options: Options) -> None:
         self.ctx = ctx
@@ -99,10 +100,27 @@ class EchoRole(generator_pb2_grpc.GeneratorServicer):
         return common_pb2.ServiceInfo(
             role="generator", model_path=self.ctx.model.path or "", backend=self.backend,
             dtype="float32", device="cpu", tokenizer_fingerprint="f" * 64, weight_version=self.version,
-            identity="echo@test", version="test",
+            identity=self.identity, version="test",
             limits=common_pb2.Limits(max_queue=self.options.max_queue, max_message_bytes=self.ctx.max_message_bytes),
         )
 
 
 def create(ctx: RoleContext, options: Options) -> EchoRole:
     return EchoRole(ctx, options)
+
+
+# -- helpers for the tests that use this role --
+ROLE = __name__
+
+
+def generate_request(rows: list[list[int]] | None = None, *, n: int = 1, request_id: str = "") -> generator_pb2.GenerateRequest:
+    rows = [[1, 2, 3]] if rows is None else rows
+    return generator_pb2.GenerateRequest(
+        prompt_ids=encode_ragged([torch.tensor(r, dtype=torch.int64) for r in rows], dtype=torch.int64),
+        params=generator_pb2.SamplingParams(n=n, max_new_tokens=4), request_id=request_id,
+    )
+
+
+def weight_chunks(version: int, n: int = 3) -> list[generator_pb2.WeightChunk]:
+    piece = generator_pb2.WeightPiece(name="w", dtype=common_pb2.DTYPE_FLOAT32, shape=[4], data=b"\0" * 16)
+    return [generator_pb2.WeightChunk(version=version, pieces=[piece], last=i == n - 1) for i in range(n)]
