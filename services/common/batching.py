@@ -156,7 +156,10 @@ class MicroBatch:
 
     def response_rows(self, per_position: Tensor) -> list[Tensor]:
         """[b, W] per-position outputs -> b rows of len_i - response_start_i values, in micro-batch order."""
-        view = self.response_view(per_position)
+        return self.split_responses(self.response_view(per_position))
+
+    def split_responses(self, view: Tensor) -> list[Tensor]:
+        """[b, T(, ...)] per response token (a response_view) -> b rows of len_i - response_start_i."""
         counts = (self.lengths - self.response_start).tolist()
         return [view[i, :n] for i, n in enumerate(counts)]
 

@@ -135,6 +135,4 @@ class ReferenceBackend:
         targets = mb.response_view(torch.roll(mb.input_ids, -1, dims=1)).to(device)  # [b, T]
         picked = mb.response_view(logits).float()  # [b, T, V]
         logprobs = picked.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
-        counts = (mb.lengths - mb.response_start).tolist()
-        cpu = logprobs.cpu()
-        return [cpu[i, :n].clone() for i, n in enumerate(counts)]
+        return [r.clone() for r in mb.split_responses(logprobs.cpu())]

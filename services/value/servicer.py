@@ -1,0 +1,135 @@
+"""gRPC face of the value role: decode, call ValueBackend, encode. No logic of its own.
+
+Errors are raised as QuartetError subclasses; the server's one interceptor maps them to status codes.
+TrainStep, Save and Load are admin methods: the runtime checks the admin token before they run.
+"""
+
+from __future__ import annotations
+
+import socket
+from importlib import metadata
+
+import grpc
+import torch
+from quartet.v1 import common_pb2, value_pb2, value_pb2_grpc
+
+from services.common.batching import START_FIELD, TOKENS_FIELD
+from services.common.codec import RaggedTensor, decode_ragged, encode_ragged
+from services.common.errors import InvalidArgument, NotReady
+from services.common.role import RoleContext
+from services.value import NAME, Options
+from services.value.backend import ValueBackend
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def quartet_version() -> str:
+    try:
+        return metadata.version("quartet-rl")
+    except metadata.PackageNotFoundError:  # a source tree that was not installed
+        return "0+unknown"
+
+
+def decode_sequences(batch: common_pb2.SequenceBatch) -> tuple[RaggedTensor, list[int]]:
+    """SequenceBatch -> (ragged int ids, response starts); an empty batch is named as such."""
+    if len(batch.token_ids.offsets) <= 1:
+        raise InvalidArgument(TOKENS_FIELD, "empty batch: send at least one sequence")
+    rows = decode_ragged(batch.token_ids, field=TOKENS_FIELD, dtypes=(torch.int64, torch.int32))
+    if len(batch.response_start) != len(rows):
+        raise InvalidArgument(
+            START_FIELD, f"has {len(batch.response_start)} entries for {len(rows)} sequences; send one per sequence")
+    return rows, list(batch.response_start)
+
+
+def _floats(msg: common_pb2.Ragged, field: str, rows: int) -> RaggedTensor:
+    return decode_ragged(msg, field=field, dtypes=_FLOATS, rows=rows)
+
+
+class ValueServicer(value_pb2_grpc.ValueServicer):
+    def __init__(self, backend: ValueBackend, ctx: RoleContext) -> None:
+        self.backend = backend
+        self.ctx = ctx
+
+    def Values(self, request: value_pb2.ValuesRequest, context: grpc.ServicerContext):
+        rows, starts = decode_sequences(request.sequences)
+        out = self.backend.values(rows, starts)
+        return value_pb2.ValuesResponse(values=encode_ragged(out.values, dtype=torch.float32),
+                                        steps_trained=out.steps_trained)
+
+    def TrainStep(self, request: value_pb2.TrainStepRequest, context: grpc.ServicerContext):
+        rows, starts = decode_sequences(request.sequences)
+        if not request.HasField("returns"):
+            raise InvalidArgument("returns", "required: one row of return targets per sequence")
+        b = len(rows)
+        old = _floats(request.old_values, "old_values", b) if request.HasField("old_values") else None
+        mask = _floats(request.mask, "mask", b) if request.HasField("mask") else None
+        out = self.backend.train_step(
+            rows, starts, _floats(request.returns, "returns", b), old, mask,
+            step_id=request.step_id,
+            clip_range=request.clip_range if request.HasField("clip_range") else None,
+            epochs=request.epochs, minibatch_size=request.minibatch_size,
+        )
+        return value_pb2.TrainStepResponse(
+            loss=out.loss, clip_fraction=out.clip_fraction, explained_variance=out.explained_variance,
+            grad_norm=out.grad_norm, duplicate=out.duplicate, steps_trained=out.steps_trained,
+            last_step_id=out.last_step_id,
+        )
+
+    def Save(self, request: value_pb2.SaveRequest, context: grpc.ServicerContext):
+        out = self.backend.save(request.name)
+        return value_pb2.SaveResponse(path=out.path, steps_trained=out.steps_trained, last_step_id=out.last_step_id)
+
+    def Load(self, request: value_pb2.LoadRequest, context: grpc.ServicerContext):
+        out = self.backend.load_checkpoint(request.name)
+        return value_pb2.LoadResponse(steps_trained=out.steps_trained, last_step_id=out.last_step_id)
+
+    def GetInfo(self, request: common_pb2.GetInfoRequest, context: grpc.ServicerContext):
+        info, opts = self.backend.info, self.backend.options
+        if info is None:
+            raise NotReady("value model is still loading")
+        return common_pb2.ServiceInfo(
+            role=NAME,
+            model_path=info.path,
+            backend="transformers",
+            dtype=str(info.dtype).removeprefix("torch."),
+            device=str(info.device),
+            tokenizer_fingerprint=info.tokenizer_fingerprint,
+            weight_version=self.backend.steps_trained,
+            vocab_size=info.vocab_size,
+            limits=common_pb2.Limits(
+                max_batch_sequences=opts.max_batch_sequences,
+                max_tokens_per_call=opts.max_tokens_per_call,
+                max_queue=opts.max_concurrent,
+                max_message_bytes=self.ctx.max_message_bytes,
+            ),
+            identity=f"{NAME}/{info.path.rstrip('/').rsplit('/', 1)[-1]}@{socket.gethostname()}",
+            version=quartet_version(),
+            last_step_id=self.backend.last_step_id,
+            extra={
+                "values": "V(state before each response token): head(hidden[k-1]) for token k",
+                "loss": "PPO clipped value loss, token mean",
+                "lr": repr(opts.lr),
+                "max_batch_tokens": str(opts.max_batch_tokens),
+                "checkpoint_dir": "set" if self.backend.checkpoint_dir is not None else "unset",
+            },
+        )
+
+
+class ValueRole:
+    """The role object the runtime drives (services/common/role.py)."""
+
+    service_name = "quartet.v1.Value"
+    admin_methods: frozenset[str] = frozenset({"TrainStep", "Save", "Load"})
+
+    def __init__(self, ctx: RoleContext, options: Options) -> None:
+        self.ctx = ctx
+        self.backend = ValueBackend(ctx.model, options, ctx.registry, ctx.checkpoint_dir)
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        value_pb2_grpc.add_ValueServicer_to_server(ValueServicer(self.backend, self.ctx), server)
+
+    def load(self) -> None:
+        self.backend.load()
+
+    def close(self) -> None:
+        """Nothing to release: no threads; unsaved training is lost by design (Save first)."""
