@@ -290,7 +290,7 @@ def trpo_step(
     params = _trainable(params)
     old_flat = torch.nn.utils.parameters_to_vector([p.detach() for p in params])
     loss = loss_fn()
-    loss_before = float(loss)
+    loss_before = float(loss.detach())
     grad = _flat(torch.autograd.grad(loss, params, allow_unused=True), params).detach()
     fvp = make_fisher_vector_product(kl_fn, params, damping=damping)
     cg = conjugate_gradient(fvp, -grad, iters=cg_iters, residual_tol=cg_residual_tol)
