@@ -46,7 +46,9 @@ def resolve_device(name: str, *, field: str = "device") -> torch.device:
         raise ValueError(f"{field}={name!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{field}={name!r} but CUDA is not available here; set {field} to 'cpu' or 'auto'")
+            raise ValueError(
+                f"{field}={name!r} but CUDA is not available here; set {field} to 'cpu' or 'auto'"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(
                 f"{field}={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist; "
@@ -75,7 +77,9 @@ def _checkpoint_dir(path: str | Path, *, need: tuple[str, ...], what: str) -> Pa
     """The directory `path`, or a FileNotFoundError naming it and saying what is missing."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise FileNotFoundError(f"{what} directory {str(p)!r} does not exist (only local checkpoints are loaded)")
+        raise FileNotFoundError(
+            f"{what} directory {str(p)!r} does not exist (only local checkpoints are loaded)"
+        )
     if not any((p / f).is_file() for f in need):
         raise FileNotFoundError(f"{what} directory {str(p)!r} has none of {', '.join(need)}")
     return p
@@ -123,13 +127,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 hex of what decides the meaning of token ids.
 
     Covers the vocabulary (token -> id, added tokens included), the named special tokens with their
-    ids, and the tokenizer class. Two services agree on the fingerprint iff the same ids mean the same
+    ids, and the tokenizer class. The pad token is left out of the named ones: padding is always
+    masked, and `load_tokenizer` may set pad = eos, which must not make a service look different from
+    one that loaded the same files with plain transformers (a distinct pad token is still covered
+    through the vocabulary and the set of special tokens). Two services agree on the fingerprint iff the same ids mean the same
     text to both. Stable across save_pretrained / from_pretrained because it hashes a canonical JSON
     of sorted items, never object identity or file bytes.
     """
     vocab = sorted(tokenizer.get_vocab().items())
     special = {}
-    for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"):
+    for attr in ("bos_token", "eos_token", "unk_token", "sep_token", "cls_token", "mask_token"):
         token = getattr(tokenizer, attr, None)
         if token is not None:
             special[attr] = [str(token), tokenizer.convert_tokens_to_ids(str(token))]

@@ -1,0 +1,115 @@
+"""A seeded arithmetic task with a verifiable answer: the demo's reward needs no model.
+
+Rows are `{"prompt": "23+48=", "answer": "71"}`. The policy sees `<bos>` + the prompt characters
+and should emit the answer digits followed by `<eos>`; a completion is correct when its leading
+integer equals the answer (see `extract_number`).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import random
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+_OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def _all_prompts(max_operand: int, ops: Sequence[str]) -> list[tuple[str, str]]:
+    """Every (prompt, answer) with operands in [0, max_operand], in a fixed order."""
+    return [
+        (f"{a}{op}{b}=", str(_OPS[op](a, b)))
+        for op in ops
+        for a in range(max_operand + 1)
+        for b in range(max_operand + 1)
+    ]
+
+
+def make_arithmetic_rows(
+    *, n_train: int, n_test: int, seed: int, max_operand: int = 99, ops: Sequence[str] = ("+",)
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Disjoint train and test rows drawn without replacement from all operand pairs.
+
+    The draw depends only on the arguments (a private `random.Random(seed)`), so the same seed gives
+    the same files on every machine. Disjoint by prompt: test accuracy measures generalisation, not
+    memorisation of the warm-up set.
+    """
+    bad = [op for op in ops if op not in _OPS]
+    if bad or not ops:
+        raise ValueError(f"ops={tuple(ops)!r}: each op must be one of {', '.join(_OPS)}")
+    if max_operand < 0:
+        raise ValueError(f"max_operand={max_operand} must be >= 0")
+    pool = _all_prompts(max_operand, ops)
+    if n_train < 0 or n_test < 0 or n_train + n_test > len(pool):
+        raise ValueError(
+            f"n_train={n_train} + n_test={n_test} must be non-negative and at most {len(pool)}, the number of "
+            f"distinct prompts with max_operand={max_operand} and ops={tuple(ops)!r}; raise max_operand or ask for fewer"
+        )
+    picked = random.Random(seed).sample(pool, n_train + n_test)
+    rows = [{"prompt": p, "answer": a} for p, a in picked]
+    return rows[:n_train], rows[n_train:]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, str]]) -> Path:
+    """One JSON object per line, keys in a fixed order so files are byte-identical for a seed."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+    return p
+
+
+def load_jsonl(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a jsonl file (blank lines skipped); a bad line is reported with its number."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+    return rows
+
+
+def make_arithmetic_task(
+    out_dir: str | Path,
+    *,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    max_operand: int = 99,
+    ops: Sequence[str] = ("+",),
+) -> tuple[Path, Path]:
+    """Write `train.jsonl` and `test.jsonl` into `out_dir`; returns their paths."""
+    train, test = make_arithmetic_rows(
+        n_train=n_train, n_test=n_test, seed=seed, max_operand=max_operand, ops=ops
+    )
+    out = Path(out_dir)
+    return write_jsonl(out / "train.jsonl", train), write_jsonl(out / "test.jsonl", test)
+
+
+def extract_number(text: str) -> str | None:
+    """The integer a completion starts with, in canonical form, or None.
+
+    Reads an optional '-' then digits from the start of `text` and stops at the first other
+    character (`<eos>` text, a space, another digit group never counts). Leading zeros are
+    normalised ("007" -> "7", "-0" -> "0") so that only the value is judged.
+    """
+    i = 1 if text.startswith("-") else 0
+    j = i
+    while j < len(text) and text[j].isascii() and text[j].isdigit():
+        j += 1
+    if j == i:
+        return None
+    return str(int(text[:j]))
+
+
+def is_correct(completion_text: str, answer: str) -> bool:
+    """Whether the completion's leading integer equals `answer` (itself an integer string)."""
+    got = extract_number(completion_text)
+    want = extract_number(answer.strip())
+    return got is not None and got == want
