@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, RunConfig, apply_overrides, build_config, dump_config, load_config
+from orchestrator.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    build_config,
+    dump_config,
+    load_config,
+)
 from orchestrator.data import Cursor, PromptRow, PromptStream, load_prompts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -74,9 +81,9 @@ def test_gae_without_value_service_is_rejected() -> None:
 
 
 def test_remote_run_needs_generator_and_rewards_and_reference_for_kl() -> None:
-    with pytest.raises(ConfigError, match="services.generator is required"):
+    with pytest.raises(ConfigError, match=r"services.generator is required"):
         build_config(base(services={}))
-    with pytest.raises(ConfigError, match="services.rewards is empty"):
+    with pytest.raises(ConfigError, match=r"services.rewards is empty"):
         build_config(base(services={"generator": {"address": "h:1"}}))
     ok = {"generator": {"address": "h:1"}, "rewards": [{"address": "h:2"}]}
     with pytest.raises(ConfigError, match=r"needs a reference service.*or kl_coef: 0"):
@@ -85,7 +92,7 @@ def test_remote_run_needs_generator_and_rewards_and_reference_for_kl() -> None:
 
 
 def test_local_with_endpoints_is_ambiguous() -> None:
-    with pytest.raises(ConfigError, match="remove services.generator"):
+    with pytest.raises(ConfigError, match=r"remove services.generator"):
         build_config(base(services={"local": True, "generator": {"address": "h:1"}}))
 
 
