@@ -143,3 +143,9 @@ def test_dataset_missing_column_says_which(tmp_path: Path) -> None:
         load_prompts(cfg)
     cfg = build_config(base(dataset={"path": str(path), "prompt_column": "question"})).dataset
     assert load_prompts(cfg) == [PromptRow("1+1=", {"answer": "2"})]
+
+
+def test_config_reference_is_up_to_date() -> None:
+    from orchestrator.docs import REFERENCE, generate
+
+    assert REFERENCE.read_text() == generate(), "docs/config-reference.md is stale: run `python -m orchestrator.docs`"
