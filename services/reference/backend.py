@@ -57,7 +57,7 @@ class ReferenceBackend:
         self.info: LoadedModel | None = None
         self._model: PreTrainedModel | None = None
         self._pad_id = 0
-        self._gate = CallGate(options.max_concurrent, "reference")
+        self.gate = CallGate(options.max_concurrent, "reference")
         self.sequences_total = Counter(
             "quartet_reference_sequences", "Sequences scored by LogProbs.", registry=registry)
         self.tokens_total = Counter(
@@ -104,7 +104,7 @@ class ReferenceBackend:
         model, info = self._model, self.info
         if model is None or info is None:
             raise NotReady("reference model is still loading")
-        with self._gate.enter():
+        with self.gate.enter():
             rows, starts = check_sequences(
                 sequences, response_start, vocab_size=info.vocab_size,
                 max_sequences=self.options.max_batch_sequences, max_tokens=self.options.max_tokens_per_call,

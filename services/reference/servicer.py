@@ -84,16 +84,23 @@ class ReferenceRole:
 
     service_name = "quartet.v1.Reference"
     admin_methods: frozenset[str] = frozenset()
+    backend = "transformers"  # read by the runtime for quartet_service_info; the backend object is `impl`
 
     def __init__(self, ctx: RoleContext, options: Options) -> None:
         self.ctx = ctx
-        self.backend = ReferenceBackend(ctx.model, options, ctx.registry)
+        self.impl = ReferenceBackend(ctx.model, options, ctx.registry)
+
+    @property
+    def identity(self) -> str:
+        """For the runtime's quartet_service_info metric: role/checkpoint-folder@host."""
+        path = (self.ctx.model.path or "").rstrip("/").rsplit("/", 1)[-1]
+        return f"{NAME}/{path}@{socket.gethostname()}"
 
     def add_to_server(self, server: grpc.Server) -> None:
-        reference_pb2_grpc.add_ReferenceServicer_to_server(ReferenceServicer(self.backend, self.ctx), server)
+        reference_pb2_grpc.add_ReferenceServicer_to_server(ReferenceServicer(self.impl, self.ctx), server)
 
     def load(self) -> None:
-        self.backend.load()
+        self.impl.load()
 
     def close(self) -> None:
         """Nothing to release: no threads, and the model goes with the process."""

@@ -89,8 +89,8 @@ class ValueBackend:
         self._optimizer: torch.optim.Optimizer | None = None
         self._pad_id = 0
         self._lock = threading.Lock()
-        self._values_gate = CallGate(options.max_concurrent, "value Values")
-        self._train_gate = CallGate(options.max_concurrent, "value TrainStep")
+        self.values_gate = CallGate(options.max_concurrent, "value Values")
+        self.train_gate = CallGate(options.max_concurrent, "value TrainStep")
         self._metrics(registry)
 
     def _metrics(self, registry: CollectorRegistry) -> None:
@@ -159,7 +159,7 @@ class ValueBackend:
     def values(self, sequences: SequencesLike, response_start: Sequence[int] | Tensor) -> ValuesResult:
         """V(s) before each response token (batching's alignment), fp32 CPU rows of len_i - response_start_i."""
         critic, _, info = self._ready()
-        with self._values_gate.enter():
+        with self.values_gate.enter():
             rows, starts = self._check(sequences, response_start, info)
             with self._lock:
                 out, steps = self._forward_rows(critic, rows, starts, info.device), self.steps_trained
@@ -212,7 +212,7 @@ class ValueBackend:
             raise InvalidArgument("epochs", f"must be in [1, max_epochs={o.max_epochs}] (0 = 1), got {epochs}")
         if minibatch_size < 0:
             raise InvalidArgument("minibatch_size", f"must be >= 0 (0 = whole batch), got {minibatch_size}")
-        with self._train_gate.enter():
+        with self.train_gate.enter():
             rows, starts = self._check(sequences, response_start, info)
             targets = check_targets([r.numel() - s for r, s in zip(rows, starts, strict=True)],
                                     returns, old_values, mask, clip_range)

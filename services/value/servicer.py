@@ -120,16 +120,23 @@ class ValueRole:
 
     service_name = "quartet.v1.Value"
     admin_methods: frozenset[str] = frozenset({"TrainStep", "Save", "Load"})
+    backend = "transformers"  # read by the runtime for quartet_service_info; the backend object is `impl`
 
     def __init__(self, ctx: RoleContext, options: Options) -> None:
         self.ctx = ctx
-        self.backend = ValueBackend(ctx.model, options, ctx.registry, ctx.checkpoint_dir)
+        self.impl = ValueBackend(ctx.model, options, ctx.registry, ctx.checkpoint_dir)
+
+    @property
+    def identity(self) -> str:
+        """For the runtime's quartet_service_info metric: role/checkpoint-folder@host."""
+        path = (self.ctx.model.path or "").rstrip("/").rsplit("/", 1)[-1]
+        return f"{NAME}/{path}@{socket.gethostname()}"
 
     def add_to_server(self, server: grpc.Server) -> None:
-        value_pb2_grpc.add_ValueServicer_to_server(ValueServicer(self.backend, self.ctx), server)
+        value_pb2_grpc.add_ValueServicer_to_server(ValueServicer(self.impl, self.ctx), server)
 
     def load(self) -> None:
-        self.backend.load()
+        self.impl.load()
 
     def close(self) -> None:
         """Nothing to release: no threads; unsaved training is lost by design (Save first)."""

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.batching import (
+    CallGate,
     check_sequences,
     micro_batches,
     pad_micro_batch,
@@ -15,7 +16,7 @@ from services.common.batching import (
     unbatch,
 )
 from services.common.codec import RaggedTensor
-from services.common.errors import InvalidArgument, OutOfRange
+from services.common.errors import InvalidArgument, OutOfRange, Overloaded
 
 
 def test_plan_hand_worked() -> None:
@@ -131,3 +132,11 @@ def test_check_rejects(rows, starts, error, words) -> None:
 def test_check_rejects_float_ids() -> None:
     with pytest.raises(InvalidArgument, match="integers"):
         _check([torch.tensor([1.0, 2.0])], [1])
+
+
+def test_call_gate_refuses_beyond_limit_and_recovers() -> None:
+    gate = CallGate(2, "test")
+    with gate.enter(), gate.enter(), pytest.raises(Overloaded, match="max_concurrent=2"), gate.enter():
+        pass
+    with gate.enter():  # both slots were released
+        pass
