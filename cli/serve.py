@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -124,7 +125,12 @@ def serve(
         _fail(f"configuration error:\n{e}", 2)
     except BindError as e:
         _fail(str(e), 1)
-    raise typer.Exit(code)
+    # Exit without joining threads: a handler still stuck after the grace period (it was cancelled,
+    # but Python cannot interrupt it) must not keep the process alive past the drain.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _stringify_paths(tree: dict[str, Any]) -> dict[str, Any]:
