@@ -216,7 +216,7 @@ class GeneratorClient(_Client):
 
         start = time.perf_counter()
         try:
-            resp = push_weights(self._admin, named_tensors, version, timeout=self.weights_deadline_s)
+            resp = push_weights(self._admin_channel, named_tensors.items(), version, timeout=self.weights_deadline_s)
         except grpc.RpcError as e:
             raise ServiceError(self.name, "UpdateWeights", f"{e.code().name}: {e.details()}") from None
         if int(resp.version) != version:

@@ -63,8 +63,19 @@ def demo_config(algo: str, *, steps: int, run_dir: Path, policy: Path, dataset: 
     return build_config(data, overrides)
 
 
-def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> tuple[Path, Path, Path, float, float]:
-    """Task files, warm-up checkpoint; returns (policy dir, train, test, warm-up seconds, accuracy)."""
+@dataclass(frozen=True)
+class Prepared:
+    """The warmed-up starting point of an RL run."""
+
+    policy_dir: Path
+    train_path: Path
+    test_path: Path
+    warmup_seconds: float
+    accuracy: float  # greedy test accuracy of the warmed-up model
+
+
+def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> Prepared:
+    """Task files and the warm-up checkpoint in `run_dir`."""
     import torch
 
     from services.common.modelkit.arithmetic import load_jsonl, make_arithmetic_task
@@ -83,38 +94,49 @@ def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> tuple[Pa
     warmup_seconds = time.perf_counter() - start
     policy = save_checkpoint(model, tokenizer, run_dir / "warmup")
     acc = greedy_accuracy(model, tokenizer, load_jsonl(test_path)[:EVAL_ROWS]).accuracy
-    return policy, train_path, test_path, warmup_seconds, acc
+    return Prepared(policy, train_path, test_path, warmup_seconds, acc)
 
 
 def run_demo(*, algo: str = "grpo", steps: int = 60, run_dir: str | Path = "runs/demo", seed: int = 0,
              eval_every: int = 10, overrides: list[str] | None = None,
-             log: Callable[[str], None] = print, on_step: Callable[[Any], None] | None = None) -> DemoSummary:
-    """The whole demo; returns (and writes) its summary."""
+             log: Callable[[str], None] = print, on_step: Callable[[Any], None] | None = None,
+             prepared: Prepared | None = None, max_seconds: float | None = None) -> DemoSummary:
+    """The whole demo; returns (and writes) its summary.
+
+    `prepared` reuses a warm-up made earlier (benchmarks run several algorithms from one);
+    `max_seconds` stops the RL phase after the step that crosses it.
+    """
     from orchestrator.session import Session
     from services.common.modelkit.arithmetic import load_jsonl
     from services.common.modelkit.evaluate import greedy_accuracy
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    policy_dir, train_path, test_path, warmup_s, before = prepare(run_dir, seed=seed, log=log)
+    prep = prepared or prepare(run_dir, seed=seed, log=log)
+    before = prep.accuracy
     log(f"greedy test accuracy after warm-up: {before:.1%}")
-    test_rows = load_jsonl(test_path)[:EVAL_ROWS]
-    cfg = demo_config(algo, steps=steps, run_dir=run_dir / "rl", policy=policy_dir, dataset=train_path, seed=seed,
-                      overrides=overrides)
+    test_rows = load_jsonl(prep.test_path)[:EVAL_ROWS]
+    cfg = demo_config(algo, steps=steps, run_dir=run_dir / "rl", policy=prep.policy_dir, dataset=prep.train_path,
+                      seed=seed, overrides=overrides)
     curve: list[dict[str, float]] = [{"step": 0, "accuracy": before}]
     start = time.perf_counter()
     with Session(cfg, log=log) as session:
         o = session.orchestrator
 
-        def after_step(r) -> None:
-            point = {"step": r.step, "reward": r.rewards["mean"], "step_seconds": r.metrics["step_seconds"]}
-            if r.step % eval_every == 0 or r.step == cfg.steps:
+        results = []
+        while o.state.step < cfg.steps:
+            r = o.step()
+            results.append(r)
+            last = o.state.step == cfg.steps or (max_seconds is not None and time.perf_counter() - start > max_seconds)
+            point = {"step": r.step, "reward": r.rewards["mean"], "step_seconds": r.metrics["step_seconds"],
+                     "seconds": time.perf_counter() - start}
+            if r.step % eval_every == 0 or last:
                 point["accuracy"] = greedy_accuracy(o.policy, o.tokenizer, test_rows).accuracy
             curve.append(point)
             if on_step is not None:
                 on_step(r)
-
-        results = o.run(after_step)
+            if last:
+                break
         session.save_final()
     rl_seconds = time.perf_counter() - start
     after = next(p["accuracy"] for p in reversed(curve) if "accuracy" in p)
@@ -122,7 +144,7 @@ def run_demo(*, algo: str = "grpo", steps: int = 60, run_dir: str | Path = "runs
         algo=algo, steps=len(results), accuracy_before=before, accuracy_after=after,
         reward_first=results[0].rewards["mean"] if results else 0.0,
         reward_last=results[-1].rewards["mean"] if results else 0.0,
-        warmup_seconds=warmup_s, rl_seconds=rl_seconds,
+        warmup_seconds=prep.warmup_seconds, rl_seconds=rl_seconds,
         step_seconds_mean=sum(r.metrics["step_seconds"] for r in results) / max(1, len(results)),
         curve=curve, run_dir=str(run_dir),
     )

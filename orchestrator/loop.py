@@ -201,8 +201,8 @@ class Orchestrator:
         return result
 
     def named_weights(self) -> dict[str, torch.Tensor]:
-        """The trained parameters as the generator names them (tied weights once)."""
-        return {name: p.detach() for name, p in self.policy.named_parameters()}
+        """The policy's state dict as the generator names it (tied weights are sent once by push_weights)."""
+        return dict(self.policy.state_dict())
 
     def _result(self, timer, seconds, stats, value_stats, exp, rewards, samples, sync, identities) -> StepResult:
         n_tokens = sum(len(c) for c in samples.completion_ids)

@@ -1,0 +1,127 @@
+"""Step-time breakdown of the demo workload through the services, next to the same step in one process.
+
+Workload: 8 prompts x 8 samples, up to 6 new tokens, the ~1M-parameter demo model, GRPO with a
+reference (KL in the loss), the arithmetic rule reward. The services run as local child processes
+(`quartet demo`'s embedded stack). The in-process baseline does the same work with no RPC:
+sampling with transformers' generate, the rule reward, a reference forward pass, build_experience +
+the same PolicyTrainer update. The difference per step is what the split into services costs
+(RPC, serialization, waiting, weight sync).
+
+    python benchmarks/step_time.py [--steps 12] [--warmup 2] [--out runs/bench/step_time.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def service_steps(policy: Path, train: Path, run_dir: Path, steps: int) -> list:
+    from orchestrator.demo import demo_config
+    from orchestrator.session import Session
+
+    cfg = demo_config("grpo", steps=steps, run_dir=run_dir, policy=policy, dataset=train, seed=0,
+                      overrides=["metrics_port=null"])
+    with Session(cfg) as session:
+        return session.orchestrator.run()
+
+
+def local_steps(policy: Path, train: Path, steps: int) -> list[dict[str, float]]:
+    """The same step without services: one process, the same model sizes and trainer."""
+    from orchestrator.algo_config import AlgorithmConfig
+    from orchestrator.experience import Rollout, build_experience
+    from orchestrator.policy import sequence_logprobs  # noqa: F401  (same code path as the trainer)
+    from orchestrator.trainer import PolicyTrainer
+    from services.common.hf import load_causal_lm, load_tokenizer
+    from services.common.modelkit.arithmetic import is_correct, load_jsonl
+    from services.common.modelkit.evaluate import left_pad
+
+    tok = load_tokenizer(policy)
+    model = load_causal_lm(policy, dtype=torch.float32, device="cpu")
+    gen_model = load_causal_lm(policy, dtype=torch.float32, device="cpu")
+    ref = load_causal_lm(policy, dtype=torch.float32, device="cpu")
+    cfg = AlgorithmConfig(name="grpo", lr=2e-5)
+    trainer = PolicyTrainer(model, cfg, seed=0)
+    rows = load_jsonl(train)
+    out = []
+    for step in range(steps):
+        batch = rows[step * 8:(step + 1) * 8]
+        prompts = [list(tok(r["prompt"])["input_ids"]) for r in batch]
+        t0 = time.perf_counter()
+        ids, attn = left_pad(prompts, tok.pad_token_id)
+        with torch.no_grad():
+            gen = gen_model.generate(input_ids=ids, attention_mask=attn, do_sample=True, max_new_tokens=6,
+                                     num_return_sequences=8, output_scores=True, return_dict_in_generate=True,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, top_k=0)
+        completions, gen_lp = [], []
+        logp = torch.stack(gen.scores, 1).log_softmax(-1)
+        for k, seq in enumerate(gen.sequences[:, ids.shape[1]:].tolist()):
+            n = seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq)
+            completions.append(seq[:n])
+            gen_lp.append([float(logp[k, t, seq[t]]) for t in range(n)])
+        t1 = time.perf_counter()
+        texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
+        rewards = torch.tensor([float(is_correct(t, batch[k // 8]["answer"])) for k, t in enumerate(texts)])
+        t2 = time.perf_counter()
+        prompt_ids = [prompts[k // 8] for k in range(len(completions))]
+        from orchestrator.experience import pad_sequences
+
+        tb = pad_sequences(prompt_ids, completions, pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            logits = ref(input_ids=tb.input_ids, attention_mask=tb.attention_mask).logits.log_softmax(-1)
+        ref_lp = [logits[i, len(p) - 1:len(p) - 1 + len(c)].gather(1, torch.tensor(c)[:, None])[:, 0]
+                  for i, (p, c) in enumerate(zip(prompt_ids, completions, strict=True))]
+        t3 = time.perf_counter()
+        rollout = Rollout(prompt_ids=prompt_ids, completion_ids=completions, generator_logprobs=gen_lp,
+                          rewards=rewards, group_size=8, ref_logprobs=ref_lp)
+        exp = build_experience(rollout, model, cfg, pad_token_id=tok.pad_token_id)
+        trainer.update(exp)
+        t4 = time.perf_counter()
+        gen_model.load_state_dict(model.state_dict())  # the in-process "weight sync"
+        t5 = time.perf_counter()
+        out.append({"generate": t1 - t0, "score": t2 - t1, "reference": t3 - t2, "update": t4 - t3,
+                    "sync": t5 - t4, "step": t5 - t0})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the means")
+    ap.add_argument("--run-dir", type=Path, default=Path("runs/bench-step-time"))
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    from orchestrator.demo import prepare
+
+    prep = prepare(args.run_dir, seed=0, log=print)
+    results = service_steps(prep.policy_dir, prep.train_path, args.run_dir / "rl", args.steps)[args.warmup:]
+    phases = sorted({p for r in results for p in r.phases})
+    svc = {p: statistics.mean(r.phases.get(p, 0.0) for r in results) for p in phases}
+    svc["step"] = statistics.mean(r.metrics["step_seconds"] for r in results)
+    local = local_steps(prep.policy_dir, prep.train_path, args.steps)[args.warmup:]
+    base = {k: statistics.mean(r[k] for r in local) for k in local[0]}
+    overhead = svc["step"] - base["step"]
+    report = {
+        "workload": "8 prompts x 8 samples, <= 6 new tokens, demo model (~1.06M params), GRPO + reference",
+        "services_seconds": svc, "single_process_seconds": base,
+        "overhead_seconds": overhead, "overhead_share": overhead / svc["step"],
+        "steps_measured": len(results),
+    }
+    print(f"{'phase':<12}{'services s':>12}{'1-process s':>13}")
+    for k in [*phases, "step"]:
+        print(f"{k:<12}{svc.get(k, 0.0):>12.4f}{base.get(k, 0.0):>13.4f}")
+    print(f"outside model compute: {overhead:.4f} s/step = {overhead / svc['step']:.1%} of the step")
+    out = args.out or args.run_dir / "step_time.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
