@@ -125,8 +125,12 @@ def serve(
         _fail(f"configuration error:\n{e}", 2)
     except BindError as e:
         _fail(str(e), 1)
-    # Exit without joining threads: a handler still stuck after the grace period (it was cancelled,
-    # but Python cannot interrupt it) must not keep the process alive past the drain.
+    _exit_process(code)
+
+
+def _exit_process(code: int) -> None:
+    """Exit without joining threads: a handler still stuck after the grace period (grpc cancelled
+    its call, but Python cannot interrupt the thread) must not keep the process alive past the drain."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

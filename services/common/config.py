@@ -140,9 +140,13 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     """One line per problem, each starting with the dotted field path."""
     lines = []
     for item in err.errors():
-        loc = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "")
+        path = [str(p) for p in (prefix, *item["loc"]) if p != ""]
         msg = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc or prefix or 'config'}: {msg}")
+        # Model-level validators name the field they reject as "field: problem"; fold it into the path.
+        head, sep, rest = msg.partition(": ")
+        if sep and head.isidentifier():
+            path, msg = [*path, head], rest
+        lines.append(f"{'.'.join(path) or 'config'}: {msg}")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from services.common.errors import NotReady
 from services.common.role import RoleContext
 
 NAME = "echo"
+STREAM_SERVICE = "quartet.test.Echo"
 
 
 class Options(BaseModel):
@@ -53,6 +54,17 @@ class EchoRole(generator_pb2_grpc.GeneratorServicer):
     # -- Role contract --
     def add_to_server(self, server: grpc.Server) -> None:
         generator_pb2_grpc.add_GeneratorServicer_to_server(self, server)
+        # A raw-bytes server-streaming method, so the runtime's streaming-response path is tested too.
+        handler = grpc.unary_stream_rpc_method_handler(self.Count)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(STREAM_SERVICE, {"Count": handler}),))
+
+    def Count(self, request: bytes, context):  # type: ignore[no-untyped-def]
+        """Streams b"0", b"1", ... b"n-1" for request b"n"; fails after 2 items when n is 13."""
+        n = int(request)
+        for i in range(n):
+            if n == 13 and i == 2:
+                raise ValueError("unlucky")
+            yield str(i).encode()
 
     def load(self) -> None:
         if self.options.block_load and not self.release.wait(30):

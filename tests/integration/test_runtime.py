@@ -6,6 +6,7 @@ tested independently of the real roles.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -203,3 +204,39 @@ def test_two_servers_in_one_process_have_separate_metrics(server: RunningServer,
             "quartet_rpc_requests_total", {"role": "echo", "method": "Generate", "code": "OK"}) is None
     finally:
         other.stop(grace=0)
+
+
+def test_server_streaming_methods_are_intercepted(server: RunningServer, tokens: dict[str, str]) -> None:
+    def count(token: str | None, n: int) -> list[bytes]:
+        channel = open_channel(server.address, token=token)
+        try:
+            return list(channel.unary_stream("/quartet.test.Echo/Count")(str(n).encode(), timeout=5))
+        finally:
+            channel.close()
+
+    assert count(tokens["token"], 3) == [b"0", b"1", b"2"]
+    with pytest.raises(grpc.RpcError) as err:
+        count(None, 3)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:  # fails mid-stream: mapped like any other exception
+        count(tokens["token"], 13)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert err.value.details() == "internal error in /quartet.test.Echo/Count: ValueError"
+    value = server.registry.get_sample_value
+    for code in ("OK", "UNAUTHENTICATED", "INTERNAL"):
+        assert value("quartet_rpc_requests_total", {"role": "echo", "method": "Count", "code": code}) == 1
+    assert value("quartet_rpc_in_flight", {"role": "echo", "method": "Count"}) == 0
+
+
+def test_binding_beyond_loopback_without_tls_or_token_warns(caplog: pytest.LogCaptureFixture) -> None:
+    from services.common.server import _warn_exposed
+
+    with caplog.at_level(logging.WARNING):
+        _warn_exposed(ServerConfig(host="127.0.0.1"))
+        assert not caplog.records
+        _warn_exposed(ServerConfig(host="0.0.0.0", token="t"))
+        _warn_exposed(ServerConfig(host="10.1.2.3"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "binding 0.0.0.0 (reachable from other machines) without TLS",
+        "binding 10.1.2.3 (reachable from other machines) without TLS and an auth token",
+    ]
