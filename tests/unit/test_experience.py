@@ -36,6 +36,16 @@ def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).eval()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for this module: a 100k-parameter model gains nothing from a second one,
+    and on a loaded 2-core machine two threads ran these forwards 20-100x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model() -> Qwen2ForCausalLM:
     return tiny_model()

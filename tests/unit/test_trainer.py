@@ -1,0 +1,254 @@
+"""PolicyTrainer: each algorithm moves the policy the right way, TRPO stays in its trust region,
+updates are deterministic and resumable, micro-batching does not change the update, config checks."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from orchestrator.algo_config import ALGORITHM_DEFAULTS, AlgorithmConfig
+from orchestrator.algorithms.trpo import mean_categorical_kl
+from orchestrator.experience import Experience, Rollout, build_experience
+from orchestrator.policy import response_logits, sequence_logprobs
+from orchestrator.trainer import PolicyTrainer, UpdateStats, value_train_inputs
+
+PAD = 0
+PROMPTS = [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5]]
+COMPLETIONS = [[10, 11, 12], [13], [14, 15], [16, 17, 18, 19]]
+G = 2
+
+
+def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
+    """A random Qwen2 (hidden 64, 2 layers, GQA 4/2 heads, vocab 32) with transformers' default
+    attention (sdpa): TRPO's double backprop must work on it."""
+    config = Qwen2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=32,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for this module: a 100k-parameter model gains nothing from a second one,
+    and on a loaded 2-core machine two threads ran these updates 20-100x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_model() -> Qwen2ForCausalLM:
+    return tiny_model()
+
+
+def experience(model, cfg: AlgorithmConfig, *, rewards=(1.0, 0.0, 0.0, 1.0), ref_shift=0.0) -> Experience:
+    """An experience on fixed completions, with a reference = the model's own log-probs + ref_shift
+    and values 0 (so every algorithm / advantage combination can be built)."""
+    probe = Rollout(
+        prompt_ids=PROMPTS,
+        completion_ids=COMPLETIONS,
+        generator_logprobs=[[-2.0] * len(c) for c in COMPLETIONS],
+        rewards=torch.tensor(rewards),
+        group_size=G,
+    )
+    with torch.no_grad():
+        own = build_experience(probe, model, AlgorithmConfig(kl_coef=0.0), pad_token_id=PAD).old_logprobs
+    rollout = dataclasses.replace(
+        probe,
+        ref_logprobs=[own[i, : len(c)] + ref_shift for i, c in enumerate(COMPLETIONS)],
+        values=[torch.zeros(len(c)) for c in COMPLETIONS],
+    )
+    return build_experience(rollout, model, cfg, pad_token_id=PAD)
+
+
+def positive_advantages(exp: Experience) -> Experience:
+    return dataclasses.replace(exp, advantages=exp.mask.clone())
+
+
+def sampled_logprobs(model, exp: Experience) -> torch.Tensor:
+    """[B, T] log π of the sampled tokens under the model now."""
+    with torch.no_grad():
+        return sequence_logprobs(model, exp.batch, with_entropy=False).logprobs
+
+
+def mean_logprob(model, exp: Experience) -> float:
+    return float((sampled_logprobs(model, exp) * exp.mask).sum() / exp.mask.sum())
+
+
+def assert_finite(stats: UpdateStats) -> None:
+    bad = {k: v for k, v in stats.as_dict().items() if not math.isfinite(v)}
+    assert not bad, bad
+
+
+UPDATE_CASES = {
+    "ppo": {"lr": 1e-3},
+    "grpo": {"lr": 1e-3},
+    "trpo": {"trpo_max_kl": 0.01},
+}
+
+
+@pytest.mark.parametrize("name", ["ppo", "grpo", "trpo"])
+def test_positive_advantages_raise_the_sampled_tokens_logprob_and_train_every_parameter(base_model, name):
+    model = copy.deepcopy(base_model)
+    cfg = AlgorithmConfig.defaults_for(name, **UPDATE_CASES[name])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exp = positive_advantages(experience(model, cfg))
+    trainer = PolicyTrainer(model, cfg, seed=0)
+    start = mean_logprob(model, exp)
+    for _ in range(3):
+        stats = trainer.update(exp)
+        assert_finite(stats)
+    assert mean_logprob(model, exp) > start + 0.05
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert not unchanged, f"{name} left parameters unchanged: {unchanged}"
+    if name == "trpo":
+        assert stats.trpo_accepted == 1.0 and stats.optimizer_steps == 1
+    else:
+        assert stats.optimizer_steps == cfg.epochs and stats.lr == cfg.lr
+
+
+def test_grpo_moves_probability_towards_the_rewarded_sample_of_each_group(base_model):
+    model = copy.deepcopy(base_model)
+    cfg = AlgorithmConfig(name="grpo", lr=1e-3, kl_coef=0.0)
+    exp = experience(model, cfg, rewards=(1.0, 0.0, 0.0, 1.0))
+    trainer = PolicyTrainer(model, cfg, seed=0)
+    start = sampled_logprobs(model, exp).sum(dim=1)
+    for _ in range(3):
+        trainer.update(exp)
+    gain = sampled_logprobs(model, exp).sum(dim=1) - start
+    assert gain[0] > gain[1] and gain[3] > gain[2]  # the rewarded sample beats its group mate
+
+
+def test_kl_in_the_loss_pulls_the_policy_towards_the_reference(base_model):
+    # Zero advantages: only the k3 term moves the policy, towards a reference 0.5 nats above it.
+    cfg = AlgorithmConfig(name="grpo", lr=1e-3, kl_coef=0.5)
+    model = copy.deepcopy(base_model)
+    exp = dataclasses.replace(experience(model, cfg, ref_shift=0.5), advantages=torch.zeros(4, 4))
+    start = mean_logprob(model, exp)
+    stats = PolicyTrainer(model, cfg, seed=0).update(exp)
+    assert mean_logprob(model, exp) > start and stats.kl_ref > 0
+    # With kl_coef = 0 the same batch gives a zero loss and AdamW (no weight decay) leaves the weights.
+    still = copy.deepcopy(base_model)
+    no_kl = cfg.model_copy(update={"kl_coef": 0.0})
+    PolicyTrainer(still, no_kl, seed=0).update(dataclasses.replace(exp, ref_logprobs=None))
+    assert all(torch.equal(p, q) for p, q in zip(still.parameters(), base_model.parameters(), strict=True))
+
+
+def test_trpo_accepted_step_stays_within_the_trust_region(base_model):
+    model = copy.deepcopy(base_model)
+    cfg = AlgorithmConfig(name="trpo", trpo_max_kl=0.002, kl_coef=0.0)
+    exp = experience(model, cfg)
+    with torch.no_grad():
+        old = torch.log_softmax(response_logits(model, exp.batch), dim=-1)
+    stats = PolicyTrainer(model, cfg, seed=0).update(exp)
+    assert stats.trpo_accepted == 1.0
+    assert 0 < stats.trpo_final_kl <= cfg.trpo_max_kl and stats.trpo_step_size > 0
+    with torch.no_grad():
+        kl = float(mean_categorical_kl(response_logits(model, exp.batch), old, exp.mask))
+    assert kl == pytest.approx(stats.trpo_final_kl, rel=1e-4) and kl <= cfg.trpo_max_kl * (1 + 1e-4)
+    assert stats.policy_loss < 0  # -E[r A] with A = 0 on average per group: the step made it negative
+
+
+CONFIGS = {
+    "ppo_minibatches": {"name": "ppo", "lr": 1e-3, "epochs": 2, "minibatch_size": 2},
+    "grpo": {"name": "grpo", "lr": 1e-3, "epochs": 2, "minibatch_size": 2},
+    "trpo": {"name": "trpo"},
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_same_seed_and_inputs_give_bit_identical_updates(base_model, case):
+    cfg = AlgorithmConfig(**CONFIGS[case])
+    models = [copy.deepcopy(base_model) for _ in range(2)]
+    exp = experience(base_model, cfg)
+    for m in models:
+        trainer = PolicyTrainer(m, cfg, seed=7)
+        trainer.update(exp)
+        trainer.update(exp)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_resuming_from_state_dict_continues_bit_identically(base_model):
+    cfg = AlgorithmConfig(name="ppo", lr=1e-3, epochs=2, minibatch_size=2)
+    exp = experience(base_model, cfg)
+    straight = copy.deepcopy(base_model)
+    trainer = PolicyTrainer(straight, cfg, seed=3)
+    trainer.update(exp)
+    trainer.update(exp)
+    first = copy.deepcopy(base_model)
+    half = PolicyTrainer(first, cfg, seed=3)
+    half.update(exp)
+    state = copy.deepcopy(half.state_dict())
+    resumed_model = copy.deepcopy(first)
+    resumed = PolicyTrainer(resumed_model, cfg, seed=999)  # the seed is overridden by the state
+    resumed.load_state_dict(state)
+    resumed.update(exp)
+    assert resumed.updates == 2
+    for p, q in zip(straight.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_micro_batching_does_not_change_the_update(base_model, aggregation):
+    cfg = AlgorithmConfig(name="ppo", lr=1e-3, epochs=1, aggregation=aggregation)
+    exp = experience(base_model, cfg)
+    whole, split = copy.deepcopy(base_model), copy.deepcopy(base_model)
+    a = PolicyTrainer(whole, cfg, seed=0).update(exp)
+    b = PolicyTrainer(split, cfg, seed=0, micro_batch_tokens=1).update(exp)  # one row per micro-batch
+    assert a.policy_loss == pytest.approx(b.policy_loss, abs=1e-6)
+    assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    # Compare the accumulated gradients (left in .grad after the step), not the weights: Adam's
+    # m / sqrt(v) turns a 1e-9 gradient difference on a near-zero gradient into a visible one.
+    for p, q in zip(whole.parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_value_train_inputs_are_the_gae_targets_trimmed_to_each_completion(base_model):
+    cfg = AlgorithmConfig(name="ppo")
+    exp = experience(base_model, cfg)
+    rows = value_train_inputs(exp)
+    assert [len(r) for r in rows.returns] == [len(c) for c in COMPLETIONS]
+    for i, c in enumerate(COMPLETIONS):
+        assert torch.equal(rows.returns[i], exp.returns[i, : len(c)])
+        assert torch.equal(rows.old_values[i], torch.zeros(len(c)))
+        assert torch.equal(rows.mask[i], torch.ones(len(c)))
+    returns, old_values, mask = PolicyTrainer(copy.deepcopy(base_model), cfg, seed=0).value_train_inputs(exp)
+    assert returns is not None and old_values is not None and mask is not None
+    with pytest.raises(ValueError, match="advantage: gae"):
+        value_train_inputs(experience(base_model, AlgorithmConfig(name="grpo")))
+
+
+@pytest.mark.parametrize("name", ["ppo", "grpo", "trpo"])
+def test_each_algorithm_gets_its_defaults_and_explicit_fields_win(name):
+    cfg = AlgorithmConfig.defaults_for(name)
+    for field, value in ALGORITHM_DEFAULTS[name].items():
+        assert getattr(cfg, field) == value, field
+    assert AlgorithmConfig(name=name, advantage="gae", kl_coef=0.0).advantage == "gae"
+    assert AlgorithmConfig(name=name, kl_coef=0.0).kl_coef == 0.0
+
+
+def test_config_errors_say_what_to_change():
+    with pytest.raises(ValidationError, match="set kl_estimator: k3"):
+        AlgorithmConfig(name="grpo", kl_estimator="k1")
+    with pytest.raises(ValidationError, match="extra"):
+        AlgorithmConfig(name="ppo", clip=0.2)
+    with pytest.raises(ValidationError, match="clip_low"):
+        AlgorithmConfig(clip_low=1.5)
+    assert AlgorithmConfig(name="grpo", advantage="gae").advantage == "gae"  # unusual but allowed
+    assert all(f.description for f in AlgorithmConfig.model_fields.values())
