@@ -188,10 +188,7 @@ class RunningServer:
             callback()
         log.info("draining %s (grace %.1f s)", self.role_name, grace)
         self._grpc.stop(grace).wait(grace + 5)
-        try:
-            self.role.close()
-        except Exception:
-            log.exception("role %s close() failed", self.role_name)
+        _close_quietly(self.role, self.role_name)
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.stop()
         self._stopped.set()
@@ -199,6 +196,51 @@ class RunningServer:
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
+
+
+def _close_quietly(role: Role, name: str) -> None:
+    try:
+        role.close()
+    except Exception:
+        log.exception("role %s close() failed", name)
+
+
+def _assemble(name: str, role: Role, cfg: ServerConfig, registry: CollectorRegistry,
+              metrics: RuntimeMetrics) -> RunningServer:
+    """Bind, register health, the role and reflection, start metrics, start serving (NOT_SERVING)."""
+    admin = frozenset(role.admin_methods)
+    if not cfg.auth_enabled:
+        log.warning("no token configured: auth is OFF for %s", name)
+    elif cfg.admin_token is None and admin:
+        log.warning("no admin token: the call token also authorises %s", ", ".join(sorted(admin)))
+    _warn_exposed(cfg)
+    interceptors = [
+        MetricsInterceptor(metrics),
+        AuthInterceptor(AuthPolicy(cfg.token, cfg.admin_token, admin)),
+        ErrorInterceptor(),
+    ]
+    grpc_server, port = build_grpc_server(cfg, interceptors)
+    health_servicer = health.HealthServicer()
+    for service in ("", role.service_name):
+        health_servicer.set(service, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    role.add_to_server(grpc_server)
+    reflection.enable_server_reflection((role.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
+    endpoint = None
+    if cfg.metrics_port is not None:
+        try:
+            endpoint = start_metrics_http(registry, (cfg.metrics_host or cfg.host).strip("[]"), cfg.metrics_port)
+        except OSError as e:
+            grpc_server.stop(0)
+            raise BindError(f"cannot bind metrics HTTP server to port {cfg.metrics_port}: {e.strerror}") from e
+    grpc_server.start()
+    running = RunningServer(
+        role_name=name, role=role, config=cfg, grpc_server=grpc_server, port=port, registry=registry,
+        metrics=metrics, health_servicer=health_servicer, metrics_endpoint=endpoint,
+    )
+    log.info("%s listening on %s (tls=%s, auth=%s, metrics port=%s)", name, running.address,
+             "on" if cfg.tls_enabled else "off", "on" if cfg.auth_enabled else "off", running.metrics_port)
+    return running
 
 
 def start_server(
@@ -228,34 +270,11 @@ def start_server(
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, extra=dict(extra or {}),
     )
     role = spec.create(ctx, role_options)
-    admin = frozenset(role.admin_methods)
-    if not cfg.auth_enabled:
-        log.warning("no token configured: auth is OFF for %s", spec.name)
-    elif cfg.admin_token is None and admin:
-        log.warning("no admin token: the call token also authorises %s", ", ".join(sorted(admin)))
-    _warn_exposed(cfg)
-    interceptors = [
-        MetricsInterceptor(metrics),
-        AuthInterceptor(AuthPolicy(cfg.token, cfg.admin_token, admin)),
-        ErrorInterceptor(),
-    ]
-    grpc_server, port = build_grpc_server(cfg, interceptors)
-    health_servicer = health.HealthServicer()
-    for service in ("", role.service_name):
-        health_servicer.set(service, NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    role.add_to_server(grpc_server)
-    reflection.enable_server_reflection((role.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server)
-    endpoint = None
-    if cfg.metrics_port is not None:
-        endpoint = start_metrics_http(registry, cfg.metrics_host or _connect_host(cfg.host), cfg.metrics_port)
-    grpc_server.start()
-    running = RunningServer(
-        role_name=spec.name, role=role, config=cfg, grpc_server=grpc_server, port=port, registry=registry,
-        metrics=metrics, health_servicer=health_servicer, metrics_endpoint=endpoint,
-    )
-    log.info("%s listening on %s (tls=%s, auth=%s, metrics port=%s)", spec.name, running.address,
-             "on" if cfg.tls_enabled else "off", "on" if cfg.auth_enabled else "off", running.metrics_port)
+    try:
+        running = _assemble(spec.name, role, cfg, registry, metrics)
+    except BaseException:
+        _close_quietly(role, spec.name)
+        raise
     if not wait_ready:
         threading.Thread(target=running._load, name=f"quartet-load-{spec.name}", daemon=True).start()
         return running

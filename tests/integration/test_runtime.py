@@ -168,9 +168,11 @@ def test_message_size_limit_from_config(tokens: dict[str, str]) -> None:
         srv.stop(grace=0)
 
 
-def test_port_in_use_is_a_bind_error(server: RunningServer) -> None:
-    with pytest.raises(BindError):
+def test_ports_in_use_are_bind_errors(server: RunningServer) -> None:
+    with pytest.raises(BindError, match="cannot bind gRPC server"):
         start_server(ROLE, server=ServerConfig(port=server.port, metrics_port=None))
+    with pytest.raises(BindError, match="cannot bind metrics HTTP server"):
+        start_server(ROLE, server=ServerConfig(metrics_port=server.metrics_port))
 
 
 def test_option_errors_name_the_field() -> None:
