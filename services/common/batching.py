@@ -89,7 +89,8 @@ def check_sequences(
     for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
         n = row.numel()
         if max_row_tokens is not None and n > max_row_tokens:
-            raise InvalidArgument(TOKENS_FIELD, f"row {i} has {n} tokens, more than the limit of {max_row_tokens} per sequence")
+            raise InvalidArgument(TOKENS_FIELD, f"row {i} has {n} tokens, more than the limit of {max_row_tokens} per sequence "
+                                                f"(the smaller of max_batch_tokens and the model's max_position_embeddings)")
         if not 1 <= start <= n:
             raise InvalidArgument(START_FIELD, f"row {i}: response_start={start} must be in [1, {n}] (row length {n})")
         if n and (int(row.min()) < 0 or int(row.max()) >= vocab_size):

@@ -16,6 +16,10 @@ numbers. With zero weights the trunk gets no gradient on the first optimizer ste
 = head.weight = 0) and is trained from the second on. `head_init_std > 0` draws the weight from
 N(0, std²) with the role's seed instead. The bias always starts at 0.
 
+Weights stay in the role's model dtype (the head in fp32). AdamW on bf16 weights drops updates smaller
+than bf16's resolution, so train the critic with model.dtype=float32 where memory allows (the
+default on CPU; "auto" picks bf16 on CUDA).
+
 Dropout stays off (the model is kept in eval mode even while training): values must be a
 deterministic function of the weights, for Values, for the clipped loss and for Save/Load round trips.
 """
