@@ -1,0 +1,61 @@
+"""Generator role: the policy used for sampling; it receives new weights, it is never trained here.
+
+`quartet serve generator --model PATH [--set options.backend=vllm]` answers `quartet.v1.Generator`
+(Generate, UpdateWeights, GetInfo). backend.py holds the interface and its contracts (seeding,
+raw logprobs), transformers_backend.py / vllm_backend.py the two implementations, batcher.py the
+queue and the single worker thread, servicer.py the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.role import RoleContext
+
+NAME = "generator"
+
+
+class Options(BaseModel):
+    """Options of the generator role (`--set options.<field>=...`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Sampling engine: 'transformers' (CPU or GPU) or 'vllm' (CUDA GPU, vllm installed).")
+    max_queue: int = Field(
+        64, ge=1, description="Generate calls that may wait for a batch; one more gets RESOURCE_EXHAUSTED.")
+    max_batch_tokens: int = Field(
+        16384, ge=1,
+        description="Token budget of one backend batch, counted as (prompt + max_new_tokens) per sample. It is "
+                    "also the largest single call accepted (OUT_OF_RANGE beyond). Lower it if sampling runs out "
+                    "of memory; raise it to batch more callers together.")
+    max_prompts: int = Field(1024, ge=1, description="Most prompts in one Generate call.")
+    max_samples_per_prompt: int = Field(64, ge=1, description="Largest n (samples per prompt) accepted.")
+    max_new_tokens: int = Field(1024, ge=1, description="Largest max_new_tokens accepted.")
+    max_batch_sequences: int = Field(
+        4096, ge=1, description="Most sequences (prompts x n) in one Generate call.")
+    update_wait_seconds: float = Field(
+        30.0, gt=0, description="How long an UpdateWeights stream waits for one already in progress before it "
+                                "gets RESOURCE_EXHAUSTED.")
+    preallocate_weight_buffers: bool = Field(
+        True, description="Allocate (and touch) the UpdateWeights receive buffer, one model's worth of memory, "
+                          "at load time so the first update runs at full speed; off = on first update.")
+    attn_implementation: str | None = Field(
+        None, description="transformers backend: attention kernel ('eager', 'sdpa'); unset = model default.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vllm backend: fraction of GPU memory vLLM may use (weights + KV cache).")
+    max_model_len: int | None = Field(
+        None, ge=1, description="vllm backend: longest prompt + completion; unset = the model's maximum.")
+    enable_prefix_caching: bool = Field(
+        True, description="vllm backend: reuse KV cache of shared prompt prefixes (reset on every weight update).")
+    enforce_eager: bool = Field(
+        False, description="vllm backend: skip CUDA graph capture (faster start, slower decode).")
+
+
+def create(ctx: RoleContext, options: Options):
+    """Build the (not yet loaded) generator role."""
+    from services.generator.servicer import GeneratorRole
+
+    return GeneratorRole(ctx, options)

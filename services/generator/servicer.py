@@ -1,0 +1,195 @@
+"""gRPC face of the generator: decode, call the batcher / assembler, encode.
+
+Errors are QuartetError subclasses; the server's interceptor maps them to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from importlib import metadata
+
+import grpc
+import torch
+from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+from services.common.codec import RaggedTensor, decode_ragged, encode_ragged
+from services.common.errors import FailedPrecondition, InvalidArgument, NotReady, Overloaded, QuartetError
+from services.common.role import RoleContext
+from services.common.weights import WeightAssembler
+from services.generator import NAME, Options
+from services.generator.backend import (
+    LOGPROB_MODE,
+    GenerationRequest,
+    GeneratorBackend,
+    Limits,
+    SamplingParams,
+    validate_request,
+)
+from services.generator.batcher import Batcher, BatchResult
+from services.generator.metrics import GeneratorMetrics
+
+log = logging.getLogger(__name__)
+
+_FINISH = {"stop": generator_pb2.FINISH_REASON_STOP, "length": generator_pb2.FINISH_REASON_LENGTH}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("quartet-rl")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def decode_request(request: generator_pb2.GenerateRequest) -> GenerationRequest:
+    """GenerateRequest -> GenerationRequest (shape checks only; limits are validate_request's job)."""
+    if len(request.prompt_ids.offsets) <= 1:
+        raise InvalidArgument("prompt_ids", "no prompts: send at least one row")
+    rows = decode_ragged(request.prompt_ids, field="prompt_ids", dtypes=(torch.int64, torch.int32))
+    if request.prompt_text and len(request.prompt_text) != len(rows):
+        raise InvalidArgument("prompt_text", f"has {len(request.prompt_text)} entries for {len(rows)} prompts; "
+                                             "send one per prompt or none")
+    p = request.params
+    params = SamplingParams(
+        n=p.n, temperature=p.temperature, top_p=p.top_p if p.top_p != 0 else 1.0, top_k=p.top_k,
+        max_new_tokens=p.max_new_tokens, stop_token_ids=tuple(p.stop_token_ids),
+        seed=p.seed if p.HasField("seed") else None,
+    )
+    return GenerationRequest([r.tolist() for r in rows.rows()], params)
+
+
+def encode_result(result: BatchResult, backend: GeneratorBackend, *, return_text: bool) -> generator_pb2.GenerateResponse:
+    samples = result.samples
+    ids = RaggedTensor.from_rows([s.token_ids for s in samples], dtype=torch.int64)
+    lps = RaggedTensor.from_rows([s.logprobs for s in samples], dtype=torch.float32)
+    return generator_pb2.GenerateResponse(
+        completion_ids=encode_ragged(ids), logprobs=encode_ragged(lps),
+        finish_reasons=[_FINISH[s.finish_reason] for s in samples],
+        prompt_index=[s.prompt_index for s in samples],
+        weight_version=result.weight_version,
+        completion_text=[backend.decode(s.token_ids) for s in samples] if return_text else [],
+        logprob_mode=LOGPROB_MODE,
+    )
+
+
+class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
+    def __init__(self, role: GeneratorRole) -> None:
+        self.role = role
+
+    def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext):
+        backend, batcher = self.role.ready()
+        req = decode_request(request)
+        validate_request(req, self.role.limits, backend.info)
+        job = batcher.submit(req)
+        context.add_callback(lambda: setattr(job, "cancelled", True))  # skip it if the caller left
+        return encode_result(job.future.result(), backend, return_text=request.return_text)
+
+    def UpdateWeights(self, request_iterator, context: grpc.ServicerContext):
+        return self.role.update_weights(request_iterator, context)
+
+    def GetInfo(self, request: common_pb2.GetInfoRequest, context: grpc.ServicerContext):
+        backend, _ = self.role.ready()
+        info, opts, limits = backend.info, self.role.options, self.role.limits
+        return common_pb2.ServiceInfo(
+            role=NAME, model_path=info.model_path, backend=info.backend, dtype=info.dtype, device=info.device,
+            tokenizer_fingerprint=info.tokenizer_fingerprint, weight_version=backend.version,
+            vocab_size=info.vocab_size,
+            limits=common_pb2.Limits(
+                max_batch_sequences=limits.max_batch_sequences, max_tokens_per_call=limits.max_tokens_per_call,
+                max_new_tokens=limits.max_new_tokens, max_samples_per_prompt=limits.max_samples_per_prompt,
+                max_queue=opts.max_queue, max_message_bytes=self.role.ctx.max_message_bytes),
+            identity=f"{NAME}/{info.backend}:{info.model_path.rstrip('/').rsplit('/', 1)[-1]}@{socket.gethostname()}",
+            version=_version(), last_step_id=-1,
+            extra={"logprobs": LOGPROB_MODE, "seeding": "sample j of prompt i: blake2b(seed:i:j)",
+                   "max_batch_tokens": str(opts.max_batch_tokens), "max_prompts": str(limits.max_prompts),
+                   "eos_token_ids": ",".join(map(str, info.eos_token_ids))},
+        )
+
+
+class GeneratorRole:
+    """The role object the runtime drives (services/common/role.py)."""
+
+    service_name = "quartet.v1.Generator"
+    admin_methods: frozenset[str] = frozenset({"UpdateWeights"})
+
+    def __init__(self, ctx: RoleContext, options: Options) -> None:
+        self.ctx = ctx
+        self.options = options
+        self.metrics = GeneratorMetrics(ctx.registry)
+        self.limits = Limits(
+            max_prompts=options.max_prompts, max_samples_per_prompt=options.max_samples_per_prompt,
+            max_new_tokens=options.max_new_tokens, max_batch_sequences=options.max_batch_sequences,
+            max_tokens_per_call=options.max_batch_tokens)
+        self.backend = self._make_backend()
+        self.batcher: Batcher | None = None
+        self.assembler: WeightAssembler | None = None
+        self._update_lock = threading.Lock()
+
+    @property
+    def backend_name(self) -> str:
+        return self.options.backend
+
+    def _make_backend(self) -> GeneratorBackend:
+        if self.options.backend == "vllm":
+            from services.generator.vllm_backend import VLLMBackend
+
+            return VLLMBackend(self.ctx.model, self.options)
+        from services.generator.transformers_backend import TransformersBackend
+
+        return TransformersBackend(self.ctx.model, attn_implementation=self.options.attn_implementation)
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        generator_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self), server)
+
+    def load(self) -> None:
+        self.backend.load()
+        self.assembler = WeightAssembler(self.backend.expected_weights(), aliases=self.backend.weight_aliases(),
+                                         preallocate=self.options.preallocate_weight_buffers)
+        self.metrics.weight_version.set(self.backend.version)
+        self.batcher = Batcher(self.backend, max_queue=self.options.max_queue,
+                               max_batch_tokens=self.options.max_batch_tokens, metrics=self.metrics)
+
+    def ready(self) -> tuple[GeneratorBackend, Batcher]:
+        if self.batcher is None:
+            raise NotReady("generator model is still loading")
+        return self.backend, self.batcher
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.backend.close()
+
+    def update_weights(self, chunks, context: grpc.ServicerContext) -> generator_pb2.UpdateWeightsResponse:
+        """Stage a full stream, then swap it in between batches; on any failure nothing changes."""
+        _, batcher = self.ready()
+        assert self.assembler is not None
+        if not self._update_lock.acquire(timeout=self.options.update_wait_seconds):
+            self.metrics.weight_update_failures.labels(reason="busy").inc()
+            raise Overloaded("another UpdateWeights stream is still in progress; retry after it finishes")
+        try:
+            t0 = time.perf_counter()
+            try:
+                staged = self.assembler.assemble(chunks, current_version=self.backend.version,
+                                                 is_active=context.is_active)
+            except QuartetError as e:
+                self.metrics.weight_update_failures.labels(reason=type(e).__name__).inc()
+                log.warning("UpdateWeights refused, version %d keeps serving: %s", self.backend.version, e)
+                raise
+            except grpc.RpcError as e:  # the request iterator raises this when the client cancels
+                self.metrics.weight_update_failures.labels(reason="cancelled").inc()
+                log.warning("UpdateWeights stream broke off, version %d keeps serving", self.backend.version)
+                raise FailedPrecondition("UpdateWeights stream was interrupted before its last chunk; "
+                                         f"version {self.backend.version} keeps serving") from e
+            t1 = time.perf_counter()
+            batcher.apply_weights(staged.tensors, staged.version)
+            done = time.perf_counter()
+        finally:
+            self._update_lock.release()
+        self.metrics.weight_update_seconds.observe(done - t0)
+        self.metrics.weight_update_bytes.inc(staged.nbytes)
+        log.info("weights version %d applied: %d tensors, %d bytes, %.3f s receive, %.3f s swap",
+                 staged.version, len(staged.tensors), staged.nbytes, t1 - t0, done - t1)
+        return generator_pb2.UpdateWeightsResponse(version=staged.version, tensors_updated=len(staged.tensors),
+                                                   bytes_received=staged.nbytes, apply_seconds=done - t1)
