@@ -1,0 +1,145 @@
+"""Built-in verifiable-reward rules. They run inside the worker processes of `verify.VerifierPool`.
+
+Every rule is a check `(prompt, completion, metadata) -> bool`; the reward is correct_reward when
+it passes and incorrect_reward when it does not. A check that raises marks the sample failed
+(failure_reward): an unparseable *completion* is simply wrong, but an unparseable *reference
+answer* is a data problem and must not pass as a zero reward silently.
+
+- arithmetic: the completion's leading integer equals the answer
+  (`services.common.modelkit.arithmetic.is_correct`).
+- math: answer equivalence. math-verify when installed (`pip install 'quartet-rl[math]'`), else
+  a small sympy checker. math-verify's own SIGALRM timeouts are switched off: a timeout there
+  returns "wrong" silently; the pool's hard per-sample timeout is counted instead.
+- format: the stripped completion fully matches `format_regex` and has min_chars..max_chars characters.
+
+No torch here: workers stay light (this module is imported in each of them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+Check = Callable[[str, str, dict[str, str]], bool]
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """The options a rule needs, as plain values sent to the workers."""
+
+    name: str
+    answer_key: str = "answer"
+    correct_reward: float = 1.0
+    incorrect_reward: float = 0.0
+    math_engine: str = "auto"
+    format_regex: str = r"-?\d+"
+    min_chars: int = 1
+    max_chars: int = 0
+
+
+def resolve_math_engine(requested: str) -> str:
+    """"math_verify" or "sympy" for a requested engine; ValueError saying what to install otherwise."""
+    have_mv = importlib.util.find_spec("math_verify") is not None
+    have_sympy = importlib.util.find_spec("sympy") is not None
+    if requested == "math_verify" and not have_mv:
+        raise ValueError("math_engine=math_verify but math-verify is not installed: pip install 'quartet-rl[math]' "
+                         "(or set math_engine=auto to fall back to sympy)")
+    if requested == "sympy" and not have_sympy:
+        raise ValueError("math_engine=sympy but sympy is not installed: pip install sympy")
+    if requested == "auto":
+        if have_mv:
+            return "math_verify"
+        if have_sympy:
+            return "sympy"
+        raise ValueError("rule=math needs math-verify (pip install 'quartet-rl[math]') or sympy; neither is installed")
+    return requested
+
+
+def _arithmetic_module() -> ModuleType:
+    """services.common.modelkit.arithmetic, without importing the modelkit package when it is not loaded yet.
+
+    The package's __init__ imports torch and transformers (seconds per worker process, hundreds of
+    MB each); arithmetic.py itself needs only the standard library, so a worker loads the file alone.
+    """
+    name = "services.common.modelkit.arithmetic"
+    if name in sys.modules or "services.common.modelkit" in sys.modules:
+        return importlib.import_module(name)
+    import services.common
+
+    path = Path(services.common.__file__).parent / "modelkit" / "arithmetic.py"
+    spec = importlib.util.spec_from_file_location("_quartet_reward_arithmetic", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def arithmetic_check(settings: RuleSettings) -> Check:
+    is_correct = _arithmetic_module().is_correct
+    key = settings.answer_key
+    return lambda prompt, completion, meta: is_correct(completion, meta[key])
+
+
+def format_check(settings: RuleSettings) -> Check:
+    pattern = re.compile(settings.format_regex, re.DOTALL)
+    lo, hi = settings.min_chars, settings.max_chars or None
+
+    def check(prompt: str, completion: str, meta: dict[str, str]) -> bool:
+        text = completion.strip()
+        if len(text) < lo or (hi is not None and len(text) > hi):
+            return False
+        return pattern.fullmatch(text) is not None
+
+    return check
+
+
+def math_check(settings: RuleSettings) -> Check:
+    engine = resolve_math_engine(settings.math_engine)
+    key = settings.answer_key
+    if engine == "math_verify":
+        return lambda prompt, completion, meta: math_verify_equal(completion, meta[key])
+    from services.reward.sympy_math import sympy_equal
+
+    return lambda prompt, completion, meta: sympy_equal(completion, meta[key])
+
+
+def math_verify_equal(completion: str, answer: str) -> bool:
+    """math-verify equivalence of the completion's final answer and the reference `answer`."""
+    from math_verify import parse, verify
+
+    # A bare reference such as "2\sqrt{2}" is only read whole inside math delimiters.
+    gold = parse(f"${answer}$", parsing_timeout=None) or parse(answer, parsing_timeout=None)
+    if not gold:
+        raise ValueError(f"cannot parse the reference answer {answer!r}")
+    pred = parse(completion, parsing_timeout=None)
+    if not pred:
+        return False
+    return bool(verify(gold, pred, timeout_seconds=None, raise_on_error=True))
+
+
+CHECKS: dict[str, Callable[[RuleSettings], Check]] = {
+    "arithmetic": arithmetic_check,
+    "math": math_check,
+    "format": format_check,
+}
+
+
+def make_rule_scorer(settings: dict[str, Any]) -> Callable[[list[str], list[str], list[dict[str, str]]], list[float]]:
+    """Worker factory (see `verify.ScorerSpec`): the scorer of one unit for the named rule."""
+    s = RuleSettings(**settings)
+    check = CHECKS[s.name](s)
+    # Warm up (lazy imports, regex compilation) now, at start-up, not against the first sample's timeout.
+    check("", "1", {s.answer_key: "1"})
+
+    def scorer(prompts: list[str], completions: list[str], metadata: list[dict[str, str]]) -> list[float]:
+        return [s.correct_reward if check(p, c, m) else s.incorrect_reward
+                for p, c, m in zip(prompts, completions, metadata, strict=True)]
+
+    return scorer
