@@ -43,8 +43,8 @@ def _channel(address: str, token: str | None, tls_ca: Path | None, tls_cert: Pat
 def probe(channel: Any, address: str, *, timeout: float) -> EndpointStatus:
     """Health of the server, then which role it serves (by health service name), then its GetInfo."""
     import grpc
-    from quartet.v1 import common_pb2, generator_pb2_grpc, reference_pb2_grpc, reward_pb2_grpc, value_pb2_grpc
 
+    from quartet.v1 import common_pb2, generator_pb2_grpc, reference_pb2_grpc, reward_pb2_grpc, value_pb2_grpc
     from services.common.channel import health_status
     from services.common.roles import ROLE_SERVICES
 

@@ -11,8 +11,8 @@ from importlib import metadata
 
 import grpc
 import torch
-from quartet.v1 import common_pb2, value_pb2, value_pb2_grpc
 
+from quartet.v1 import common_pb2, value_pb2, value_pb2_grpc
 from services.common.batching import START_FIELD, TOKENS_FIELD
 from services.common.codec import RaggedTensor, decode_ragged, encode_ragged
 from services.common.errors import InvalidArgument, NotReady

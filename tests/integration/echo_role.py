@@ -18,8 +18,8 @@ import time
 import grpc
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
+from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.common.codec import decode_ragged, encode_ragged
 from services.common.errors import NotReady
 from services.common.role import RoleContext

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from quartet.v1 import common_pb2, generator_pb2_grpc
 
+from quartet.v1 import common_pb2, generator_pb2_grpc
 from services.common.auth import AuthPolicy, bearer_token
 from services.common.channel import health_status, open_channel
 from services.common.config import ServerConfig

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from quartet.v1 import common_pb2, reference_pb2, reference_pb2_grpc
 from transformers import AutoModelForCausalLM
 
+from quartet.v1 import common_pb2, reference_pb2, reference_pb2_grpc
 from services.common import hf
 from services.common.channel import health_status, open_channel
 from services.common.codec import decode_ragged, encode_ragged, encode_tensor

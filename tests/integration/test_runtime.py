@@ -18,8 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
+from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.common.channel import health_status, open_channel
 from services.common.codec import decode_ragged
 from services.common.config import ConfigError, ServerConfig

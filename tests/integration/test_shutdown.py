@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from quartet.v1 import generator_pb2_grpc
 
+from quartet.v1 import generator_pb2_grpc
 from services.common.channel import health_status, open_channel
 from tests.integration.echo_role import ROLE, generate_request
 

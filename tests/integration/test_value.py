@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from quartet.v1 import common_pb2, value_pb2, value_pb2_grpc
 
+from quartet.v1 import common_pb2, value_pb2, value_pb2_grpc
 from services.common import hf
 from services.common.channel import health_status, open_channel
 from services.common.codec import decode_ragged, encode_ragged

@@ -14,8 +14,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from quartet.v1 import common_pb2 as pb
 
+from quartet.v1 import common_pb2 as pb
 from services.common.codec import (
     RaggedTensor,
     decode_array,
