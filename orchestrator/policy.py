@@ -11,6 +11,8 @@ Shapes: ``B`` rows, ``L`` padded row length, ``T`` response tokens, ``V`` vocabu
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -64,22 +66,33 @@ class TokenLogProbs:
 def response_logits(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
     """[B, T, V] fp32 logits at the positions that predict each response token (one forward pass).
 
-    The batch is trimmed to its longest real row first. Positions past a row's response are clamped
-    to a real position and hold finite junk: mask them with ``batch.response_mask``.
+    The batch is trimmed to its longest real row first, and models that take ``logits_to_keep``
+    project only the positions from the earliest response start on (the LM head over a large
+    vocabulary is most of the activation memory). Positions past a row's response are clamped to a
+    real position and hold finite junk: mask them with ``batch.response_mask``.
     """
     width = int(batch.attention_mask.sum(dim=1).max())
+    keep = width - (int(batch.response_start.min()) - 1)
+    extra = {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
     out = model(
         input_ids=batch.input_ids[:, :width],
         attention_mask=batch.attention_mask[:, :width],
         position_ids=batch.position_ids[:, :width],
         use_cache=False,
+        **extra,
     )
-    logits = out.logits  # [B, width, V]
+    logits = out.logits  # [B, kept, V]: the last `kept` positions of the row
+    offset = width - logits.shape[1]
     # Logits at position p predict token p + 1: response token k is read at response_start + k - 1.
     steps = torch.arange(batch.response_length, device=logits.device)
-    index = (batch.response_start[:, None] - 1 + steps[None, :]).clamp(max=width - 1)
+    index = (batch.response_start[:, None] - 1 - offset + steps[None, :]).clamp(max=logits.shape[1] - 1)
     gathered = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
     return gathered.float()
+
+
+@functools.cache
+def _takes_logits_to_keep(model_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
 
 
 def response_tokens(batch: TokenBatch) -> Tensor:

@@ -164,6 +164,29 @@ def test_trpo_accepted_step_stays_within_the_trust_region(base_model):
     assert stats.policy_loss < 0  # -E[r A] with A = 0 on average per group: the step made it negative
 
 
+def test_trpo_without_a_usable_direction_leaves_the_policy_unchanged(base_model):
+    # Every group's rewards equal: zero advantages, zero gradient, nothing to step along.
+    model = copy.deepcopy(base_model)
+    cfg = AlgorithmConfig(name="trpo", kl_coef=0.0)
+    exp = experience(model, cfg, rewards=(1.0, 1.0, 0.0, 0.0))
+    assert exp.advantages.eq(0).all()
+    stats = PolicyTrainer(model, cfg, seed=0).update(exp)
+    assert_finite(stats)
+    assert stats.trpo_accepted == 0.0 and stats.optimizer_steps == 0 and stats.grad_norm == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base_model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("name", "advantage"), [("grpo", "gae"), ("trpo", "gae"), ("ppo", "group_zscore")])
+def test_algorithm_and_advantage_combine_freely(base_model, name, advantage):
+    model = copy.deepcopy(base_model)
+    cfg = AlgorithmConfig(name=name, advantage=advantage, lr=1e-3)
+    stats = PolicyTrainer(model, cfg, seed=0).update(experience(model, cfg))
+    assert_finite(stats)
+    assert any(
+        not torch.equal(p, q) for p, q in zip(model.parameters(), base_model.parameters(), strict=True)
+    )
+
+
 CONFIGS = {
     "ppo_minibatches": {"name": "ppo", "lr": 1e-3, "epochs": 2, "minibatch_size": 2},
     "grpo": {"name": "grpo", "lr": 1e-3, "epochs": 2, "minibatch_size": 2},
