@@ -31,7 +31,7 @@ GAUGES: dict[str, tuple[str, str]] = {
     "tokens_per_second": ("quartet_tokens_per_second", "Generated tokens per second of step wall time."),
     "step_seconds": ("quartet_step_seconds", "Wall time of the last step."),
     "sync_seconds": ("quartet_weight_sync_seconds", "Seconds of the last weight broadcast to the generator."),
-    "sync_bytes": ("quartet_weight_sync_bytes", "Bytes of the last weight broadcast."),
+    "sync_bytes": ("quartet_weight_sync_last_bytes", "Bytes of the last weight broadcast."),
     "weight_version": ("quartet_weight_version", "Weight version the generator serves."),
     "response_length_mean": ("quartet_response_length_tokens", "Mean completion length in tokens."),
 }
