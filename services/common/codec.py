@@ -236,3 +236,25 @@ def decode_ragged(
     if rows is not None and offsets.numel() - 1 != rows:
         raise InvalidArgument(f"{field}.offsets", f"describes {offsets.numel() - 1} rows, expected {rows}")
     return RaggedTensor(values, offsets)
+
+
+def decode_sequences(batch: pb.SequenceBatch, *, field: str = "sequences") -> tuple[RaggedTensor, list[int]]:
+    """`SequenceBatch` -> (ragged int ids [B rows], response starts [B]); an empty batch is named as such."""
+    tokens_field = f"{field}.token_ids"
+    if len(batch.token_ids.offsets) <= 1:
+        raise InvalidArgument(tokens_field, "empty batch: send at least one sequence")
+    rows = decode_ragged(batch.token_ids, field=tokens_field, dtypes=(torch.int64, torch.int32))
+    if len(batch.response_start) != len(rows):
+        raise InvalidArgument(
+            f"{field}.response_start",
+            f"has {len(batch.response_start)} entries for {len(rows)} sequences; send one per sequence",
+        )
+    return rows, list(batch.response_start)
+
+
+def encode_sequences(rows: Sequence[Sequence[int]], response_start: Sequence[int]) -> pb.SequenceBatch:
+    """Token rows (prompt ++ response) and where each response starts -> `SequenceBatch`."""
+    return pb.SequenceBatch(
+        token_ids=encode_ragged([torch.as_tensor(r, dtype=torch.int64) for r in rows], dtype=torch.int64),
+        response_start=list(response_start),
+    )

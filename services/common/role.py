@@ -27,6 +27,16 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def quartet_version() -> str:
+    """The installed quartet-rl version, reported in every GetInfo."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("quartet-rl")
+    except metadata.PackageNotFoundError:  # a source tree that was not installed
+        return "0+unknown"
+
+
 class ModelConfig(BaseModel):
     """Which checkpoint a role serves and where it computes."""
 
@@ -55,6 +65,10 @@ class Role(Protocol):
     service_name: str
     #: Method names that need the admin token scope, e.g. {"UpdateWeights"}.
     admin_methods: frozenset[str]
+    #: Optional, read by the runtime for `quartet_service_info`: the backend name (e.g.
+    #: "transformers", "rule:arithmetic") and a stable identity (default "<role>@<hostname>").
+    backend: str
+    identity: str
 
     def add_to_server(self, server: grpc.Server) -> None:
         """Register the servicer (generated add_XServicer_to_server)."""

@@ -7,36 +7,16 @@ interceptor turns them into status codes.
 from __future__ import annotations
 
 import socket
-from importlib import metadata
 
 import grpc
 import torch
 
 from quartet.v1 import common_pb2, reference_pb2, reference_pb2_grpc
-from services.common.batching import START_FIELD, TOKENS_FIELD
-from services.common.codec import decode_ragged, encode_ragged
-from services.common.errors import InvalidArgument, NotReady
-from services.common.role import RoleContext
+from services.common.codec import decode_sequences, encode_ragged
+from services.common.errors import NotReady
+from services.common.role import RoleContext, quartet_version
 from services.reference import NAME, Options
 from services.reference.backend import ReferenceBackend
-
-
-def quartet_version() -> str:
-    try:
-        return metadata.version("quartet-rl")
-    except metadata.PackageNotFoundError:  # running from a source tree that was not installed
-        return "0+unknown"
-
-
-def decode_sequences(batch: common_pb2.SequenceBatch):
-    """SequenceBatch -> (RaggedTensor of int ids, list of response starts); empty batch named as such."""
-    if len(batch.token_ids.offsets) <= 1:
-        raise InvalidArgument(TOKENS_FIELD, "empty batch: send at least one sequence")
-    rows = decode_ragged(batch.token_ids, field=TOKENS_FIELD, dtypes=(torch.int64, torch.int32))
-    if len(batch.response_start) != len(rows):
-        raise InvalidArgument(
-            START_FIELD, f"has {len(batch.response_start)} entries for {len(rows)} sequences; send one per sequence")
-    return rows, list(batch.response_start)
 
 
 class ReferenceServicer(reference_pb2_grpc.ReferenceServicer):

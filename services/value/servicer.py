@@ -7,38 +7,20 @@ TrainStep, Save and Load are admin methods: the runtime checks the admin token b
 from __future__ import annotations
 
 import socket
-from importlib import metadata
 
 import grpc
 import torch
 
 from quartet.v1 import common_pb2, value_pb2, value_pb2_grpc
-from services.common.batching import START_FIELD, TOKENS_FIELD
-from services.common.codec import RaggedTensor, decode_ragged, encode_ragged
+from services.common.codec import RaggedTensor, decode_ragged, decode_sequences, encode_ragged
 from services.common.errors import InvalidArgument, NotReady
-from services.common.role import RoleContext
+from services.common.role import RoleContext, quartet_version
 from services.value import NAME, Options
 from services.value.backend import ValueBackend
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def quartet_version() -> str:
-    try:
-        return metadata.version("quartet-rl")
-    except metadata.PackageNotFoundError:  # a source tree that was not installed
-        return "0+unknown"
-
-
-def decode_sequences(batch: common_pb2.SequenceBatch) -> tuple[RaggedTensor, list[int]]:
-    """SequenceBatch -> (ragged int ids, response starts); an empty batch is named as such."""
-    if len(batch.token_ids.offsets) <= 1:
-        raise InvalidArgument(TOKENS_FIELD, "empty batch: send at least one sequence")
-    rows = decode_ragged(batch.token_ids, field=TOKENS_FIELD, dtypes=(torch.int64, torch.int32))
-    if len(batch.response_start) != len(rows):
-        raise InvalidArgument(
-            START_FIELD, f"has {len(batch.response_start)} entries for {len(rows)} sequences; send one per sequence")
-    return rows, list(batch.response_start)
 
 
 def _floats(msg: common_pb2.Ragged, field: str, rows: int) -> RaggedTensor:
