@@ -55,8 +55,8 @@ def _free_port() -> int:
 def receiver(gib: float, conn) -> None:  # type: ignore[no-untyped-def]
     """Child process: serve UpdateWeights into a WeightAssembler; then take part in gloo broadcasts."""
     import torch.distributed as dist
-    from quartet.v1 import generator_pb2, generator_pb2_grpc
 
+    from quartet.v1 import generator_pb2, generator_pb2_grpc
     from services.common.config import ServerConfig
     from services.common.interceptors import ErrorInterceptor
     from services.common.server import build_grpc_server
@@ -123,8 +123,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch.distributed as dist
-    from quartet.v1 import generator_pb2_grpc
 
+    from quartet.v1 import generator_pb2_grpc
     from services.common.channel import open_channel
     from services.common.weights import push_weights
 

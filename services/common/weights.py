@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import torch
-from quartet.v1 import generator_pb2 as pb
 
+from quartet.v1 import generator_pb2 as pb
 from services.common.codec import torch_dtype, wire_dtype
 from services.common.errors import FailedPrecondition, InvalidArgument
 

@@ -9,15 +9,14 @@ import logging
 import socket
 import threading
 import time
-from importlib import metadata
 
 import grpc
 import torch
-from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
+from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.common.codec import RaggedTensor, decode_ragged, encode_ragged
 from services.common.errors import FailedPrecondition, InvalidArgument, NotReady, Overloaded, QuartetError
-from services.common.role import RoleContext
+from services.common.role import RoleContext, quartet_version
 from services.common.weights import WeightAssembler
 from services.generator import NAME, Options
 from services.generator.backend import (
@@ -34,13 +33,6 @@ from services.generator.metrics import GeneratorMetrics
 log = logging.getLogger(__name__)
 
 _FINISH = {"stop": generator_pb2.FINISH_REASON_STOP, "length": generator_pb2.FINISH_REASON_LENGTH}
-
-
-def _version() -> str:
-    try:
-        return metadata.version("quartet-rl")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def decode_request(request: generator_pb2.GenerateRequest) -> GenerationRequest:
@@ -101,7 +93,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 max_new_tokens=limits.max_new_tokens, max_samples_per_prompt=limits.max_samples_per_prompt,
                 max_queue=opts.max_queue, max_message_bytes=self.role.ctx.max_message_bytes),
             identity=f"{NAME}/{info.backend}:{info.model_path.rstrip('/').rsplit('/', 1)[-1]}@{socket.gethostname()}",
-            version=_version(), last_step_id=-1,
+            version=quartet_version(), last_step_id=-1,
             extra={"logprobs": LOGPROB_MODE, "seeding": "sample j of prompt i: blake2b(seed:i:j)",
                    "max_batch_tokens": str(opts.max_batch_tokens), "max_prompts": str(limits.max_prompts),
                    "eos_token_ids": ",".join(map(str, info.eos_token_ids))},
