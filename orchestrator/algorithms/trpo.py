@@ -140,6 +140,7 @@ def make_fisher_vector_product(
 
     ``kl_fn`` runs once, with ``create_graph=True``; every product then costs one backward pass
     through the retained graph, never a materialised Hessian. The graph is freed with the closure.
+    Both run inside ``math_attention()``: sdpa's fused kernels have no double backward (NOTES.md).
 
     Args:
         kl_fn: () -> [] scalar, differentiable w.r.t. params (e.g. ``mean_categorical_kl``).

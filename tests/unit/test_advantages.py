@@ -161,12 +161,15 @@ def test_group_of_one_is_zero_never_nan(scale: str) -> None:
     assert torch.equal(group_advantages(torch.tensor([0.7]), 1, scale=scale), torch.zeros(1))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_constant_group_is_exactly_zero(scale: str) -> None:
-    # 0.1 is not a binary fraction: a plain mean of three of them is not exactly 0.1.
-    out = group_advantages(torch.tensor([0.1, 0.1, 0.1, 0.7, 0.2, 0.4]), 3, scale=scale)
-    assert torch.equal(out[:3], torch.zeros(3))
-    assert bool((out[3:] != 0).all())
+def test_constant_group_is_exactly_zero(scale: str, dtype: torch.dtype) -> None:
+    # 0.1 is not a binary fraction: in both dtypes 0.1 - mean(seven copies of 0.1) is not 0.
+    rewards = torch.tensor([0.1] * 7 + [0.7, 0.2, 0.4, 0.1, 0.0, 1.0, 0.5], dtype=dtype)
+    assert bool((rewards[:7] - rewards[:7].mean() != 0).all())
+    out = group_advantages(rewards, 7, scale=scale)
+    assert torch.equal(out[:7], torch.zeros(7, dtype=dtype))
+    assert bool((out[7:] != 0).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -181,7 +184,9 @@ def test_group_scale_modes(dtype: torch.dtype) -> None:
     stds = [math.sqrt(0.5)] * 2 + [0.0] * 2 + [math.sqrt(4.5)] * 2
     group = group_advantages(rewards, 2, scale="group", eps=eps)
     torch.testing.assert_close(
-        group, torch.tensor([c / (s + eps) for c, s in zip(centred, stds, strict=False)], dtype=dtype), **TOL[dtype]
+        group,
+        torch.tensor([c / (s + eps) for c, s in zip(centred, stds, strict=False)], dtype=dtype),
+        **TOL[dtype],
     )
     # batch: mean 1, Bessel variance (0 + 1 + 0 + 0 + 4 + 1) / 5 = 6/5 over all six rewards
     batch_std = math.sqrt(6 / 5)
@@ -215,10 +220,11 @@ def test_masked_whiten_hand_values(dtype: torch.dtype) -> None:
     torch.testing.assert_close(masked_whiten(x, mask), torch.tensor(expected, dtype=dtype), **TOL[dtype])
 
 
-def test_masked_whiten_constant_and_single_token_give_zero() -> None:
-    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
-    x = torch.tensor([[NAN, 0.1, 0.1], [0.1, 0.1, INF]])
-    assert torch.equal(masked_whiten(x, mask), torch.zeros(2, 3))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_whiten_constant_and_single_token_give_zero(dtype: torch.dtype) -> None:
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # seven real tokens of 0.1, as above
+    x = torch.where(mask.bool(), 0.1, NAN).to(dtype)
+    assert torch.equal(masked_whiten(x, mask), torch.zeros(2, 5, dtype=dtype))
     single = masked_whiten(torch.tensor([[NAN, 3.0]]), torch.tensor([[0, 1]]))
     assert torch.equal(single, torch.zeros(1, 2))
     assert torch.equal(masked_whiten(torch.full((2, 2), NAN), torch.zeros(2, 2)), torch.zeros(2, 2))

@@ -187,6 +187,14 @@ def test_line_search_rejects_and_restores_parameters(failure: str) -> None:
     assert torch.equal(theta.detach(), theta0)  # restored bit for bit
 
 
+def test_zero_gradient_tries_nothing() -> None:
+    theta = torch.tensor([0.3, -0.7], dtype=torch.float64, requires_grad=True)
+    result = trpo_step([theta], lambda: 0.0 * theta.sum() + 1.5, lambda: 0.5 * theta @ theta)
+    assert result.accepted_index is None and result.trial_kls == [] and result.step_size == 0.0
+    assert result.loss_before == 1.5 and result.cg_iterations == 0
+    assert torch.equal(theta.detach(), torch.tensor([0.3, -0.7], dtype=torch.float64))
+
+
 def _surrogate_and_kl(x: Tensor, w: Tensor, mask: Tensor, actions: Tensor, advantages: Tensor):
     """loss_fn and kl_fn of one TRPO step of the linear-softmax policy, π_old = the current policy."""
     old = torch.log_softmax(x @ w.detach(), dim=-1)
