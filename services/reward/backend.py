@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.errors import BackendError, InvalidArgument
 
@@ -90,6 +90,9 @@ class RewardMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.value = Histogram("quartet_reward_value", "Rewards given (failed samples excluded), by backend kind.",
                                ["kind"], buckets=REWARD_BUCKETS, registry=registry)
+        # Negative buckets make prometheus_client drop the histogram's _sum, so the mean is its own gauge.
+        self.batch_mean = Gauge("quartet_reward_batch_mean", "Mean reward of the last scored batch (failed samples "
+                                "excluded), by backend kind.", ["kind"], registry=registry)
         self.samples = Counter("quartet_reward_samples", "Samples scored, by backend kind.", ["kind"],
                                registry=registry)
         self.failed = Counter("quartet_reward_failed_samples", "Samples scored with the failure reward, by "
@@ -142,9 +145,11 @@ class RewardBackend(ABC):
         rewards, failed, token_rewards = self.check_result(result, batch)
         self.metrics.samples.labels(self.kind).inc(len(batch))
         hist = self.metrics.value.labels(self.kind)
-        for r, f in zip(rewards.tolist(), failed, strict=True):
-            if not f:
-                hist.observe(r)
+        scored = [r for r, f in zip(rewards.tolist(), failed, strict=True) if not f]
+        for r in scored:
+            hist.observe(r)
+        if scored:
+            self.metrics.batch_mean.labels(self.kind).set(sum(scored) / len(scored))
         return rewards, failed, token_rewards
 
     def check_batch(self, batch: RewardBatch) -> None:
