@@ -83,7 +83,7 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("algo", "extra"),
-    [("grpo", ()), ("ppo", ("algorithm.advantage=gae", "algorithm.epochs=2")), ("trpo", ("algorithm.trpo_max_kl=0.05",))],
+    [("grpo", ()), ("ppo", ("algorithm.advantage=gae", "algorithm.epochs=2")), ("trpo", ("algorithm.trpo_max_kl=0.05", "algorithm.trpo_cg_iters=4"))],
 )
 def test_three_steps_through_the_embedded_stack(algo, extra, tiny_checkpoint, task, tmp_path) -> None:
     from orchestrator.session import Session
