@@ -356,6 +356,8 @@ class WeightAssembler:
                 raise FailedPrecondition(f"UpdateWeights stream cancelled by the client after {state.chunks} chunks")
             if state.feed(chunk):
                 return state.finish()
+        if is_active is not None and not is_active():  # grpc ends the iterator quietly on cancellation
+            raise FailedPrecondition(f"UpdateWeights stream cancelled by the client after {state.chunks} chunks")
         raise InvalidArgument("last", f"the stream ended after {state.chunks} chunks without a chunk marked "
                                       "last: the update is incomplete and was not applied")
 
