@@ -48,8 +48,9 @@ class RewardBatch:
               metadata: Sequence[dict[str, str]] = (), want_token_rewards: bool = False) -> RewardBatch:
         """Assemble a batch from the fields a request sent (ids: None = not sent; text/metadata: empty = not sent).
 
-        B is the largest length among the sent fields; every sent field must have exactly B entries,
-        else InvalidArgument naming the field.
+        Every sent field must have the same number of entries B, else InvalidArgument naming the odd
+        field: B is the length most sent fields agree on (ties: the largest), so the field named is
+        the one that disagrees, and the message lists every length.
         """
         given: dict[str, Sequence[object]] = {}
         for name, value in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids),
@@ -57,12 +58,13 @@ class RewardBatch:
                             ("metadata", metadata)):
             if value is not None and (len(value) or name.endswith("_ids")):
                 given[name] = value
-        b = max((len(v) for v in given.values()), default=0)
-        ref = next((n for n, v in given.items() if len(v) == b), "")
+        lengths = [len(v) for v in given.values()]
+        b = max(lengths, key=lambda n: (lengths.count(n), n), default=0)
         for name, value in given.items():
             if len(value) != b:
-                raise InvalidArgument(name, f"has {len(value)} entries but {ref} has {b}; every field sent "
-                                            "must have one entry per sample")
+                sizes = ", ".join(f"{n}={len(v)}" for n, v in given.items())
+                raise InvalidArgument(name, f"has {len(value)} entries but the batch has {b} ({sizes}); every "
+                                            "field sent must have one entry per sample")
         empty = torch.empty(0, dtype=torch.int64)
         return cls(
             prompt_text=list(prompt_text) or [""] * b,

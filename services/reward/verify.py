@@ -403,7 +403,11 @@ class _Run:
             rest = chunk.indices[chunk.done:stuck] + chunk.indices[stuck + 1:]
             if rest:
                 self.pending.appendleft(rest)
-        log.warning("reward worker %s %s; replacing it", status, error)
+        if status == "timeout":
+            log.warning("reward worker passed its %.1f s per-sample deadline; killed, starting a replacement",
+                        self.pool.timeout)
+        else:
+            log.warning("reward worker died (%s); starting a replacement", error)
         fresh = self.pool._replace(w, status)
         self.workers[self.workers.index(w)] = fresh
         return fresh
