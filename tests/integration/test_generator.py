@@ -409,3 +409,40 @@ def test_overfull_queue_gets_resource_exhausted(fresh, prompt_ids) -> None:
         for t in threads:
             t.join(60)
     assert all(isinstance(results[k], generator_pb2.GenerateResponse) for k in ("running", 0, 1, 2))
+
+
+# ------------------------------------------------------------------------------------------ vLLM
+
+
+@pytest.mark.gpu
+def test_vllm_backend(tiny_checkpoint, tiny_checkpoint_other, prompt_ids) -> None:
+    """The vLLM backend keeps the same contracts; runs only where vllm and a CUDA GPU exist."""
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("the vllm backend needs a CUDA GPU")
+    srv = start_server("generator", model=ModelConfig(path=str(tiny_checkpoint), dtype="bfloat16", device="cuda"),
+                       options={"backend": "vllm", "gpu_memory_utilization": 0.3, "enforce_eager": True,
+                                "max_model_len": 128})
+    try:
+        stub = generator_pb2_grpc.GeneratorStub(open_channel(srv.address))
+        info = stub.GetInfo(common_pb2.GetInfoRequest(), timeout=30)
+        assert info.backend == "vllm" and info.vocab_size == 54 and info.extra["logprobs"] == "raw"
+        request = _request(prompt_ids, n=4, max_new_tokens=6, seed=3)
+        first, again = stub.Generate(request, timeout=120), stub.Generate(request, timeout=120)
+        assert _rows(first)[0] == _rows(again)[0] and list(first.prompt_index) == [0] * 4 + [1] * 4 + [2] * 4
+        model = _hf_model(tiny_checkpoint)
+        ids, lps = _rows(first)
+        for k, (row, lp) in enumerate(zip(ids, lps, strict=True)):  # bf16 engine vs fp32 reference
+            assert torch.allclose(lp, _direct_logprobs(model, prompt_ids[first.prompt_index[k]], row), atol=0.05)
+
+        other = _hf_model(tiny_checkpoint_other)
+        resp = push_weights(open_channel(srv.address), other.state_dict().items(), 1, timeout=120,
+                            dtype=torch.bfloat16)
+        assert resp.version == 1
+        after = stub.Generate(request, timeout=120)
+        assert after.weight_version == 1
+        ids, lps = _rows(after)
+        for k, (row, lp) in enumerate(zip(ids, lps, strict=True)):
+            assert torch.allclose(lp, _direct_logprobs(other, prompt_ids[after.prompt_index[k]], row), atol=0.05)
+    finally:
+        srv.stop(grace=0)
