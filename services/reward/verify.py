@@ -34,7 +34,6 @@ import importlib
 import logging
 import mmap
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -190,6 +189,16 @@ class _Worker:
             raise RuntimeError(f"reward worker failed to start: {msg[1]}")
         self.ready = True
 
+    def poll_ready(self) -> bool:
+        """Whether the worker has started up, reading its "ready" if it arrived (idle workers only)."""
+        if not self.ready and not self.dead:
+            try:
+                if self.conn.poll():
+                    self.ready = self.conn.recv()[0] == "ready"
+            except (EOFError, OSError):
+                self.dead = True
+        return self.ready
+
     def exitcode(self) -> int | None:
         return self.process.poll()
 
@@ -226,7 +235,8 @@ class VerifierPool:
         # Flushing a few times per timeout bounds the finished work lost to a kill.
         self.flush_seconds = flush_seconds if flush_seconds is not None else max(0.01, timeout_seconds / 4)
         self.on_restart = on_restart or (lambda reason: None)
-        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._idle: list[_Worker] = []
+        self._cond = threading.Condition()
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
         self._jobs = 0
@@ -242,8 +252,7 @@ class VerifierPool:
         except BaseException:
             self.close()
             raise
-        for w in workers:
-            self._idle.put(w)
+        self._checkin(workers)
 
     def _spawn(self) -> _Worker:
         w = _Worker(self.spec, self.flush_seconds)
@@ -269,21 +278,23 @@ class VerifierPool:
             w.kill()
 
     def _checkout(self, want: int) -> list[_Worker]:
-        if self._closed:
-            raise RuntimeError("the reward worker pool is closed")
-        while True:  # wait for one worker, noticing close() meanwhile
-            try:
-                got = [self._idle.get(timeout=0.5)]
-                break
-            except queue.Empty:
+        """Up to `want` idle workers (at least one, waiting for it), started-up ones first: a call
+        should not wait for a replacement's boot while a ready worker sits idle."""
+        with self._cond:
+            while not self._idle:
                 if self._closed:
-                    raise RuntimeError("the reward worker pool is closed") from None
-        while len(got) < want:
-            try:
-                got.append(self._idle.get_nowait())
-            except queue.Empty:
-                break
+                    raise RuntimeError("the reward worker pool is closed")
+                self._cond.wait(0.5)
+            if self._closed:
+                raise RuntimeError("the reward worker pool is closed")
+            self._idle.sort(key=lambda w: w.poll_ready())
+            got = [self._idle.pop() for _ in range(min(want, len(self._idle)))]
         return got
+
+    def _checkin(self, workers: list[_Worker]) -> None:
+        with self._cond:
+            self._idle.extend(w for w in workers if not w.dead and not self._closed)
+            self._cond.notify_all()
 
     def run(self, units: Sequence[Unit]) -> list[UnitOutcome]:
         """Score every unit; each gets timeout_seconds x its sample count once its worker starts it."""
@@ -293,9 +304,7 @@ class VerifierPool:
         try:
             return _Run(self, list(units), workers).execute()
         finally:
-            for w in workers:
-                if not w.dead and not self._closed:
-                    self._idle.put(w)
+            self._checkin(workers)
 
     def next_job(self) -> int:
         with self._lock:
