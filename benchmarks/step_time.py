@@ -95,17 +95,23 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the means")
     ap.add_argument("--run-dir", type=Path, default=Path("runs/bench-step-time"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--from-demo", type=Path, default=None,
+                    help="reuse a demo run directory's warmup/ and task/ instead of warming up again")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
     from orchestrator.demo import prepare
 
-    prep = prepare(args.run_dir, seed=0, log=print)
-    results = service_steps(prep.policy_dir, prep.train_path, args.run_dir / "rl", args.steps)[args.warmup:]
+    if args.from_demo is not None:
+        policy, train = args.from_demo / "warmup", args.from_demo / "task" / "train.jsonl"
+    else:
+        prep = prepare(args.run_dir, seed=0, log=print)
+        policy, train = prep.policy_dir, prep.train_path
+    results = service_steps(policy, train, args.run_dir / "rl", args.steps)[args.warmup:]
     phases = sorted({p for r in results for p in r.phases})
     svc = {p: statistics.mean(r.phases.get(p, 0.0) for r in results) for p in phases}
     svc["step"] = statistics.mean(r.metrics["step_seconds"] for r in results)
-    local = local_steps(prep.policy_dir, prep.train_path, args.steps)[args.warmup:]
+    local = local_steps(policy, train, args.steps)[args.warmup:]
     base = {k: statistics.mean(r[k] for r in local) for k in local[0]}
     overhead = svc["step"] - base["step"]
     report = {

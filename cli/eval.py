@@ -18,6 +18,7 @@ def eval_checkpoint(
     show: Annotated[int, typer.Option("--show", min=0, help="Print this many examples.")] = 5,
 ) -> None:
     from rich.console import Console
+    from rich.text import Text
 
     from services.common.hf import load_causal_lm, load_tokenizer
     from services.common.modelkit.arithmetic import load_jsonl
@@ -30,7 +31,7 @@ def eval_checkpoint(
         model = load_causal_lm(path, dtype=__import__("torch").float32, device="cpu")
         rows = load_jsonl(task)
     except (FileNotFoundError, ValueError) as e:
-        console.print(f"[bold red]error:[/] {e}", markup=False)
+        console.print(Text.assemble(("error: ", "bold red"), str(e)))
         raise typer.Exit(2) from None
     rows = rows[:limit] if limit else rows
     result = greedy_accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens)

@@ -21,6 +21,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
 ) -> None:
     from rich.console import Console
+    from rich.text import Text
 
     from orchestrator.config import ConfigError, load_config
 
@@ -28,7 +29,7 @@ def train(
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
-        console.print(f"[bold red]config error:[/] {e}", highlight=False, markup=False)
+        console.print(Text.assemble(("config error: ", "bold red"), str(e)))
         raise typer.Exit(2) from None
     results = run_with_progress(cfg, resume=resume, console=console)
     print_summary(console, cfg, results)
@@ -37,6 +38,7 @@ def train(
 def run_with_progress(cfg, *, resume: bool, console, on_step=None):
     """Open the session, run every step under a rich progress bar; returns the StepResults."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
     from orchestrator.clients import ServiceError
     from orchestrator.config import ConfigError
@@ -66,7 +68,7 @@ def run_with_progress(cfg, *, resume: bool, console, on_step=None):
                 console.print(f"[dim]checkpoint: {final}[/]")
             return results
     except (ConfigError, ServiceError, LaunchError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, markup=False)
+        console.print(Text.assemble(("error: ", "bold red"), str(e)))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: services stopped; resume with --resume[/]")

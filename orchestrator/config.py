@@ -208,12 +208,12 @@ def explain(err: ValidationError, model: type[BaseModel] = RunConfig) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
-        name = ".".join(str(p) for p in loc) or "(top level)"
+        name = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
             holder = _model_at(model, loc)
             valid = sorted(holder.model_fields) if holder else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = f"; did you mean '{close[0]}'?" if close else "."
             lines.append(f"{name}: unknown field{hint} Valid fields here: {', '.join(valid)}. Remove or rename it.")
         elif e["type"] == "missing":
             lines.append(f"{name}: required field is missing; add it to the config or pass --set {name}=...")
@@ -221,7 +221,7 @@ def explain(err: ValidationError, model: type[BaseModel] = RunConfig) -> str:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
             shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-            lines.append(f"{name or 'config'}: {msg}{shown}")
+            lines.append(f"{name}: {msg}{shown}" if name else f"{msg}{shown}")
     return "invalid run config:\n  " + "\n  ".join(lines)
 
 
