@@ -8,6 +8,7 @@ import re
 import statistics
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -120,6 +121,14 @@ def test_arithmetic_score_latency_64_samples(arith) -> None:
         times.append(time.perf_counter() - t)
     assert _rewards(resp) == [float(i % 2) for i in range(64)]
     assert statistics.median(times) < 0.05, f"median Score latency {statistics.median(times) * 1e3:.1f} ms"
+
+
+def test_concurrent_calls_share_the_pool(arith) -> None:
+    _, stub = arith
+    requests = [_request([str(i + k) for i in range(16)], [str(i) for i in range(16)]) for k in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda r: _rewards(stub.Score(r, timeout=20)), requests))
+    assert results == [[1.0 if k == 0 else 0.0] * 16 for k in range(6)]
 
 
 @pytest.mark.parametrize(("make", "field"), [

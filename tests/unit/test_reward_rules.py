@@ -194,3 +194,17 @@ def test_batch_checks_empty_oversized_missing_field_and_answer() -> None:
     with pytest.raises(InvalidArgument) as e:
         backend.score(RewardBatch.build(completion_text=["1", "2"], metadata=[{"answer": "1"}, {"other": "2"}]))
     assert e.value.field == "metadata[1]" and "missing key 'answer'" in str(e.value)
+
+
+def test_worker_side_modules_do_not_import_torch() -> None:
+    """Each worker process imports these; torch would cost seconds and hundreds of MB per worker."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom services.reward.verify import ScorerSpec, build_scorer\n"
+            "for name in ('arithmetic', 'format', 'math'):\n"
+            "    build_scorer(ScorerSpec('services.reward.rule:make_rule_scorer', {'name': name}))\n"
+            "import services.reward.plugin\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'grpc') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
