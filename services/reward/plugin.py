@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from services.reward.verify import import_target
+from services.reward.worker import import_target
 
 
 class PluginOutputError(TypeError):
@@ -42,7 +42,7 @@ def load_plugin(target: str, plugin_path: str | None = None) -> Callable[..., An
 
 
 def make_plugin_scorer(settings: dict[str, Any]) -> Callable[[list[str], list[str], list[dict[str, str]]], list[float]]:
-    """Worker factory (see `verify.ScorerSpec`): call the plugin on one unit, checking the output's type."""
+    """Worker factory (see `worker.ScorerSpec`): call the plugin on one unit, checking the output's type."""
     fn = load_plugin(settings["target"])
 
     def scorer(prompts: list[str], completions: list[str], metadata: list[dict[str, str]]) -> list[float]:

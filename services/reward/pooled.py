@@ -8,6 +8,7 @@ the plugin, so the call fails with INTERNAL naming it. A timeout is the same for
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 
 from services.reward.backend import RewardBackend, RewardBatch, RewardMetrics, RewardResult
@@ -15,6 +16,8 @@ from services.reward.options import Options
 from services.reward.plugin import load_plugin
 from services.reward.rule import RuleSettings, resolve_math_engine
 from services.reward.verify import ScorerSpec, Unit, UnitOutcome, VerifierPool
+
+log = logging.getLogger(__name__)
 
 
 class PoolBackend(RewardBackend):
@@ -68,6 +71,7 @@ class PoolBackend(RewardBackend):
             self.metrics.failed.labels(self.kind, "timeout").inc(size)
             return
         reason = "verifier_error" if outcome.status == "error" else "worker_crash"
+        log.warning("%s: %d sample(s) scored failure_reward after %s: %s", self.identity, size, reason, outcome.error)
         self.metrics.errors.labels(self.kind, reason).inc(size)
         self.metrics.failed.labels(self.kind, reason).inc(size)
 

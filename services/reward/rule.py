@@ -132,7 +132,7 @@ CHECKS: dict[str, Callable[[RuleSettings], Check]] = {
 
 
 def make_rule_scorer(settings: dict[str, Any]) -> Callable[[list[str], list[str], list[dict[str, str]]], list[float]]:
-    """Worker factory (see `verify.ScorerSpec`): the scorer of one unit for the named rule."""
+    """Worker factory (see `worker.ScorerSpec`): the scorer of one unit for the named rule."""
     s = RuleSettings(**settings)
     check = CHECKS[s.name](s)
     # Warm up (lazy imports, regex compilation) now, at start-up, not against the first sample's timeout.

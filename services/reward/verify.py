@@ -21,8 +21,8 @@ Design (one round trip per chunk in the common case, yet a timeout per unit):
   `flush_seconds` passed since its last message, so a kill loses at most that much finished work
   (re-run on the replacement; verifiers are pure functions of their input).
 
-Workers are fresh interpreters (see `_Worker`) that import only this module, the rule module and
-the plugin, never torch or the gRPC server (forking a multi-threaded gRPC process is unsafe).
+Workers are fresh interpreters (see `_Worker`; their side is worker.py) that import only
+worker.py, the rule module and the plugin, never torch or the gRPC server (forking a multi-threaded gRPC process is unsafe).
 Start-up, including the scorer's warm-up, is paid once per pool (in `start()`, i.e. at service
 load), and again only for a replacement after a kill.
 """
@@ -30,7 +30,6 @@ load), and again only for a replacement after a kill.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import mmap
 import os
@@ -41,28 +40,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, Literal
+from typing import Literal
+
+from services.reward.worker import PROGRESS_BYTES, ScorerSpec, Unit
 
 log = logging.getLogger(__name__)
 
-#: One unit of work: (prompts, completions, metadata), each a list of the same length n >= 1.
-Unit = tuple[list[str], list[str], list[dict[str, str]]]
-
-
-@dataclass(frozen=True)
-class ScorerSpec:
-    """What a worker builds at start-up. Only names and plain values: nothing is pickled from a request.
-
-    factory: "package.module:function" called once in the worker with `settings`; it returns the
-        scorer, a callable (prompts, completions, metadata) -> list of floats for one unit.
-    sys_path: directories prepended to sys.path in the worker before importing (plugin_path).
-    """
-
-    factory: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    sys_path: tuple[str, ...] = ()
+__all__ = ["ScorerSpec", "Unit", "UnitOutcome", "VerifierPool"]
 
 
 @dataclass(frozen=True)
@@ -79,93 +65,23 @@ class UnitOutcome:
     error: str = ""
 
 
-def import_target(target: str, *, what: str) -> Callable[..., Any]:
-    """Resolve "module:function" to the callable; errors say what to change."""
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{what} {target!r} must be 'module:function', e.g. 'my_rewards:score'")
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise ValueError(f"{what} {target!r}: module {module_name!r} has no attribute {attr!r}")
-    if not callable(obj):
-        raise ValueError(f"{what} {target!r} is a {type(obj).__name__}, not a function")
-    return obj
-
-
-def build_scorer(spec: ScorerSpec) -> Callable[[list[str], list[str], list[dict[str, str]]], Any]:
-    """Import and build the scorer described by `spec` (in a worker, or in tests directly)."""
-    for p in reversed(spec.sys_path):
-        if p not in sys.path:
-            sys.path.insert(0, p)
-    return import_target(spec.factory, what="scorer factory")(spec.settings)
-
-
-def _evaluate(scorer: Callable[..., Any], unit: Unit) -> tuple[Any, ...]:
-    try:
-        out = scorer(*unit)
-        return ("ok", tuple(float(v) for v in out))
-    except BaseException as e:  # a plugin's SystemExit must not end the worker silently either
-        return ("error", f"{type(e).__name__}: {e}")
-
-
-def _worker_main(conn: Connection, progress: memoryview) -> None:
-    """Worker loop: build the scorer, then run chunks, stamping progress before each unit."""
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    spec, flush_seconds = conn.recv()
-    try:
-        scorer = build_scorer(spec)
-    except BaseException as e:
-        conn.send(("init_error", f"{type(e).__name__}: {e}"))
-        return
-    conn.send(("ready",))
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg is None:
-            return
-        job, units = msg
-        sent, results, last = 0, [], time.monotonic()
-        for i, unit in enumerate(units):
-            progress[1] = time.monotonic()  # start first, index second: see _Run._deadline
-            progress[0] = float(i)
-            results.append(_evaluate(scorer, unit))
-            if time.monotonic() - last > flush_seconds and i + 1 < len(units):
-                conn.send(("part", job, sent, results))
-                sent, results, last = sent + len(results), [], time.monotonic()
-        conn.send(("done", job, sent, results))
-
-
-def worker_entry(conn_fd: int, progress_fd: int) -> None:
-    """Entry point of a worker process (see `_Worker`)."""
-    progress = memoryview(mmap.mmap(progress_fd, _PROGRESS_BYTES)).cast("d")
-    _worker_main(Connection(conn_fd), progress)
-
-
-_PROGRESS_BYTES = 16  # two doubles: [unit index (-1 = none started), start time (time.monotonic)]
-
-
 class _Worker:
     """One worker process, its socket and its shared progress stamp.
 
     A plain `python -c` subprocess rather than multiprocessing's "spawn": spawn re-imports the
     parent's __main__ (the CLI, or a script importing torch) in every child, which costs seconds
-    and hundreds of MB per worker. This child imports this module and the scorer only. The
+    and hundreds of MB per worker. The child imports worker.py and the scorer only. The
     progress stamp lives in a memfd both processes map; the socket carries pickled messages.
     """
 
     def __init__(self, spec: ScorerSpec, flush_seconds: float) -> None:
         parent_sock, child_sock = socket.socketpair()
         pfd = os.memfd_create("quartet-reward-progress")
-        os.ftruncate(pfd, _PROGRESS_BYTES)
-        self.progress = memoryview(mmap.mmap(pfd, _PROGRESS_BYTES)).cast("d")
+        os.ftruncate(pfd, PROGRESS_BYTES)
+        self.progress = memoryview(mmap.mmap(pfd, PROGRESS_BYTES)).cast("d")
         self.progress[0] = -1.0
         cfd = child_sock.fileno()
-        code = f"from services.reward.verify import worker_entry; worker_entry({cfd}, {pfd})"
+        code = f"from services.reward.worker import worker_entry; worker_entry({cfd}, {pfd})"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(cfd, pfd), env=env,
@@ -264,6 +180,8 @@ class VerifierPool:
         w.kill()
         with self._lock:
             self._all.discard(w)
+        if self._closed:  # shutting down: no new process may outlive close()
+            raise RuntimeError("the reward worker pool was closed during the call")
         self.on_restart(reason)
         return self._spawn()
 

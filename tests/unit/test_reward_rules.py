@@ -201,7 +201,7 @@ def test_worker_side_modules_do_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys\nfrom services.reward.verify import ScorerSpec, build_scorer\n"
+    code = ("import sys\nfrom services.reward.worker import ScorerSpec, build_scorer\n"
             "for name in ('arithmetic', 'format', 'math'):\n"
             "    build_scorer(ScorerSpec('services.reward.rule:make_rule_scorer', {'name': name}))\n"
             "import services.reward.plugin\n"
