@@ -92,6 +92,7 @@ class _Worker:
         self.conn.send((spec, flush_seconds))
         self.ready = False
         self.dead = False
+        self.init_error = ""  # what a replacement reported if it failed to start (e.g. the plugin file broke)
 
     def recv_startup(self, timeout: float) -> None:
         """Wait for the worker's "ready"; RuntimeError with the worker's own error otherwise."""
@@ -110,10 +111,15 @@ class _Worker:
         if not self.ready and not self.dead:
             try:
                 if self.conn.poll():
-                    self.ready = self.conn.recv()[0] == "ready"
+                    self.note_startup(self.conn.recv())
             except (EOFError, OSError):
                 self.dead = True
         return self.ready
+
+    def note_startup(self, msg: tuple[str, ...]) -> None:
+        self.ready = msg[0] == "ready"
+        if msg[0] == "init_error":
+            self.init_error = msg[1]
 
     def exitcode(self) -> int | None:
         return self.process.poll()
@@ -247,7 +253,7 @@ class _Run:
         idle = list(self.workers)
         while self.pending or self.active:
             self._dispatch(idle)
-            booting = [w for w in idle if not w.ready]
+            booting = [w for w in idle if not w.ready and not w.dead]
             ready = wait([w.conn for w in self.active] + [w.conn for w in booting], timeout=self._wait_seconds())
             for w in booting:
                 if w.conn in ready:
@@ -299,7 +305,7 @@ class _Run:
             while w.conn.poll():
                 msg = w.conn.recv()
                 if msg[0] in ("ready", "init_error"):
-                    w.ready = msg[0] == "ready"  # an init failure is followed by EOF: a crash
+                    w.note_startup(msg)  # an init failure is followed by EOF: handled as a crash
                     continue
                 _, job, offset, results = msg
                 if chunk is None or job != chunk.job:
@@ -324,7 +330,9 @@ class _Run:
         if status == "crash":
             with contextlib.suppress(subprocess.TimeoutExpired):
                 w.process.wait(timeout=1)  # EOF comes first; give the exit code a moment to be reported
-        error = f"exit code {w.exitcode()}" if status == "crash" else ""
+        error = ""
+        if status == "crash":
+            error = f"failed to start: {w.init_error}" if w.init_error else f"exit code {w.exitcode()}"
         if stuck < len(chunk.indices):
             self.outcomes[chunk.indices[stuck]] = UnitOutcome(status, error=error)
             rest = chunk.indices[chunk.done:stuck] + chunk.indices[stuck + 1:]
