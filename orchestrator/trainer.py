@@ -125,7 +125,7 @@ class _Norm:
     """Loss normalisation shared by every micro-batch of one optimizer step."""
 
     num_items: Tensor | int | None  # global tokens (token_mean) or sequences (the per-sequence modes)
-    max_len: int  # T of the experience (Dr. GRPO's constant normaliser)
+    max_len: int  # Dr. GRPO's constant normaliser: the trainer's max_len, else the experience's T
 
 
 @dataclass(frozen=True)
@@ -233,6 +233,14 @@ class PolicyTrainer:
     The model is put in eval mode: RL on LMs runs without dropout, so that the trainer's old
     log-probs equal its log-probs before the first step (ratio exactly 1 on-policy). Optimizer state
     lives with the parameters (fp32 on CPU for the CPU runs).
+
+    Args:
+        model: the trainable causal LM (parameters with requires_grad are trained).
+        cfg: the algorithm config.
+        seed: seeds the minibatch shuffle (its state is in ``state_dict`` for resume).
+        micro_batch_tokens: most padded tokens in one forward pass; gradients accumulate over them.
+        max_len: the constant normaliser of ``seq_mean_token_sum_norm`` (Dr. GRPO): pass the
+            generation budget (sampling max_new_tokens); None uses each batch's longest completion.
     """
 
     def __init__(
@@ -242,10 +250,12 @@ class PolicyTrainer:
         *,
         seed: int,
         micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+        max_len: int | None = None,
     ) -> None:
         self.model = model
         self.cfg = cfg
         self.micro_batch_tokens = micro_batch_tokens
+        self.max_len = max_len
         self.model.eval()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -274,6 +284,9 @@ class PolicyTrainer:
         self._shuffle.set_state(state["shuffle_rng"])
         self.updates = int(state["updates"])
 
+    def _max_len(self, exp: Experience) -> int:
+        return self.max_len if self.max_len is not None else exp.mask.shape[1]
+
     def value_train_inputs(self, exp: Experience) -> ValueTrainInputs:
         """See the module-level ``value_train_inputs``."""
         return value_train_inputs(exp)
@@ -286,7 +299,7 @@ class PolicyTrainer:
         cfg = self.cfg
         mb = _Minibatch.take(exp, rows, self.device)
         norm = _Norm(
-            num_items=lookup(_NUM_ITEMS, cfg.aggregation, "aggregation")(mb.mask), max_len=exp.mask.shape[1]
+            num_items=lookup(_NUM_ITEMS, cfg.aggregation, "aggregation")(mb.mask), max_len=self._max_len(exp)
         )
         tokens = max(float(mb.mask.sum()), 1.0)
         sums = dict.fromkeys(("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_ref"), 0.0)
@@ -295,7 +308,9 @@ class PolicyTrainer:
             part = mb.rows(piece)
             out = self._forward(part)
             parts = loss_fn(out.logprobs, part, cfg, norm)
-            loss = parts.loss - cfg.entropy_coef * _aggregate(out.entropy, part, cfg, norm)
+            loss = parts.loss
+            if cfg.entropy_coef > 0:  # else the entropy stays out of the graph's backward
+                loss = loss - cfg.entropy_coef * _aggregate(out.entropy, part, cfg, norm)
             loss.backward()
             # The loss pieces already carry the global normaliser, so they add up; the per-token
             # means are re-weighted by each piece's share of the real tokens.
@@ -356,7 +371,7 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
     """
     cfg, model = trainer.cfg, trainer.model
     mb = _Minibatch.take(exp, slice(None), trainer.device)
-    norm = _Norm(num_items=None, max_len=exp.mask.shape[1])
+    norm = _Norm(num_items=None, max_len=trainer._max_len(exp))
     with torch.no_grad():
         start_logits = response_logits(model, mb.batch)
         start = logprobs_from_logits(start_logits, mb.batch, with_entropy=True)

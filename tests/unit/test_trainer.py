@@ -187,6 +187,27 @@ def test_algorithm_and_advantage_combine_freely(base_model, name, advantage):
     )
 
 
+def test_entropy_bonus_raises_the_entropy(base_model):
+    model = copy.deepcopy(base_model)
+    cfg = AlgorithmConfig(name="ppo", lr=1e-3, kl_coef=0.0, entropy_coef=1.0, epochs=1)
+    exp = dataclasses.replace(experience(model, cfg), advantages=torch.zeros(4, 4))
+    trainer = PolicyTrainer(model, cfg, seed=0)
+    first = trainer.update(exp).entropy
+    for _ in range(3):
+        last = trainer.update(exp).entropy
+    assert last > first
+
+
+def test_dr_grpo_normaliser_uses_the_generation_budget_when_given(base_model):
+    cfg = AlgorithmConfig(name="grpo", kl_coef=0.0, aggregation="seq_mean_token_sum_norm")
+    exp = positive_advantages(experience(base_model, cfg))
+    batch_t = PolicyTrainer(copy.deepcopy(base_model), cfg, seed=0).update(exp)
+    budget = PolicyTrainer(copy.deepcopy(base_model), cfg, seed=0, max_len=8).update(exp)
+    # On-policy ratio 1 and A = 1: loss = -(real tokens) / (B x max_len), max_len = T = 4 or 8.
+    assert batch_t.policy_loss == pytest.approx(-10 / (4 * 4), abs=1e-6)
+    assert budget.policy_loss == pytest.approx(-10 / (4 * 8), abs=1e-6)
+
+
 CONFIGS = {
     "ppo_minibatches": {"name": "ppo", "lr": 1e-3, "epochs": 2, "minibatch_size": 2},
     "grpo": {"name": "grpo", "lr": 1e-3, "epochs": 2, "minibatch_size": 2},
