@@ -254,7 +254,7 @@ def test_plugin_past_timeout_scores_failure(plugin) -> None:
     resp = stub.Score(_request(["sleep"]), timeout=20)
     elapsed = time.perf_counter() - t
     assert _rewards(resp) == [-1.0] and list(resp.failed) == [True]
-    assert elapsed < PLUGIN_TIMEOUT + 1.0, elapsed
+    assert elapsed < PLUGIN_TIMEOUT + 1.5, elapsed  # ~1.01 s measured; slack for a loaded 2-core CI box
     assert _metric(srv, "quartet_reward_timeouts_total", {"kind": "plugin"}) - timeouts == 1
     # A sleeper among good samples fails alone; the others are scored.
     resp = stub.Score(_request(["ab", "sleep", "abc", "abcd"]), timeout=20)
