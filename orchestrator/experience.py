@@ -8,7 +8,7 @@ tokens. Every formula comes from orchestrator.algorithms.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -299,4 +299,29 @@ def build_experience(
         group_size=rollout.group_size,
         logprob_gap=logprob_gap(generator_logprobs, trainer_logprobs, mask),
         kl_ref=float(kl.sum()) / count,
+    )
+
+
+@dataclass(frozen=True)
+class ValueTrainInputs:
+    """Ragged rows for Value.TrainStep, one per completion (length C_i)."""
+
+    returns: list[Tensor]  # [B] rows [C_i] float32 GAE return targets
+    old_values: list[Tensor]  # [B] rows [C_i] float32 values at rollout time
+    mask: list[Tensor]  # [B] rows [C_i] float32 1 = train on this token
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        """Unpacks as ``returns, old_values, mask`` (attribute access reads better)."""
+        return iter((self.returns, self.old_values, self.mask))
+
+
+def value_train_inputs(exp: Experience) -> ValueTrainInputs:
+    """The critic's targets from a GAE experience, as rows trimmed to each completion's length."""
+    if exp.returns is None or exp.values is None:
+        raise ValueError("the critic trains on GAE returns: use advantage: gae (with the value service)")
+    lengths = exp.mask.sum(dim=1).to(torch.int64).tolist()
+    return ValueTrainInputs(
+        returns=[exp.returns[i, :n].clone() for i, n in enumerate(lengths)],
+        old_values=[exp.values[i, :n].clone() for i, n in enumerate(lengths)],
+        mask=[exp.mask[i, :n].clone() for i, n in enumerate(lengths)],
     )

@@ -15,7 +15,7 @@ Shapes: ``B`` sequences, ``T`` response tokens, ``V`` vocabulary; ``mask`` is 1 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -26,7 +26,7 @@ from orchestrator.algo_config import AlgorithmConfig
 from orchestrator.algorithms.kl import kl_estimate, lookup, masked_mean, zero_padding
 from orchestrator.algorithms.losses import aggregate, grpo_loss, policy_loss
 from orchestrator.algorithms.trpo import mean_categorical_kl, trpo_step
-from orchestrator.experience import Experience
+from orchestrator.experience import Experience, ValueTrainInputs, value_train_inputs
 from orchestrator.policy import (
     DEFAULT_MICRO_BATCH_TOKENS,
     TokenBatch,
@@ -35,6 +35,8 @@ from orchestrator.policy import (
     micro_batch_slices,
     response_logits,
 )
+
+__all__ = ["PolicyTrainer", "UpdateStats", "ValueTrainInputs", "value_train_inputs"]
 
 
 @dataclass(frozen=True)
@@ -56,31 +58,6 @@ class UpdateStats:
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
-
-
-@dataclass(frozen=True)
-class ValueTrainInputs:
-    """Ragged rows for Value.TrainStep, one per completion (length C_i)."""
-
-    returns: list[Tensor]  # [B] rows [C_i] float32 GAE return targets
-    old_values: list[Tensor]  # [B] rows [C_i] float32 values at rollout time
-    mask: list[Tensor]  # [B] rows [C_i] float32 1 = train on this token
-
-    def __iter__(self) -> Iterator[list[Tensor]]:
-        """Unpacks as ``returns, old_values, mask`` (attribute access reads better)."""
-        return iter((self.returns, self.old_values, self.mask))
-
-
-def value_train_inputs(exp: Experience) -> ValueTrainInputs:
-    """The critic's targets from a GAE experience, as rows trimmed to each completion's length."""
-    if exp.returns is None or exp.values is None:
-        raise ValueError("the critic trains on GAE returns: use advantage: gae (with the value service)")
-    lengths = exp.mask.sum(dim=1).to(torch.int64).tolist()
-    return ValueTrainInputs(
-        returns=[exp.returns[i, :n].clone() for i, n in enumerate(lengths)],
-        old_values=[exp.values[i, :n].clone() for i, n in enumerate(lengths)],
-        mask=[exp.mask[i, :n].clone() for i, n in enumerate(lengths)],
-    )
 
 
 @dataclass(frozen=True)
@@ -288,7 +265,7 @@ class PolicyTrainer:
         return self.max_len if self.max_len is not None else exp.mask.shape[1]
 
     def value_train_inputs(self, exp: Experience) -> ValueTrainInputs:
-        """See the module-level ``value_train_inputs``."""
+        """See ``orchestrator.experience.value_train_inputs``."""
         return value_train_inputs(exp)
 
     def _forward(self, mb: _Minibatch) -> TokenLogProbs:
