@@ -1,17 +1,18 @@
 """Weight-sync benchmark: push a ~1 GiB fp32 state dict over loopback, gRPC stream vs gloo broadcast.
 
-    python benchmarks/weight_sync.py [--gib 1.0] [--chunk-kib 256,512,1024,2048,4096] [--repeats 3]
+    python benchmarks/weight_sync.py [--gib 1.0] [--chunk-kib 256,512,1024,2048,4096] [--rounds 3]
 
 Two processes, the same two for both transports:
 - the receiver: a gRPC server built by the service runtime (`build_grpc_server`, same options as a
-  generator) with a receiver-only Generator servicer whose UpdateWeights runs the real
-  `WeightAssembler` (validation, checksums, staging into its reusable buffer) but holds no model,
-  so 1 GiB fits; it then joins a gloo group and receives the same tensors by `dist.broadcast`.
-- the sender (this process): `push_weights` over a channel from `open_channel`, once per chunk
-  size after a warm-up, then gloo broadcast of every tensor (after one warm-up broadcast).
+  generator) with a receiver-only UpdateWeights registered like the generator's (zero-copy chunk
+  decoding) that runs the real `WeightAssembler` (validation, CRC-32 checks, staging into its
+  reusable buffer) but holds no model, so 1 GiB fits; it also joins a gloo group and receives
+  the same tensors by `dist.broadcast` into the same buffer.
+- the sender (this process): `push_weights` over a channel from `open_channel`.
 
-Prints seconds and GB/s per chunk size and for gloo, and the ratio gRPC / gloo. Numbers on a shared
-2-core machine are noisy: compare within one run, not across runs.
+Each round measures gloo once and every chunk size once, interleaved, so that both transports see
+the same background load (this machine is shared and noisy); medians over rounds are reported,
+with wall seconds, GB/s, and CPU seconds of sender + receiver (a load-independent cost measure).
 """
 
 from __future__ import annotations
@@ -53,141 +54,140 @@ def _free_port() -> int:
 
 
 def receiver(gib: float, conn) -> None:  # type: ignore[no-untyped-def]
-    """Child process: serve UpdateWeights into a WeightAssembler; then take part in gloo broadcasts."""
+    """Child process: serve UpdateWeights into a WeightAssembler; take part in gloo broadcasts."""
+    import grpc
     import torch.distributed as dist
 
-    from quartet.v1 import generator_pb2, generator_pb2_grpc
+    from quartet.v1 import generator_pb2
     from services.common.config import ServerConfig
     from services.common.interceptors import ErrorInterceptor
     from services.common.server import build_grpc_server
-    from services.common.weights import WeightAssembler, model_weight_specs
+    from services.common.weights import WeightAssembler, deserialize_chunk, model_weight_specs
 
     torch.set_num_threads(1)
     state = make_state(gib)
     specs, aliases = model_weight_specs(state)
     assembler = WeightAssembler(specs, aliases=aliases)
-    receive_seconds: list[float] = []
+    last: dict[str, float] = {}
+    version = [0]
 
-    class Receiver(generator_pb2_grpc.GeneratorServicer):
-        version = 0
-
-        def UpdateWeights(self, request_iterator, context):  # type: ignore[no-untyped-def]
-            staged = assembler.assemble(request_iterator, current_version=self.version, is_active=context.is_active)
-            self.version = staged.version
-            receive_seconds.append(staged.receive_seconds)
-            return generator_pb2.UpdateWeightsResponse(version=staged.version, tensors_updated=len(staged.tensors),
-                                                       bytes_received=staged.nbytes)
+    def update_weights(request_iterator, context):  # type: ignore[no-untyped-def]
+        cpu0 = time.process_time()
+        staged = assembler.assemble(request_iterator, current_version=version[0], is_active=context.is_active)
+        version[0] = staged.version
+        last.update(cpu=time.process_time() - cpu0, receive=staged.receive_seconds)
+        return generator_pb2.UpdateWeightsResponse(version=staged.version, tensors_updated=len(staged.tensors),
+                                                   bytes_received=staged.nbytes)
 
     server, port = build_grpc_server(ServerConfig(), [ErrorInterceptor()])
-    generator_pb2_grpc.add_GeneratorServicer_to_server(Receiver(), server)
+    handler = grpc.stream_unary_rpc_method_handler(  # registered like GeneratorRole.add_to_server
+        update_weights, request_deserializer=deserialize_chunk,
+        response_serializer=generator_pb2.UpdateWeightsResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("quartet.v1.Generator",
+                                                                         {"UpdateWeights": handler}),))
     server.start()
     conn.send(port)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{conn.recv()}", rank=1, world_size=2)
+    buffers = [assembler._views[n] for n in state]  # gloo receives into the same staging buffer
     while True:
         cmd = conn.recv()
         if cmd == "stats":
-            conn.send(list(receive_seconds))
-            receive_seconds.clear()
-        elif isinstance(cmd, tuple) and cmd[0] == "gloo":
-            _gloo_side(cmd[1], cmd[2], 1, assembler, state, dist)
+            conn.send(dict(last))
+        elif cmd == "gloo":
+            conn.send(_broadcast(buffers, dist))
+        elif cmd == "check":
+            conn.send(all(torch.equal(assembler._views[n], t) for n, t in state.items()))
         elif cmd == "stop":
+            dist.destroy_process_group()
             server.stop(0)
             return
 
 
-def _gloo_side(port: int, repeats: int, rank: int, assembler, state, dist):  # type: ignore[no-untyped-def]
-    """Both ranks: one warm-up and `repeats` timed broadcasts of every tensor; rank 0 returns seconds."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    # rank 1 receives into the same preallocated buffers the gRPC path writes into
-    tensors = list(state.values()) if rank == 0 else [assembler._views[n] for n in state]
-    times = []
-    for _ in range(repeats + 1):
-        dist.barrier()
-        t0 = time.perf_counter()
-        for t in tensors:
-            dist.broadcast(t, src=0)
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    if rank == 1:
-        ok = all(torch.equal(a, b) for a, b in zip(tensors, state.values(), strict=True))
-        assert ok, "gloo delivered different bytes"
-    dist.destroy_process_group()
-    return times[1:]
+def _broadcast(tensors: list[torch.Tensor], dist) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Broadcast every tensor from rank 0, one call per tensor; wall and CPU seconds of this rank."""
+    dist.barrier()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for t in tensors:
+        dist.broadcast(t, src=0)
+    dist.barrier()
+    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - cpu0}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=1.0, help="state dict size in GiB")
     parser.add_argument("--chunk-kib", default="256,512,1024,2048,4096", help="chunk sizes to measure, KiB")
-    parser.add_argument("--repeats", type=int, default=3, help="timed pushes per chunk size (median reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (gloo, every chunk size); medians reported")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
     import torch.distributed as dist
 
-    from quartet.v1 import generator_pb2_grpc
     from services.common.channel import open_channel
     from services.common.weights import push_weights
 
     torch.set_num_threads(1)
     state = make_state(args.gib)
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    tensors = list(state.values())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=receiver, args=(args.gib, child), daemon=True)
     proc.start()
-    port = parent.recv()
-    channel = open_channel(f"127.0.0.1:{port}")
-    print(f"state: {len(state)} tensors, {nbytes / GB:.3f} GB fp32; receiver pid {proc.pid}; cpus {os.cpu_count()}")
+    channel = open_channel(f"127.0.0.1:{parent.recv()}")
+    gloo_port = _free_port()
+    parent.send(gloo_port)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{gloo_port}", rank=0, world_size=2)
+    print(f"state: {len(state)} tensors, {nbytes / GB:.3f} GB fp32; cpus {os.cpu_count()}; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
     version = 0
-    results: dict[str, dict[str, float]] = {}
 
-    def push(chunk: int) -> float:
+    def grpc_push(chunk: int) -> dict[str, float]:
         nonlocal version
         version += 1
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         resp = push_weights(channel, state.items(), version, timeout=600, chunk_bytes=chunk)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         assert resp.bytes_received == nbytes and resp.version == version
-        return time.perf_counter() - t0
-
-    push(1 << 20)  # warm-up: connection, receiver pages, sender allocator
-    parent.send("stats")
-    parent.recv()
-    for kib in [int(x) for x in args.chunk_kib.split(",")]:
-        times = [push(kib << 10) for _ in range(args.repeats)]
         parent.send("stats")
-        recv = parent.recv()
-        med = statistics.median(times)
-        results[f"grpc_{kib}KiB"] = {"seconds": med, "gbps": nbytes / med / GB, "best_gbps": nbytes / min(times) / GB,
-                                     "receiver_seconds": statistics.median(recv)}
-        print(f"gRPC stream, {kib:5d} KiB chunks: {med:.3f} s  {nbytes / med / GB:.2f} GB/s "
-              f"(best {nbytes / min(times) / GB:.2f})")
+        return {"wall": wall, "cpu_sender": cpu, "cpu_receiver": parent.recv()["cpu"]}
 
-    # a stub (messages built by python-protobuf) for comparison with the pre-serialized fast path
-    t0 = time.perf_counter()
-    version += 1
-    push_weights(generator_pb2_grpc.GeneratorStub(channel), state.items(), version, timeout=600)
-    stub_s = time.perf_counter() - t0
-    results["grpc_stub_1024KiB"] = {"seconds": stub_s, "gbps": nbytes / stub_s / GB}
-    print(f"gRPC stream via stub (pb messages), 1024 KiB: {stub_s:.3f} s  {nbytes / stub_s / GB:.2f} GB/s")
+    def gloo() -> dict[str, float]:
+        parent.send("gloo")
+        mine = _broadcast(tensors, dist)
+        return {"wall": mine["wall"], "cpu_sender": mine["cpu"], "cpu_receiver": parent.recv()["cpu"]}
 
-    gloo_port = _free_port()
-    parent.send(("gloo", gloo_port, args.repeats))
-    gloo_times = _gloo_side(gloo_port, args.repeats, 0, None, state, dist)
-    gloo = statistics.median(gloo_times)
-    results["gloo"] = {"seconds": gloo, "gbps": nbytes / gloo / GB, "best_gbps": nbytes / min(gloo_times) / GB}
-    print(f"gloo broadcast (per tensor):  {gloo:.3f} s  {nbytes / gloo / GB:.2f} GB/s "
-          f"(best {nbytes / min(gloo_times) / GB:.2f})")
-    best_key = min((k for k in results if k.startswith("grpc_") and "stub" not in k), key=lambda k: results[k]["seconds"])
-    ratio = gloo / results[best_key]["seconds"]
-    print(f"best gRPC ({best_key}) / gloo throughput ratio: {ratio:.2f}")
-    for k in results:
-        if k.startswith("grpc_"):
-            results[k]["ratio_to_gloo"] = gloo / results[k]["seconds"]
+    chunks = [int(x) << 10 for x in args.chunk_kib.split(",")]
+    gloo()  # warm-ups: connections, receiver pages, allocators
+    grpc_push(1 << 20)
+    runs: dict[str, list[dict[str, float]]] = {"gloo": [], **{f"grpc_{c >> 10}KiB": [] for c in chunks}}
+    for _ in range(args.rounds):
+        runs["gloo"].append(gloo())
+        for c in chunks:
+            runs[f"grpc_{c >> 10}KiB"].append(grpc_push(c))
+    parent.send("check")
+    assert parent.recv(), "receiver buffer differs from the sent state"
+
+    results = {}
+    for key, rs in runs.items():
+        wall = statistics.median(r["wall"] for r in rs)
+        results[key] = {"seconds": wall, "gbps": nbytes / wall / GB, "best_gbps": nbytes / min(r["wall"] for r in rs) / GB,
+                        "cpu_sender": statistics.median(r["cpu_sender"] for r in rs),
+                        "cpu_receiver": statistics.median(r["cpu_receiver"] for r in rs)}
+    gloo_s = results["gloo"]["seconds"]
+    for key, r in results.items():
+        r["ratio_to_gloo"] = gloo_s / r["seconds"]
+        print(f"{key:>14}: {r['seconds']:.3f} s  {r['gbps']:.2f} GB/s (best {r['best_gbps']:.2f})  "
+              f"cpu sender {r['cpu_sender']:.2f} s receiver {r['cpu_receiver']:.2f} s  "
+              f"ratio to gloo {r['ratio_to_gloo']:.2f}")
+    best = max((k for k in results if k != "gloo"), key=lambda k: results[k]["gbps"])
+    print(f"best gRPC: {best}, {results[best]['ratio_to_gloo']:.2f}x gloo's throughput")
     parent.send("stop")
+    dist.destroy_process_group()
     proc.join(10)
     if args.json:
-        args.json.write_text(json.dumps({"bytes": nbytes, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"bytes": nbytes, "load_average": os.getloadavg(), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.common.codec import RaggedTensor, decode_ragged, encode_ragged
 from services.common.errors import FailedPrecondition, InvalidArgument, NotReady, Overloaded, QuartetError
 from services.common.role import RoleContext, quartet_version
-from services.common.weights import WeightAssembler
+from services.common.weights import WeightAssembler, deserialize_chunk
 from services.generator import NAME, Options
 from services.generator.backend import (
     LOGPROB_MODE,
@@ -133,7 +133,22 @@ class GeneratorRole:
         return TransformersBackend(self.ctx.model, attn_implementation=self.options.attn_implementation)
 
     def add_to_server(self, server: grpc.Server) -> None:
-        generator_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self), server)
+        """What `add_GeneratorServicer_to_server` does, except that UpdateWeights chunks are decoded
+        zero-copy (services/common/weight_wire.py): protobuf's own parse copies every payload twice."""
+        servicer = GeneratorServicer(self)
+        handlers = {
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                servicer.Generate, request_deserializer=generator_pb2.GenerateRequest.FromString,
+                response_serializer=generator_pb2.GenerateResponse.SerializeToString),
+            "UpdateWeights": grpc.stream_unary_rpc_method_handler(
+                servicer.UpdateWeights, request_deserializer=deserialize_chunk,
+                response_serializer=generator_pb2.UpdateWeightsResponse.SerializeToString),
+            "GetInfo": grpc.unary_unary_rpc_method_handler(
+                servicer.GetInfo, request_deserializer=common_pb2.GetInfoRequest.FromString,
+                response_serializer=common_pb2.ServiceInfo.SerializeToString),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(self.service_name, handlers),))
+        server.add_registered_method_handlers(self.service_name, handlers)
 
     def load(self) -> None:
         self.backend.load()

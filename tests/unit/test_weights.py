@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from quartet.v1 import generator_pb2 as pb
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.weight_wire import decode_chunk
 from services.common.weights import (
     WeightAssembler,
     _Coverage,
@@ -238,3 +239,39 @@ def test_any_shapes_any_chunk_size_roundtrip(shapes: list[list[int]], chunk_byte
     staged = _assembler(state).assemble(iter(chunks), current_version=0)
     for name, t in state.items():
         assert torch.equal(staged.tensors[name], t)
+
+
+def _as_dict(chunk) -> dict:
+    return {"version": chunk.version, "last": chunk.last, "total_tensors": chunk.total_tensors,
+            "total_bytes": chunk.total_bytes,
+            "pieces": [(p.name, p.dtype, list(p.shape), p.offset, bytes(p.data), p.crc32) for p in chunk.pieces]}
+
+
+def test_zero_copy_decoder_reads_what_protobuf_writes() -> None:
+    state = _state()
+    for chunk in iter_weight_chunks(state.items(), version=2**40, chunk_bytes=100):
+        view = decode_chunk(chunk.SerializeToString())
+        assert view.error is None and _as_dict(view) == _as_dict(chunk)
+        assert all(isinstance(p.data, memoryview) for p in view.pieces if p.data)
+    odd = pb.WeightChunk(version=1, total_tensors=-3, pieces=[pb.WeightPiece(name="é", shape=[2, -1], offset=-4)])
+    assert _as_dict(decode_chunk(odd.SerializeToString())) == _as_dict(odd)  # negative int64s, unicode names
+    # unknown fields (a newer sender) are skipped; unpacked repeated shape is read too
+    extra = odd.SerializeToString() + bytes([0x78, 0x05]) + bytes([0x12, 0x04, 0x18, 0x03, 0x18, 0x04])
+    view = decode_chunk(extra)
+    assert view.error is None and view.pieces[-1].shape == [3, 4]
+
+
+def test_zero_copy_decoder_reports_malformed_bytes() -> None:
+    good = next(iter_weight_chunks(_state().items(), version=1)).SerializeToString()
+    for bad in (good[:60], b"\x12\xff\xff\xff\xff\x0f", b"\x0b", b"\x08\x80"):
+        view = decode_chunk(bad)
+        assert view.error is not None and "malformed WeightChunk" in view.error
+    with pytest.raises(InvalidArgument, match="chunk 0: malformed"):
+        _assembler(_state()).assemble([decode_chunk(good[:60])], current_version=0)
+
+
+def test_assembler_takes_decoded_views() -> None:
+    state = _state()
+    frames = iter_weight_frames(state.items(), version=4, chunk_bytes=333)
+    staged = _assembler(state).assemble((decode_chunk(f) for f in frames), current_version=0)
+    assert all(torch.equal(t, state[n]) for n, t in staged.tensors.items())
