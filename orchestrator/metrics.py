@@ -22,7 +22,7 @@ GAUGES: dict[str, tuple[str, str]] = {
     "clipfrac": ("quartet_clip_fraction", "Share of tokens where the PPO/GRPO ratio was clipped."),
     "entropy": ("quartet_entropy", "Mean per-token policy entropy (nats)."),
     "approx_kl": ("quartet_approx_kl", "Approximate KL between the old and the new policy."),
-    "trpo_accepted": ("quartet_trpo_accepted_ratio", "TRPO: fraction of line searches that accepted a step."),
+    "trpo_accepted": ("quartet_trpo_accepted", "TRPO: 1 if the last line search accepted a step, else 0."),
     "trpo_backtracks": ("quartet_trpo_line_search_steps", "TRPO: backtracking steps of the last line search."),
     "trpo_final_kl": ("quartet_trpo_final_kl", "TRPO: mean KL of the accepted step."),
     "grad_norm": ("quartet_grad_norm", "Policy gradient norm before clipping."),
@@ -41,8 +41,9 @@ REWARD_STATS = ("mean", "std", "min", "max")
 class RunMetrics:
     """Holds the registry and updates it from one step record."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, trpo: bool = False) -> None:
         self.registry = registry or CollectorRegistry()
+        self.trpo = trpo
         r = self.registry
         self.gauges = {key: Gauge(name, doc, registry=r) for key, (name, doc) in GAUGES.items()}
         self.reward = Gauge("quartet_reward", "Reward statistics of the last step's samples.", ["stat"], registry=r)
@@ -58,6 +59,9 @@ class RunMetrics:
             "quartet_reward_service_info", "Reward service identity used at the last step (value 1).",
             ["identity", "weight"], registry=r,
         )
+        self.trpo_ratio = Gauge("quartet_trpo_accepted_ratio", "TRPO: fraction of steps whose line search "
+                                "accepted a step, over the run.", registry=r)
+        self._trpo = [0, 0]  # accepted, steps
         self.server = None
         self.port: int | None = None
 
@@ -89,6 +93,10 @@ class RunMetrics:
         self.reward_service.clear()
         for identity, weight in reward_services.items():
             self.reward_service.labels(identity=identity, weight=f"{weight:g}").set(1)
+        if self.trpo and "trpo_accepted" in metrics:
+            self._trpo[0] += int(metrics["trpo_accepted"] > 0)
+            self._trpo[1] += 1
+            self.trpo_ratio.set(self._trpo[0] / self._trpo[1])
         self.steps.inc()
         self.tokens.inc(generated_tokens)
         if "sync_bytes" in metrics:

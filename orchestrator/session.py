@@ -150,7 +150,7 @@ class Session:
             self.log(f"resumed from {restored.path} at step {restored.step}")
         elif self.resume is False:
             (run_dir / "steps.jsonl").unlink(missing_ok=True)
-        self.metrics = RunMetrics()
+        self.metrics = RunMetrics(trpo=cfg.algorithm.name == "trpo")
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port)
         self.orchestrator = Orchestrator(

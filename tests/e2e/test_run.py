@@ -113,6 +113,7 @@ def test_three_steps_through_the_embedded_stack(algo, extra, tiny_checkpoint, ta
         assert "value_loss" in results[-1].metrics
     if algo == "trpo":
         assert sum(r.metrics["trpo_accepted"] for r in results) >= 1
+        assert metrics[("quartet_trpo_accepted_ratio", ())] > 0
 
     log = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert [line["step"] for line in log] == [1, 2, 3]
