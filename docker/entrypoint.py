@@ -12,7 +12,10 @@
   QUARTET_METRICS_PORT, all interfaces of the container's own network namespace);
 - after the last step the metrics stay up QUARTET_METRICS_LINGER_S seconds (default 15) so
   Prometheus scrapes the final values of a run that is shorter than a scrape interval;
-- one plain log line per step (`docker compose logs orchestrator` has no terminal for a progress bar).
+- one plain log line per step (`docker compose logs orchestrator` has no terminal for a progress bar);
+- with QUARTET_TRAIN_RETRIES=N (or --retries N), a run stopped by a service error (a service
+  restarting, e.g. the reward service being swapped) is resumed from its last checkpoint after a
+  backoff, up to N times: checkpoint every step (checkpoint.interval: 1) and nothing is redone.
 """
 
 from __future__ import annotations
@@ -141,12 +144,22 @@ def train(args: argparse.Namespace) -> int:
             print(f"run complete: metrics stay up {linger:g} s for a final scrape", flush=True)
             time.sleep(linger)
 
-    try:
-        results = run_with_progress(cfg, resume=args.resume, console=console, on_step=on_step)
-    except typer.Exit as e:
-        return int(e.exit_code)
-    print_summary(console, cfg, results)
-    return 0
+    resume, delay = args.resume, 5.0
+    for attempt in range(args.retries + 1):
+        try:
+            results = run_with_progress(cfg, resume=resume, console=console, on_step=on_step)
+        except typer.Exit as e:
+            if e.exit_code != 1 or attempt == args.retries:
+                return int(e.exit_code)
+            # The run stopped on a service (or launch) error; its last checkpoint is complete.
+            print(f"run stopped (attempt {attempt + 1} of {args.retries + 1}); resuming from the last "
+                  f"checkpoint in {delay:g} s", flush=True)
+            time.sleep(delay)
+            resume, delay = True, min(60.0, delay * 2)
+            continue
+        print_summary(console, cfg, results)
+        return 0
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("config", type=Path, help="YAML run config.")
     t.add_argument("--set", action="append", help="key=value override, repeatable.")
     t.add_argument("--resume", action="store_true", help="Continue from the last complete checkpoint.")
+    t.add_argument("--retries", type=int, default=int(os.environ.get("QUARTET_TRAIN_RETRIES", "0")),
+                   help="Resume after a service error up to N times (default: $QUARTET_TRAIN_RETRIES or 0).")
     args = parser.parse_args(argv)
     return prepare(args) if args.command == "prepare" else train(args)
 
