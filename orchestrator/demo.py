@@ -19,8 +19,8 @@ from orchestrator.config import RunConfig, build_config
 
 # Warm-up settings: enough supervised steps that greedy test accuracy starts well above 0 but far
 # from 100%, leaving RL something to do (measured on 2 CPU cores, see the demo's JSON summary).
-WARMUP = {"steps": 300, "batch_size": 64, "lr": 2e-3}
-TASK = {"n_train": 4000, "n_test": 200, "max_operand": 99}
+WARMUP = {"steps": 800, "batch_size": 64, "lr": 3e-3}
+TASK = {"n_train": 5000, "n_test": 200, "max_operand": 99}
 EVAL_ROWS = 200
 
 
@@ -75,7 +75,7 @@ class Prepared:
 
 
 def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> Prepared:
-    """Task files and the warm-up checkpoint in `run_dir`."""
+    """Task files and the warm-up checkpoint in `run_dir` (reused when made with the same settings)."""
     import torch
 
     from services.common.modelkit.arithmetic import load_jsonl, make_arithmetic_task
@@ -85,6 +85,13 @@ def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> Prepared
     from services.common.modelkit.warmup import sft_warmup
 
     train_path, test_path = make_arithmetic_task(run_dir / "task", seed=seed, **TASK)
+    stamp_path = run_dir / "warmup" / "quartet-warmup.json"
+    settings = {"warmup": WARMUP, "task": TASK, "model": DEMO_MODEL, "seed": seed}
+    if stamp_path.is_file():
+        stamp = json.loads(stamp_path.read_text())
+        if stamp["settings"] == json.loads(json.dumps(settings)):
+            log(f"reusing the warm-up checkpoint in {stamp_path.parent}")
+            return Prepared(stamp_path.parent, train_path, test_path, stamp["seconds"], stamp["accuracy"])
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(tokenizer, **DEMO_MODEL, seed=seed)
     log(f"demo model: {count_parameters(model):,} parameters; supervised warm-up for {WARMUP['steps']} steps ...")
@@ -94,6 +101,7 @@ def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> Prepared
     warmup_seconds = time.perf_counter() - start
     policy = save_checkpoint(model, tokenizer, run_dir / "warmup")
     acc = greedy_accuracy(model, tokenizer, load_jsonl(test_path)[:EVAL_ROWS]).accuracy
+    stamp_path.write_text(json.dumps({"settings": settings, "seconds": warmup_seconds, "accuracy": acc}))
     return Prepared(policy, train_path, test_path, warmup_seconds, acc)
 
 
