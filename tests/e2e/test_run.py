@@ -125,7 +125,7 @@ def test_three_steps_through_the_embedded_stack(algo, extra, tiny_checkpoint, ta
 
 
 @pytest.mark.slow
-def test_bad_tokenizer_or_bad_service_stops_before_training(tiny_checkpoint, task, tmp_path) -> None:
+def test_service_that_cannot_start_stops_the_run_with_its_log(tiny_checkpoint, task, tmp_path) -> None:
     """A run whose reward plugin cannot be imported fails at start-up with the service's log tail."""
     from orchestrator.launcher import LaunchError
     from orchestrator.session import Session
