@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.common.channel import open_channel
+from services.common.codec import decode_ragged
 from services.common.config import ServerConfig
 from services.common.role import ModelConfig
 from services.common.server import RunningServer, start_server
@@ -260,3 +261,41 @@ def test_update_weights_refuses_non_finite_values(tiny_checkpoint: Path) -> None
         for c in g.channels:
             c.close()
         srv.stop(grace=0)
+
+
+# ---- within the contract, however extreme ----
+
+@FUZZ
+@given(data=st.data())
+def test_extreme_but_valid_params_are_served(gen: Generator, data: st.DataObject) -> None:
+    """Any parameters inside the contract: OK, ids in the vocabulary, finite raw logprobs <= 0."""
+    prompts = data.draw(token_rows(gen.vocab, max_rows=3))
+    params = {
+        "n": data.draw(st.integers(1, OPTIONS["max_samples_per_prompt"])),
+        "temperature": data.draw(st.one_of(st.floats(min_value=0.0, width=32, allow_infinity=False, allow_nan=False), st.sampled_from([0.0, 1e-45, 1e-30, 3e38]))),
+        "top_p": data.draw(st.one_of(st.floats(0.0, 1.0, width=32, exclude_min=True), st.just(0.0))),
+        "top_k": data.draw(st.one_of(st.integers(0, 2**31 - 1), st.integers(0, gen.vocab + 1))),
+        "max_new_tokens": data.draw(st.integers(1, OPTIONS["max_new_tokens"])),
+        "seed": data.draw(st.integers(0, 2**64 - 1)),
+        "stop_token_ids": data.draw(st.lists(st.integers(0, gen.vocab - 1), max_size=5)),
+    }
+    out = gen.generate(_request(prompts, **params))
+    ids = decode_ragged(out.completion_ids, dtypes=(torch.int64,))
+    logprobs = decode_ragged(out.logprobs, dtypes=(torch.float32,))
+    assert len(ids) == len(prompts) * params["n"] and torch.equal(ids.lengths, logprobs.lengths)
+    assert bool(((ids.values >= 0) & (ids.values < gen.vocab)).all())
+    assert bool(torch.isfinite(logprobs.values).all()) and bool((logprobs.values <= 0).all())
+    assert int(ids.lengths.max()) <= params["max_new_tokens"]
+
+
+@pytest.mark.parametrize("temperature", [
+    1e-30, 1e-38,
+    pytest.param(1e-45, marks=pytest.mark.xfail(strict=True, reason=(
+        "transformers_backend.sample_tokens divides raw logits by the temperature before the softmax: at 1e-45 "
+        "(a valid float32 > 0) every logit becomes +-inf, softmax gives NaN, and searchsorted on the NaN CDF "
+        "clamps to the last sorted index, i.e. it picks the LEAST likely token instead of the argmax"))),
+])
+def test_tiny_temperature_is_greedy(gen: Generator, temperature: float) -> None:
+    """As temperature -> 0+ sampling tends to the argmax: a tiny positive temperature gives the greedy tokens."""
+    greedy = gen.generate(_request(GOOD_PROMPTS, temperature=0.0)).completion_ids.values.data
+    assert gen.generate(_request(GOOD_PROMPTS, temperature=temperature)).completion_ids.values.data == greedy
