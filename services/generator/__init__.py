@@ -42,6 +42,11 @@ class Options(BaseModel):
     preallocate_weight_buffers: bool = Field(
         True, description="Allocate (and touch) the UpdateWeights receive buffer, one model's worth of memory, "
                           "at load time so the first update runs at full speed; off = on first update.")
+    torch_threads: int | None = Field(
+        None, ge=1,
+        description="torch intra-op threads of this process (torch.set_num_threads at load); unset = torch's "
+                    "default. Set 1 when several services share a few CPU cores: two OpenMP threads on a busy "
+                    "2-core machine were measured 5-30x slower than one.")
     attn_implementation: str | None = Field(
         None, description="transformers backend: attention kernel ('eager', 'sdpa'); unset = model default.")
     gpu_memory_utilization: float = Field(

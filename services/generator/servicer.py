@@ -151,6 +151,8 @@ class GeneratorRole:
         server.add_registered_method_handlers(self.service_name, handlers)
 
     def load(self) -> None:
+        if self.options.torch_threads is not None:
+            torch.set_num_threads(self.options.torch_threads)
         self.backend.load()
         self.assembler = WeightAssembler(self.backend.expected_weights(), aliases=self.backend.weight_aliases(),
                                          preallocate=self.options.preallocate_weight_buffers)
