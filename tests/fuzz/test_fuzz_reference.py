@@ -4,6 +4,7 @@ after returns bit-for-bit the log-probabilities it returned before any fuzzing."
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,24 @@ def test_valid_random_batches_are_answered(ref: Reference, data: st.DataObject) 
     got = decode_ragged(ref.call(_request(rows, starts)).logprobs, dtypes=(torch.float32,))
     assert got.lengths.tolist() == [len(r) - s for r, s in zip(rows, starts, strict=True)]
     assert bool(torch.isfinite(got.values).all()) and bool((got.values <= 0).all())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "codec.decode_ragged turns every offset into a Python int (torch.tensor(list(msg.offsets))) before any "
+    "row limit is checked: an 8 MB request of 8M zero offsets allocates a 64 MB list and takes ~2 s to refuse, and a 128 MB one "
+    "(within the default 256 MiB max_message_bytes) measured 48 s and a 4.7 GB peak RSS in a `quartet serve` "
+    "reference process. Check len(offsets) - 1 against max_batch_sequences before converting"))
+def test_millions_of_offsets_are_refused_without_decoding_them(ref: Reference) -> None:
+    n = 8_000_000  # an 8 MB message: fine for the transport, 1M times max_batch_sequences
+    batch = common_pb2.SequenceBatch(token_ids=common_pb2.Ragged(
+        values=common_pb2.Tensor(dtype=common_pb2.DTYPE_INT64, shape=[0]), offsets=bytes(n)))  # n zeros
+    request = reference_pb2.LogProbsRequest(sequences=batch)
+    # The server runs in this process: tracemalloc sees the Python objects its handler builds.
+    tracemalloc.start()
+    try:
+        expect_rejected(ref.call, Hostile(request, "sequences", f"{n} offsets"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ref.good().logprobs.values.data == ref.baseline
+    assert peak < 16 << 20, f"refusing {n} rows allocated {peak >> 20} MiB of Python objects: it decoded them first"
