@@ -5,6 +5,7 @@ INTERNAL); and a good call right after returns bit-for-bit the rewards it return
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Iterator
 
 import grpc
@@ -148,3 +149,22 @@ def test_ids_only_request_names_completion_text(rew: Reward) -> None:
     req = reward_pb2.ScoreRequest(completion_ids=ragged([[1, 2]]), metadata=[_meta("1")])
     err = expect_rejected(rew.call, Hostile(req, "completion_text", "ids only"))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "servicer.decode_request copies every repeated field into Python lists (list(request.completion_text), "
+    "dicts of metadata) and RewardBatch.build/check_batch compare B with max_batch only afterwards: a 2 MB "
+    "request of 1M empty completion texts builds ~110 MiB of Python objects (8 MB: 437 MiB and 8 s), so the "
+    "default 256 MiB message limit allows a ~14 GB allocation. Compare len(request.completion_text) etc. "
+    "with max_batch before copying"))
+def test_a_million_empty_samples_are_refused_without_copying_them(rew: Reward) -> None:
+    n = 1_000_000
+    request = reward_pb2.ScoreRequest(completion_text=[""] * n)
+    tracemalloc.start()  # the server runs in this process: tracemalloc sees its handler's Python objects
+    try:
+        expect_rejected(rew.call, Hostile(request, "completion_text", f"{n} empty samples"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rew.good() == rew.baseline
+    assert peak < 16 << 20, f"refusing {n} samples allocated {peak >> 20} MiB of Python objects"
