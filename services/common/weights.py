@@ -342,7 +342,8 @@ class WeightAssembler:
         if is_active is not None and not is_active():  # grpc ends the iterator quietly on cancellation
             raise FailedPrecondition(f"UpdateWeights stream cancelled by the client after {state.chunks} chunks")
         raise InvalidArgument("last", f"the stream ended after {state.chunks} chunks without a chunk marked "
-                                      "last: the update is incomplete and was not applied")
+                                      "last (client cancelled or connection dropped?): the update is "
+                                      "incomplete and was not applied")
 
 
 class _StreamState:

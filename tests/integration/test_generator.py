@@ -329,8 +329,9 @@ def test_dropped_stream_leaves_old_weights(fresh, prompt_ids, tiny_checkpoint) -
         future.result()
 
     def failures() -> float:
+        # the server sees either the cancellation or a stream that ended without `last` (a race in grpc)
         return sum(_metric(fresh, "quartet_generator_weight_update_failures_total", {"reason": r})
-                   for r in ("cancelled", "FailedPrecondition"))
+                   for r in ("cancelled", "FailedPrecondition", "InvalidArgument"))
 
     _wait_for(lambda: failures() == 1)
     after = stub.Generate(request, timeout=30)
