@@ -229,11 +229,22 @@ def test_load_of_any_name_never_fails_internally(val: Value, name: str) -> None:
     val.assert_unchanged(f"Load({name!r})")
 
 
-@pytest.mark.xfail(strict=True, reason="Save of a name with a component longer than NAME_MAX (255 bytes) fails "
-                   "with OSError(ENAMETOOLONG) inside checkpoint.write_checkpoint -> INTERNAL, not INVALID_ARGUMENT")
-def test_overlong_checkpoint_name_is_invalid_argument(val: Value) -> None:
-    case = Hostile(value_pb2.SaveRequest(name="n" * 300), "name", "Save of a 300-byte name")
-    expect_rejected(lambda r: val.admin.Save(r, timeout=DEADLINE_S), case)
+_UNWRITABLE = "Save of a name whose directory cannot be created gets OSError from checkpoint.write_checkpoint " \
+    "(Path.exists / mkdir) and the interceptor reports INTERNAL; resolve_name should refuse these (INVALID_ARGUMENT " \
+    "for a component over NAME_MAX = 255 bytes or a path over PATH_MAX; FAILED_PRECONDITION when a parent is a file)"
+
+
+@pytest.mark.xfail(strict=True, reason=_UNWRITABLE)
+@pytest.mark.parametrize("name", ["n" * 300, "y/" + "a" * 250 + "/" + "b" * 256, "c/" * 2100 + "d",
+                                  "saved/meta.json/inner", "saved/critic.safetensors/inner"],
+                         ids=["component-300B", "deep-component-256B", "path-4.2kB", "under-meta.json",
+                              "under-weights-file"])
+def test_unwritable_checkpoint_names_are_refused_not_internal(val: Value, name: str) -> None:
+    val.admin.Save(value_pb2.SaveRequest(name="saved"), timeout=DEADLINE_S)  # a checkpoint whose files are in the way
+    codes = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
+    expect_rejected(lambda r: val.admin.Save(r, timeout=DEADLINE_S),
+                    Hostile(value_pb2.SaveRequest(name=name), "", f"Save({name[:40]!r})"), codes)
+    val.assert_unchanged(f"Save({name[:40]!r})")
 
 
 # ---- accepted but extreme ----
