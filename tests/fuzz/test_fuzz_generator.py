@@ -60,7 +60,8 @@ class Generator:
         self.stub = generator_pb2_grpc.GeneratorStub(self.channels[0])
         self.admin = generator_pb2_grpc.GeneratorStub(self.channels[1])
         info = self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=DEADLINE_S)
-        self.vocab, self.max_positions = int(info.vocab_size), 128
+        self.vocab = int(info.vocab_size)
+        self.max_positions = server.role.backend.info.max_positions  # not in GetInfo; 128 for the tiny model
         # Valid except for the defect each example adds; the weights differ from the served ones, so a
         # stream accepted by mistake would show in the answers.
         self.chunks = list(iter_weight_chunks(other_weights.items(), version=1, chunk_bytes=64 << 10))
@@ -98,7 +99,7 @@ def gen(tiny_checkpoint: Path, tiny_checkpoint_other: Path) -> Iterator[Generato
 # ---- Generate ----
 
 @st.composite
-def hostile_params(draw: st.DrawFn, vocab: int) -> Hostile:
+def hostile_params(draw: st.DrawFn, vocab: int, max_positions: int) -> Hostile:
     """A request with valid prompts and one sampling parameter out of bounds."""
     prompts = draw(token_rows(vocab, max_rows=3))
     kind = draw(st.sampled_from(["n", "max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids",
@@ -122,8 +123,9 @@ def hostile_params(draw: st.DrawFn, vocab: int) -> Hostile:
         params["stop_token_ids"] = [2, draw(out_of_vocab_ids(vocab))]
     elif kind == "sequences":  # prompts x n beyond max_batch_sequences, each factor within its own limit
         prompts, params["n"], field = [[1, 2]] * 8, 3, "params.n"
-    elif kind == "positions":  # prompt + max_new_tokens beyond the model's 128 positions
-        prompts, params["max_new_tokens"], field = [[3] * draw(st.integers(113, 200))], 16, "prompt_ids[0]"
+    elif kind == "positions":  # prompt + max_new_tokens beyond the model's positions
+        length = draw(st.integers(max_positions - 15, max_positions + 50))
+        prompts, params["max_new_tokens"], field = [[3] * length], 16, "prompt_ids[0]"
     else:
         field = "prompt_text"
     req = _request(prompts, **params)
@@ -135,7 +137,7 @@ def hostile_params(draw: st.DrawFn, vocab: int) -> Hostile:
 @FUZZ
 @given(data=st.data())
 def test_generate_refuses_out_of_bounds_params(gen: Generator, data: st.DataObject) -> None:
-    gen.reject_then_unchanged(gen.generate, data.draw(hostile_params(gen.vocab)))
+    gen.reject_then_unchanged(gen.generate, data.draw(hostile_params(gen.vocab, gen.max_positions)))
 
 
 @FUZZ
