@@ -183,6 +183,7 @@ def main() -> None:
               f"ratio to gloo {r['ratio_to_gloo']:.2f}")
     best = max((k for k in results if k != "gloo"), key=lambda k: results[k]["gbps"])
     print(f"best gRPC: {best}, {results[best]['ratio_to_gloo']:.2f}x gloo's throughput")
+    channel.close()
     parent.send("stop")
     dist.destroy_process_group()
     proc.join(10)

@@ -14,11 +14,12 @@ memcpy into touched pages at ~4-6 GB/s). Only when the chunk marked `last` arriv
 tensor is covered exactly once does it hand back the staged state; anything else raises
 InvalidArgument / FailedPrecondition naming the tensor, and nothing is applied.
 
-Why a hand-made serializer on the fast path: building a `WeightChunk` with python-protobuf (upb)
-copies each 1 MiB payload two or three times into fresh arena memory (measured ~0.2-1 GB/s), far
-below the transport. `iter_weight_frames` writes the same protobuf wire bytes with one join over
-memoryviews of the tensors; any protobuf parser (the generator's included) reads them as
-`WeightChunk` messages. `push_weights` uses it when given a channel.
+Speed (1 GiB fp32 over loopback on 2 shared cores, benchmarks/weight_sync.py): python-protobuf
+copies every payload when a chunk is built and again when it is parsed, so `push_weights` sends
+pre-serialized frames (`iter_weight_frames`, one join over tensor memory) and the generator decodes
+chunks zero-copy (services/common/weight_wire.py); both are ordinary `WeightChunk` protobuf bytes.
+CRC-32 uses ISA-L when the `isal` package is installed (~23 GB/s here, zlib ~4 GB/s). The default
+chunk of 1 MiB measured best among 256 KiB .. 4 MiB.
 """
 
 from __future__ import annotations
