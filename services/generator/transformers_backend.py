@@ -2,8 +2,9 @@
 
 Why not `model.generate()`: it draws every row from one RNG, so a sample would depend on what else
 is in the batch, and it returns processed (temperature / top-p) scores. Here each row has its own
-`torch.Generator` (seeded per `backend.sample_seed`) that draws exactly one uniform per step, and
-the logprobs are log-softmax of the raw logits in fp32.
+`torch.Generator` (seeded per `backend.sample_seed`) from which max_new_tokens uniforms are drawn
+up front; token t of the row inverts its sampling CDF at uniform t. The logprobs are log-softmax
+of the raw logits in fp32.
 
 Batch layout: B = sum over requests of P * n rows (each prompt repeated n times), LEFT padded to
 the longest prompt so the next token of every row is at the last column; attention_mask marks real
@@ -43,13 +44,15 @@ class _Rows:
     top_p: torch.Tensor                 # [B] float32, 1 = off
     max_new: list[int]                  # [B]
     stops: list[frozenset[int]]         # [B] EOS + the request's stop ids
-    generators: list[torch.Generator]   # [B] one per row (CPU), seeded per sample_seed
+    uniforms: torch.Tensor              # [B, T_max] float32: row b's draws, one per step, from its own
+                                        # generator seeded per sample_seed (all drawn up front)
     owner: list[tuple[int, int]]        # [B] (request index, prompt index)
 
 
 def _expand(requests: list[GenerationRequest], eos: tuple[int, ...], device: torch.device) -> _Rows:
     """One row per sample, request-major then prompt-major then sample (k = i * n + j)."""
-    prompts, temps, ks, ps, max_new, stops, gens, owner = [], [], [], [], [], [], [], []
+    prompts, temps, ks, ps, max_new, stops, draws, owner = [], [], [], [], [], [], [], []
+    width = max(req.params.max_new_tokens for req in requests)
     for r, req in enumerate(requests):
         p = req.params
         # Unseeded requests still get per-row generators, seeded from the OS.
@@ -63,40 +66,57 @@ def _expand(requests: list[GenerationRequest], eos: tuple[int, ...], device: tor
                 ps.append(p.top_p)
                 max_new.append(p.max_new_tokens)
                 stops.append(stop)
-                gens.append(torch.Generator().manual_seed(sample_seed(seed, i, j)))
+                gen = torch.Generator().manual_seed(sample_seed(seed, i, j))
+                # a row's t-th token uses its t-th draw: the same whatever else is batched
+                draws.append(torch.rand(width, generator=gen) if p.max_new_tokens == width else
+                             torch.cat([torch.rand(p.max_new_tokens, generator=gen),
+                                        torch.zeros(width - p.max_new_tokens)]))
                 owner.append((r, i))
     return _Rows(prompts, torch.tensor(temps, dtype=torch.float32, device=device),
                  torch.tensor(ks, dtype=torch.int64, device=device),
-                 torch.tensor(ps, dtype=torch.float32, device=device), max_new, stops, gens, owner)
+                 torch.tensor(ps, dtype=torch.float32, device=device), max_new, stops,
+                 torch.stack(draws).to(device), owner)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  generators: list[torch.Generator]) -> torch.Tensor:
-    """Next token per row from raw fp32 logits [B, V]; returns int64 [B].
+                  u: torch.Tensor) -> torch.Tensor:
+    """Next token per row from raw fp32 logits [B, V] and one uniform u [B] in [0, 1) per row; int64 [B].
 
-    Greedy rows (temperature 0) take the argmax. Sampling rows draw one uniform u from their own
-    generator and invert the CDF of softmax(logits / temperature) restricted to the top-k tokens and
-    the smallest prefix (by probability) whose mass reaches top_p. Ties are broken by a stable sort,
-    so the choice depends only on the row's logits and u.
+    Greedy rows (temperature 0) take the argmax. Sampling rows invert the CDF of
+    softmax(logits / temperature) at u; rows with top-k or top-p first sort by probability (stable,
+    so ties keep id order) and keep the k most likely tokens and the smallest prefix whose mass
+    reaches top_p. Rows without either skip the sort (costly over a large vocabulary). The choice
+    depends only on the row's logits, parameters and u.
     """
     out = logits.argmax(dim=-1)
-    rows = torch.nonzero(temperature > 0).flatten()
-    if rows.numel() == 0:
+    sampling = temperature > 0
+    if not bool(sampling.any()):
         return out
-    scaled = logits[rows] / temperature[rows, None]
-    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
-    k = top_k[rows, None]
-    keep = (k == 0) | (rank[None, :] < k)
-    keep &= (probs.cumsum(dim=-1) - probs) < top_p[rows, None]  # mass before this token; the top one always stays
-    probs = probs * keep
-    cdf = probs.cumsum(dim=-1)
-    u = torch.stack([torch.rand((), generator=generators[int(r)]) for r in rows.tolist()]).to(cdf.device)
-    # right=True: the first index whose cdf exceeds u*total, never a zero-probability token
-    choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)
-    out[rows] = order.gather(-1, choice).squeeze(-1)
+    filtered = sampling & ((top_k > 0) | (top_p < 1))
+    plain = torch.nonzero(sampling & ~filtered).flatten()
+    if plain.numel():
+        probs = torch.softmax(logits[plain] / temperature[plain, None], dim=-1)
+        out[plain] = _invert_cdf(probs, u[plain])
+    rows = torch.nonzero(filtered).flatten()
+    if rows.numel():
+        scaled = logits[rows] / temperature[rows, None]
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        rank = torch.arange(probs.shape[-1], device=probs.device)
+        k = top_k[rows, None]
+        keep = (k == 0) | (rank[None, :] < k)
+        keep &= (probs.cumsum(dim=-1) - probs) < top_p[rows, None]  # mass before a token; the top one stays
+        choice = _invert_cdf(probs * keep, u[rows])
+        out[rows] = order.gather(-1, choice[:, None]).squeeze(-1)
     return out
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index i with cdf[i-1] <= u * total < cdf[i] per row of (unnormalised) probs [R, V]: never a
+    zero-probability entry (right=True), clamped against rounding at the top."""
+    cdf = probs.cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return idx.clamp(max=probs.shape[-1] - 1)
 
 
 class TransformersBackend(GeneratorBackend):
@@ -184,8 +204,8 @@ class TransformersBackend(GeneratorBackend):
         finish: list[str] = ["length"] * B
         while True:
             a = alive
-            picked = sample_tokens(logits, rows.temperature[a], rows.top_k[a], rows.top_p[a],
-                                   [rows.generators[int(b)] for b in a.tolist()])
+            step = len(tokens[int(a[0])])  # every live row has made the same number of tokens
+            picked = sample_tokens(logits, rows.temperature[a], rows.top_k[a], rows.top_p[a], rows.uniforms[a, step])
             lp = torch.log_softmax(logits, dim=-1).gather(-1, picked[:, None]).squeeze(-1)
             keep = []
             for pos, (b, tok, lpv) in enumerate(zip(a.tolist(), picked.tolist(), lp.tolist(), strict=True)):

@@ -20,9 +20,10 @@ LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.0])  # ranks: 0, then 1 and 5
 
 
 def _draw(rows: int, *, temperature: float, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> torch.Tensor:
-    gens = [torch.Generator().manual_seed(sample_seed(seed, 0, j)) for j in range(rows)]
+    u = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(sample_seed(seed, 0, j)))
+                     for j in range(rows)])
     return sample_tokens(LOGITS.expand(rows, -1).clone(), torch.full((rows,), temperature),
-                         torch.full((rows,), top_k), torch.full((rows,), top_p), gens)
+                         torch.full((rows,), top_k), torch.full((rows,), top_p), u)
 
 
 def test_greedy_is_argmax() -> None:
@@ -57,9 +58,17 @@ def test_rows_draw_from_their_own_generators() -> None:
     c = _draw(8, temperature=1.0, seed=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     # a row's token does not depend on the other rows of the batch
-    gens = [torch.Generator().manual_seed(sample_seed(3, 0, 5))]
-    alone = sample_tokens(LOGITS[None].clone(), torch.ones(1), torch.zeros(1, dtype=torch.int64), torch.ones(1), gens)
+    u = torch.rand((1,), generator=torch.Generator().manual_seed(sample_seed(3, 0, 5)))
+    alone = sample_tokens(LOGITS[None].clone(), torch.ones(1), torch.zeros(1, dtype=torch.int64), torch.ones(1), u)
     assert int(alone) == int(a[5])
+
+
+def test_mixed_batch_greedy_plain_and_filtered_rows() -> None:
+    logits = LOGITS.expand(3, -1).clone()
+    u = torch.tensor([0.99, 0.99, 0.99])
+    out = sample_tokens(logits, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0, 0, 1]), torch.ones(3), u)
+    assert out[0] == 0 and out[2] == 0  # greedy; top-1
+    assert out[1] == 5  # u near 1 inverts the unsorted CDF at its last token
 
 
 def test_sample_seed_separates_prompt_and_sample_indices() -> None:
