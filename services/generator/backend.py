@@ -102,8 +102,13 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 class GeneratorBackend(abc.ABC):
     """A model that samples. Subclasses: TransformersBackend, VLLMBackend."""
 
+    #: Engine name reported in GetInfo and metrics ("transformers", "vllm").
+    name: str = ""
     #: Weight version now served (0 = as loaded); set by apply_weights.
     version: int = 0
+
+    def __str__(self) -> str:  # the runtime labels its info metric with str(role.backend)
+        return self.name
 
     @abc.abstractmethod
     def load(self) -> None:

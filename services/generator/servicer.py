@@ -92,7 +92,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 max_batch_sequences=limits.max_batch_sequences, max_tokens_per_call=limits.max_tokens_per_call,
                 max_new_tokens=limits.max_new_tokens, max_samples_per_prompt=limits.max_samples_per_prompt,
                 max_queue=opts.max_queue, max_message_bytes=self.role.ctx.max_message_bytes),
-            identity=f"{NAME}/{info.backend}:{info.model_path.rstrip('/').rsplit('/', 1)[-1]}@{socket.gethostname()}",
+            identity=self.role.identity,
             version=quartet_version(), last_step_id=-1,
             extra={"logprobs": LOGPROB_MODE, "seeding": "sample j of prompt i: blake2b(seed:i:j)",
                    "max_batch_tokens": str(opts.max_batch_tokens), "max_prompts": str(limits.max_prompts),
@@ -120,8 +120,10 @@ class GeneratorRole:
         self._update_lock = threading.Lock()
 
     @property
-    def backend_name(self) -> str:
-        return self.options.backend
+    def identity(self) -> str:
+        """e.g. "generator/transformers:my-model@host" (GetInfo and the runtime's info metric)."""
+        path = str(self.ctx.model.path or "").rstrip("/").rsplit("/", 1)[-1]
+        return f"{NAME}/{self.backend.name}:{path}@{socket.gethostname()}"
 
     def _make_backend(self) -> GeneratorBackend:
         if self.options.backend == "vllm":

@@ -122,6 +122,8 @@ def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 class TransformersBackend(GeneratorBackend):
     """AutoModelForCausalLM + our decode loop; see the module docstring."""
 
+    name = "transformers"
+
     def __init__(self, model: ModelConfig, *, attn_implementation: str | None = None) -> None:
         self.model_config = model
         self.attn_implementation = attn_implementation
@@ -147,7 +149,7 @@ class TransformersBackend(GeneratorBackend):
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         cfg = self.model.config
         self._info = BackendInfo(
-            backend="transformers", model_path=str(self.model_config.path),
+            backend=self.name, model_path=str(self.model_config.path),
             tokenizer_fingerprint=hf.tokenizer_fingerprint(self.tokenizer),
             vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
             dtype=str(dtype).removeprefix("torch."), device=str(device), eos_token_ids=tuple(sorted(eos)),

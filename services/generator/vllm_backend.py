@@ -71,6 +71,8 @@ def checkpoint_specs(path: str | Path, dtype: torch.dtype) -> dict[str, tuple[tu
 class VLLMBackend(GeneratorBackend):
     """vllm.LLM in this process; see the module docstring."""
 
+    name = "vllm"
+
     def __init__(self, model: ModelConfig, options) -> None:  # type: ignore[no-untyped-def]
         self.model_config = model
         self.options = options
@@ -104,7 +106,7 @@ class VLLMBackend(GeneratorBackend):
         model_cfg = self.llm.llm_engine.model_config
         eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         self._info = BackendInfo(
-            backend="vllm", model_path=path, tokenizer_fingerprint=hf.tokenizer_fingerprint(self.tokenizer),
+            backend=self.name, model_path=path, tokenizer_fingerprint=hf.tokenizer_fingerprint(self.tokenizer),
             vocab_size=int(model_cfg.get_vocab_size()), dtype=_VLLM_DTYPES[dtype], device=str(device),
             eos_token_ids=tuple(sorted(eos)), max_positions=int(model_cfg.max_model_len),
         )

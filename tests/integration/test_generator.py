@@ -447,3 +447,9 @@ def test_vllm_backend(tiny_checkpoint, tiny_checkpoint_other, prompt_ids) -> Non
             assert torch.allclose(lp, _direct_logprobs(other, prompt_ids[after.prompt_index[k]], row), atol=0.05)
     finally:
         srv.stop(grace=0)
+
+
+def test_runtime_info_metric_names_backend(server) -> None:
+    labels = {"role": "generator", "backend": "transformers", "identity": server.role.identity}
+    assert server.role.identity.startswith("generator/transformers:model@")
+    assert _metric(server, "quartet_service_info", labels) == 1
