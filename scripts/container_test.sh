@@ -52,6 +52,7 @@ dump_logs() {
 cleanup() {
   set +e
   if command -v podman-compose >/dev/null && [ -f "$COMPOSE_FILE" ]; then
+    podman rm -f "${COMPOSE_PROJECT_NAME}_swap_orchestrator" >/dev/null 2>&1
     compose down -v -t 5 >/dev/null 2>&1
   fi
   rm -rf "$WORK"
@@ -275,10 +276,10 @@ for panel in json.load(open(path))["panels"]:
 if bad:
     sys.exit("panels without data:\n  " + "\n  ".join(bad))
 PY
-curl -sf "http://127.0.0.1:29090/api/v1/targets" | python -c '
-import json,sys
+curl -sf "$PROM/api/v1/targets" | python -c '
+import json, sys
 for t in json.load(sys.stdin)["data"]["activeTargets"]:
-    print(f"target {t[\"labels\"][\"instance\"]:<20} {t[\"health\"]}")'
+    print("target", t["labels"]["instance"].ljust(22), t["health"])'
 
 stage "compose down leaves nothing running"
 compose down -t 10 >/dev/null 2>&1 || fail "compose down"
@@ -296,8 +297,10 @@ cfg["checkpoint"] = {"interval": 1, "keep": 2}
 yaml.safe_dump(cfg, open(sys.argv[2], "w"), sort_keys=False)
 PY
 stack_up
-QUARTET_RUN_CONFIG=swap-ci.yaml compose up -d --no-deps orchestrator >"$WORK/up-orch.log" 2>&1 || fail "orchestrator up"
-ORCH=$(cname orchestrator)
+# `run` (like a user's `docker compose run --rm orchestrator`): `up` of the reward service leaves it alone.
+ORCH=${COMPOSE_PROJECT_NAME}_swap_orchestrator
+compose run -d -T --no-deps --name "$ORCH" orchestrator train /etc/quartet/swap-ci.yaml >"$WORK/up-orch.log" 2>&1 \
+  || { cat "$WORK/up-orch.log"; fail "orchestrator run"; }
 steps_done() { podman exec "$ORCH" sh -c 'cat /runs/ci-swap/steps.jsonl 2>/dev/null | wc -l' 2>/dev/null || echo 0; }
 deadline=$(( $(date +%s) + 300 ))
 until [ "$(steps_done)" -ge 2 ]; do
@@ -311,6 +314,7 @@ podman inspect "$(cname reward)" --format '{{.Config.Cmd}}' | grep -q reward-len
 code=$(podman wait "$ORCH")
 podman logs "$ORCH" 2>&1 | grep -E '^\{"step"|run stopped|resum' || true
 [ "$code" = 0 ] || { podman logs "$ORCH" 2>&1 | tail -30; fail "the swap run exited $code"; }
+podman rm "$ORCH" >/dev/null
 podman run --rm -v "${COMPOSE_PROJECT_NAME}_runs:/runs:ro" --entrypoint python "$IMAGE" -c '
 import json
 rows = [json.loads(l) for l in open("/runs/ci-swap/steps.jsonl")]
