@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 import torch
+
+from orchestrator.config import Endpoint
 from quartet.v1 import (
     common_pb2,
     generator_pb2,
@@ -26,8 +28,6 @@ from quartet.v1 import (
     value_pb2,
     value_pb2_grpc,
 )
-
-from orchestrator.config import Endpoint
 from services.common.channel import open_channel
 from services.common.codec import RaggedTensor, decode_ragged, decode_tensor, encode_ragged
 from services.common.errors import QuartetError

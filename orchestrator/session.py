@@ -127,6 +127,8 @@ class Session:
         check_tokenizers({k: v for k, v in self.infos.items() if not k.startswith("reward")},
                          trainer_fingerprint=tokenizer_fingerprint(tokenizer))
         self._seed_everything()
+        if cfg.models.threads is not None:
+            torch.set_num_threads(cfg.models.threads)
         device = resolve_device(cfg.models.device, field="models.device")
         dtype = resolve_dtype(cfg.models.dtype, device=device, field="models.dtype")
         # TRPO's Fisher-vector product needs double backprop through attention: eager on CPU (NOTES.md).

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quartet.v1 import generator_pb2
 
 from orchestrator.clients import GeneratorClient, ServiceError, ServiceInfo, check_tokenizers
 from orchestrator.config import Endpoint
+from quartet.v1 import generator_pb2
 from services.common.codec import encode_ragged
 
 
