@@ -92,6 +92,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     sampling = temperature > 0
     if not bool(sampling.any()):
         return out
+    # Subtract the row max before dividing: a tiny temperature then sends the others to -inf (greedy in
+    # the limit) instead of overflowing every logit to +-inf and the softmax to NaN.
+    logits = logits - logits.max(dim=-1, keepdim=True).values
     filtered = sampling & ((top_k > 0) | (top_p < 1))
     plain = torch.nonzero(sampling & ~filtered).flatten()
     if plain.numel():

@@ -30,6 +30,13 @@ def test_greedy_is_argmax() -> None:
     assert _draw(5, temperature=0.0).tolist() == [0] * 5
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-6])
+def test_tiny_temperature_tends_to_greedy(temperature: float) -> None:
+    # 1e-45 is a valid float32 > 0: dividing raw logits by it overflows unless the max is taken out first
+    assert _draw(50, temperature=temperature).tolist() == [0] * 50
+    assert _draw(50, temperature=temperature, top_k=3, top_p=0.9).tolist() == [0] * 50
+
+
 def test_frequencies_follow_softmax_over_temperature() -> None:
     n = 20000
     counts = torch.bincount(_draw(n, temperature=0.7), minlength=6).float() / n

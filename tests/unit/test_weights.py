@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from quartet.v1 import generator_pb2 as pb
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.weight_assembler import _Coverage
 from services.common.weight_wire import decode_chunk
 from services.common.weights import (
     WeightAssembler,
-    _Coverage,
     iter_weight_chunks,
     iter_weight_frames,
     model_weight_specs,
@@ -275,3 +275,14 @@ def test_assembler_takes_decoded_views() -> None:
     frames = iter_weight_frames(state.items(), version=4, chunk_bytes=333)
     staged = _assembler(state).assemble((decode_chunk(f) for f in frames), current_version=0)
     assert all(torch.equal(t, state[n]) for n, t in staged.tensors.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_refused(dtype: torch.dtype, bad: float) -> None:
+    state = {"ok": torch.randn(5).to(dtype), "w": torch.randn(3, 7).to(dtype), "i": torch.arange(4)}
+    asm = WeightAssembler({n: (tuple(t.shape), t.dtype) for n, t in state.items()})
+    asm.assemble(iter_weight_chunks(state.items(), version=1), current_version=0)  # finite: accepted
+    state["w"][2, 6] = bad
+    with pytest.raises(InvalidArgument, match=r"weights\[w\]: contains NaN or infinite"):
+        asm.assemble(iter_weight_chunks(state.items(), version=2), current_version=1)
