@@ -96,8 +96,14 @@ def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> Prepared
     model = build_tiny_model(tokenizer, **DEMO_MODEL, seed=seed)
     log(f"demo model: {count_parameters(model):,} parameters; supervised warm-up for {WARMUP['steps']} steps ...")
     start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        sft_warmup(model, tokenizer, load_jsonl(train_path), seed=seed, **WARMUP)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread, no OpenMP waits under contention (see models.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            sft_warmup(model, tokenizer, load_jsonl(train_path), seed=seed, **WARMUP,
+                       progress=lambda step, loss: step % 100 == 0 and log(f"  warm-up step {step}: loss {loss:.3f}"))
+    finally:
+        torch.set_num_threads(threads)
     warmup_seconds = time.perf_counter() - start
     policy = save_checkpoint(model, tokenizer, run_dir / "warmup")
     acc = greedy_accuracy(model, tokenizer, load_jsonl(test_path)[:EVAL_ROWS]).accuracy
