@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=Path("runs/bench-learning"))
     ap.add_argument("--set", dest="sets", action="append", default=[], help="run-config override for every algo")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as the orchestrator (models.threads) and the local services
 
     from orchestrator.demo import prepare, run_demo
 

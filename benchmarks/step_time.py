@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--from-demo", type=Path, default=None,
                     help="reuse a demo run directory's warmup/ and task/ instead of warming up again")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as the orchestrator (models.threads) and the local services
 
     from orchestrator.demo import prepare
 
