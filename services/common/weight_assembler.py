@@ -135,6 +135,8 @@ class _Coverage:
         return True
 
     def covered(self) -> int:
+        if len(self.starts) == 1:  # the usual case: in-order pieces merge into one interval
+            return self.ends[0] - self.starts[0]
         return sum(e - s for s, e in zip(self.starts, self.ends, strict=True))
 
 
@@ -259,6 +261,11 @@ class _StreamState:
             base = asm._starts[canonical]
             asm._flat[base + start:base + end] = np.frombuffer(data, dtype=np.uint8)  # type: ignore[index]
         self.nbytes += len(data)
+        if cov.covered() == spec.nbytes:  # complete: check its values now, while later chunks arrive
+            view = asm._views[canonical]
+            if _first_non_finite({canonical: view}) is not None:
+                raise InvalidArgument(f"weights[{canonical}]", "contains NaN or infinite values; refusing to "
+                                                               "serve them")
 
     def finish(self) -> StagedWeights:
         asm = self.asm
@@ -276,9 +283,6 @@ class _StreamState:
         if total_tensors and total_tensors != len(self.coverage):
             raise InvalidArgument("total_tensors",
                                   f"first chunk announced {total_tensors} tensors, received {len(self.coverage)}")
-        bad = _first_non_finite(asm._views)
-        if bad is not None:
-            raise InvalidArgument(f"weights[{bad}]", "contains NaN or infinite values; refusing to serve them")
         assert self.version is not None
         return StagedWeights(version=self.version, tensors=dict(asm._views), nbytes=self.nbytes,
                              chunks=self.chunks, receive_seconds=time.perf_counter() - self.t0)
