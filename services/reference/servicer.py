@@ -25,7 +25,7 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServicer):
         self.ctx = ctx
 
     def LogProbs(self, request: reference_pb2.LogProbsRequest, context: grpc.ServicerContext):
-        rows, starts = decode_sequences(request.sequences)
+        rows, starts = decode_sequences(request.sequences, max_rows=self.backend.options.max_batch_sequences)
         logprobs = self.backend.logprobs(rows, starts)
         return reference_pb2.LogProbsResponse(logprobs=encode_ragged(logprobs, dtype=torch.float32))
 
