@@ -6,7 +6,9 @@ A checkpoint is a directory `<checkpoint_dir>/<name>/` holding
 - `meta.json`: {"format": "quartet-value-critic", "version": 1, "steps_trained", "last_step_id", ...}.
 
 Names come from the network, so `resolve_name` refuses anything that would land outside the
-checkpoint directory (absolute paths, "..", a symlink pointing out) with PermissionDenied.
+checkpoint directory (absolute paths, "..", a symlink pointing out) with PermissionDenied, and
+names the filesystem cannot hold (a component over NAME_MAX, a path over PATH_MAX, counting the
+temporary names written beside it) with InvalidArgument, before touching the filesystem.
 
 Writes are atomic: everything goes to a hidden temporary directory next to the target, which is then
 renamed into place, so a crash leaves either the old checkpoint or the new one, never half of one
@@ -32,6 +34,13 @@ WEIGHTS = "critic.safetensors"
 OPTIMIZER = "optimizer.pt"
 META = "meta.json"
 FORMAT = "quartet-value-critic"
+
+# Linux limits, in bytes of the encoded name. Writes go through `.<last>.tmp-<8 hex>/critic.safetensors`
+# (and `.<last>.old-<8 hex>`), so the last component and the whole path need room for those too.
+NAME_MAX = 255
+PATH_MAX = 4096  # includes the terminating NUL
+_TMP_EXTRA = len(".") + len(".tmp-") + 8
+_LONGEST_FILE = max(len(WEIGHTS), len(OPTIMIZER), len(META))
 
 
 @dataclass(frozen=True)
@@ -61,12 +70,28 @@ def resolve_name(root: Path | None, name: str) -> Path:
     if ".." in pure.parts or "\\" in name:
         raise PermissionDenied(f"checkpoint name {name!r} may not contain '..' or backslashes")
     base = root.resolve()
+    _check_lengths(base, pure)
     target = (base / pure).resolve()  # follows symlinks, so a link pointing out is caught below
     if target == base:
         raise InvalidArgument("name", f"{name!r} names the checkpoint directory itself; add a sub-directory name")
     if base not in target.parents:
         raise PermissionDenied(f"checkpoint name {name!r} resolves outside the checkpoint directory")
     return target
+
+
+def _check_lengths(base: Path, pure: PurePosixPath) -> None:
+    """InvalidArgument("name") for a name no filesystem here can hold; touches nothing."""
+    parts = [os.fsencode(p) for p in pure.parts]
+    for i, part in enumerate(parts):
+        room = NAME_MAX - (_TMP_EXTRA if i == len(parts) - 1 else 0)
+        if len(part) > room:
+            which = "its last component" if i == len(parts) - 1 else f"component {i + 1}"
+            raise InvalidArgument("name", f"{which} is {len(part)} bytes; the limit is {room} "
+                                  f"(NAME_MAX={NAME_MAX}, less room for the temporary name written beside it)")
+    longest = len(os.fsencode(str(base / pure))) + _TMP_EXTRA + 1 + _LONGEST_FILE
+    if longest >= PATH_MAX:
+        raise InvalidArgument("name", f"the checkpoint's files would have paths of {longest} bytes inside the "
+                              f"checkpoint directory; the limit is PATH_MAX={PATH_MAX} - 1: use a shorter name")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -83,10 +108,19 @@ def write_checkpoint(target: Path, weights: dict[str, torch.Tensor], optimizer_s
         raise FailedPrecondition(
             f"{target.name!r} exists and is not a value checkpoint; choose another name (it is not overwritten)")
     parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = parent / f".{target.name}.tmp-{tag}"
-    tmp.mkdir()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except (FileExistsError, NotADirectoryError) as e:
+        # A component of the name is an existing file (say "<ckpt>/meta.json/inner"): the caller's
+        # name cannot be a directory here, which a different name fixes.
+        where = Path(os.fsdecode(e.filename)).name if e.filename else parent.name  # no host paths in errors
+        raise FailedPrecondition(f"cannot create the checkpoint directory for {target.name!r}: {where!r} on its "
+                                 f"path is a file, not a directory ({e.strerror}); choose another name") from None
+    except OSError as e:
+        raise FailedPrecondition(f"cannot create the checkpoint directory for {target.name!r}: {e.strerror}") from None
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
         torch.save(optimizer_state, tmp / OPTIMIZER)

@@ -33,13 +33,13 @@ class ValueServicer(value_pb2_grpc.ValueServicer):
         self.ctx = ctx
 
     def Values(self, request: value_pb2.ValuesRequest, context: grpc.ServicerContext):
-        rows, starts = decode_sequences(request.sequences)
+        rows, starts = decode_sequences(request.sequences, max_rows=self.backend.options.max_batch_sequences)
         out = self.backend.values(rows, starts)
         return value_pb2.ValuesResponse(values=encode_ragged(out.values, dtype=torch.float32),
                                         steps_trained=out.steps_trained)
 
     def TrainStep(self, request: value_pb2.TrainStepRequest, context: grpc.ServicerContext):
-        rows, starts = decode_sequences(request.sequences)
+        rows, starts = decode_sequences(request.sequences, max_rows=self.backend.options.max_batch_sequences)
         if not request.HasField("returns"):
             raise InvalidArgument("returns", "required: one row of return targets per sequence")
         b = len(rows)

@@ -229,12 +229,6 @@ def test_load_of_any_name_never_fails_internally(val: Value, name: str) -> None:
     val.assert_unchanged(f"Load({name!r})")
 
 
-_UNWRITABLE = "Save of a name whose directory cannot be created gets OSError from checkpoint.write_checkpoint " \
-    "(Path.exists / mkdir) and the interceptor reports INTERNAL; resolve_name should refuse these (INVALID_ARGUMENT " \
-    "for a component over NAME_MAX = 255 bytes or a path over PATH_MAX; FAILED_PRECONDITION when a parent is a file)"
-
-
-@pytest.mark.xfail(strict=True, reason=_UNWRITABLE)
 @pytest.mark.parametrize("name", ["n" * 300, "y/" + "a" * 250 + "/" + "b" * 256, "c/" * 2100 + "d",
                                   "saved/meta.json/inner", "saved/critic.safetensors/inner"],
                          ids=["component-300B", "deep-component-256B", "path-4.2kB", "under-meta.json",
