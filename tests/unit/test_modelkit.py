@@ -232,12 +232,32 @@ def test_warmup_is_deterministic(tokenizer) -> None:
     assert runs[0] == runs[1]
 
 
+def test_warmup_stops_at_target_accuracy(tokenizer) -> None:
+    train, held_out = make_arithmetic_rows(n_train=64, n_test=8, seed=0)
+    kw = {"steps": 12, "batch_size": 8, "lr": 1e-3, "seed": 0, "eval_rows": held_out, "eval_every": 5}
+    # Accuracy is always >= 0: stops at the first check. Never > 1: runs every step.
+    assert len(sft_warmup(build_tiny_model(tokenizer), tokenizer, train, target_accuracy=0.0, **kw)) == 5
+    assert len(sft_warmup(build_tiny_model(tokenizer), tokenizer, train, target_accuracy=1.01, **kw)) == 12
+    with pytest.raises(ValueError, match="eval_rows"):
+        sft_warmup(
+            build_tiny_model(tokenizer),
+            tokenizer,
+            train,
+            steps=1,
+            batch_size=8,
+            lr=1e-3,
+            seed=0,
+            target_accuracy=0.5,
+        )
+
+
 def test_left_pad() -> None:
     ids, mask = left_pad([[5, 6], [7], []], pad_token_id=0)
     assert ids.tolist() == [[5, 6], [0, 7], [0, 0]] and mask.tolist() == [[1, 1], [0, 1], [0, 0]]
 
 
-def _trained_model(tokenizer):
+@pytest.fixture(scope="module")
+def trained_model(tokenizer):
     """A model with peaked, prompt-dependent predictions: random init decodes almost the same for any prompt."""
     model = build_tiny_model(tokenizer, seed=2)
     train, _ = make_arithmetic_rows(n_train=256, n_test=0, seed=1)
@@ -245,8 +265,8 @@ def _trained_model(tokenizer):
     return model
 
 
-def test_left_padded_batch_decodes_like_one_by_one(tokenizer) -> None:
-    model = _trained_model(tokenizer)
+def test_left_padded_batch_decodes_like_one_by_one(tokenizer, trained_model) -> None:
+    model = trained_model
     prompts = ["1+2=", "23+48=", "99+99=", "5+50=", "0+0=", "what is 7+8 ?"]  # lengths 5..14 with <bos>
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     batched = greedy_complete(model, tokenizer, ids, max_new_tokens=6)
@@ -265,8 +285,8 @@ def test_left_padded_batch_decodes_like_one_by_one(tokenizer) -> None:
         assert seq[len(x) :] == want
 
 
-def test_greedy_accuracy_counts_and_batch_size_invariance(tokenizer) -> None:
-    model = _trained_model(tokenizer)
+def test_greedy_accuracy_counts_and_batch_size_invariance(tokenizer, trained_model) -> None:
+    model = trained_model
     _, test = make_arithmetic_rows(n_train=0, n_test=40, seed=3)
     r = greedy_accuracy(model, tokenizer, test, batch_size=64)
     assert r.n == 40 and len(r.examples) == 40 and r.accuracy == r.correct / 40

@@ -12,8 +12,19 @@ import operator
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 _OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt ids as every role sees them: `<bos>` (added by the tokenizer) then the characters."""
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_answer(tokenizer: Any, answer: str) -> list[int]:
+    """The target completion: the answer characters then `<eos>` (no `<bos>`: it continues a prompt)."""
+    return [*tokenizer(answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
 
 
 def _all_prompts(max_operand: int, ops: Sequence[str]) -> list[tuple[str, str]]:

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from services.common.modelkit.arithmetic import is_correct
-from services.common.modelkit.warmup import encode_prompt
+from services.common.modelkit.arithmetic import encode_prompt, is_correct
 
 
 @dataclass(frozen=True)
