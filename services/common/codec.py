@@ -248,13 +248,14 @@ def decode_ragged(
     return RaggedTensor(values, offsets)
 
 
-def check_row_limit(n: int, *, field: str, max_rows: int | None, limit_name: str = "max_batch_sequences") -> None:
+def check_row_limit(n: int, *, field: str, max_rows: int | None, limit_name: str = "max_batch_sequences",
+                    noun: str = "rows") -> None:
     """InvalidArgument naming `field` if a repeated field describes more than `max_rows` rows (None: no limit).
 
     Callers pass the length of a repeated field before copying it, so the check costs nothing.
     """
     if max_rows is not None and n > max_rows:
-        raise InvalidArgument(field, f"describes {n} rows; the limit is {limit_name}={max_rows}")
+        raise InvalidArgument(field, f"describes {n} {noun}; the limit is {limit_name}={max_rows}")
 
 
 def decode_sequences(

@@ -56,6 +56,9 @@ class Options(BaseModel):
         0, ge=0, description="Format rule: most characters in the stripped completion (0 = no limit).")
     max_batch: int = Field(
         4096, ge=1, description="Most samples in one Score call; larger calls get INVALID_ARGUMENT.")
+    max_concurrent: int = Field(
+        16, ge=1, description="Score calls running at once; one more gets RESOURCE_EXHAUSTED at once (retry with "
+        "backoff). Calls share the worker pool or the model, so more at once would only queue behind each other.")
     model_batch_size: int = Field(
         16, ge=1, description="Kind=model: sequences per forward pass.")
     model_max_tokens: int = Field(

@@ -13,8 +13,9 @@ import grpc
 import torch
 
 from quartet.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from services.common.codec import RaggedTensor, decode_ragged, encode_ragged, encode_tensor
-from services.common.errors import NotReady
+from services.common.batching import CallGate
+from services.common.codec import RaggedTensor, check_row_limit, decode_ragged, encode_ragged, encode_tensor
+from services.common.errors import InvalidArgument, NotReady
 from services.common.role import RoleContext
 from services.reward import NAME
 from services.reward.backend import RewardBackend, RewardBatch, RewardMetrics
@@ -30,12 +31,29 @@ def _version() -> str:
         return "0+unknown"
 
 
-def decode_request(request: reward_pb2.ScoreRequest) -> RewardBatch:
-    """ScoreRequest -> RewardBatch; InvalidArgument naming the field for malformed or disagreeing fields."""
+def decode_request(request: reward_pb2.ScoreRequest, *, max_batch: int | None = None) -> RewardBatch:
+    """ScoreRequest -> RewardBatch; InvalidArgument naming the field for malformed or disagreeing fields.
+
+    max_batch: the most samples B accepted. Every repeated field's length is compared with it before
+    anything is copied, so a request of a million empty samples is refused without building them.
+    B is the number of completions (every backend needs them), so they are checked first; another
+    field over the limit is named unless the completions are missing, which is then the error.
+    """
+    b = len(request.completion_text)
+    check_row_limit(b, field="completion_text", max_rows=max_batch, limit_name="max_batch", noun="samples")
+    counts = {"prompt_text": len(request.prompt_text), "metadata": len(request.metadata)}
+    counts.update({f"{name}.offsets": len(getattr(request, name).offsets) - 1
+                   for name in ("completion_ids", "prompt_ids") if request.HasField(name)})
+    for name, n in counts.items():
+        if max_batch is not None and n > max_batch and b == 0:
+            raise InvalidArgument("completion_text", f"not sent, and {name} describes {n} samples, over the "
+                                  f"limit max_batch={max_batch}; send one completion per sample")
+        check_row_limit(n, field=name, max_rows=max_batch, limit_name="max_batch", noun="samples")
     ids: dict[str, list[torch.Tensor] | None] = {}
     for name in ("prompt_ids", "completion_ids"):
         if request.HasField(name):
-            rows = decode_ragged(getattr(request, name), field=name, dtypes=(torch.int64, torch.int32))
+            rows = decode_ragged(getattr(request, name), field=name, dtypes=(torch.int64, torch.int32),
+                                 max_rows=max_batch)
             ids[name] = [r.to(torch.int64) for r in rows.rows()]
         else:
             ids[name] = None
@@ -52,7 +70,9 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
 
     def Score(self, request: reward_pb2.ScoreRequest, context: grpc.ServicerContext) -> reward_pb2.ScoreResponse:
         backend = self.role.ready()
-        rewards, failed, token_rewards = backend.score(decode_request(request))
+        batch = decode_request(request, max_batch=backend.max_batch)
+        with self.role.gate.enter():
+            rewards, failed, token_rewards = backend.score(batch)
         response = reward_pb2.ScoreResponse(rewards=encode_tensor(rewards), failed=failed,
                                             identity=self.role.identity)
         if token_rewards is not None:
@@ -64,11 +84,12 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
         info = backend.info()
         extra = {k: v for k, v in info.items() if k not in _INFO_FIELDS}
         extra["kind"] = backend.kind
+        extra["max_concurrent"] = str(self.role.options.max_concurrent)
         return common_pb2.ServiceInfo(
             role=NAME, model_path=info.get("model_path", backend.identity), backend=backend.identity,
             dtype=info.get("dtype", ""), device=info.get("device", "cpu"),
             tokenizer_fingerprint=info.get("tokenizer_fingerprint", ""),
-            limits=common_pb2.Limits(max_batch_sequences=backend.max_batch,
+            limits=common_pb2.Limits(max_batch_sequences=backend.max_batch, max_queue=self.role.options.max_concurrent,
                                      max_message_bytes=self.role.ctx.max_message_bytes),
             identity=self.role.identity, version=_version(), last_step_id=-1, extra=extra,
         )
@@ -97,6 +118,7 @@ class RewardRole:
         self.ctx = ctx
         self.options = options
         self.metrics = RewardMetrics(ctx.registry)
+        self.gate = CallGate(options.max_concurrent, "reward Score")
         self.backend_impl: RewardBackend | None = None
         self._closed = False
         self._lock = threading.Lock()

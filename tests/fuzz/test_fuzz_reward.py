@@ -151,12 +151,6 @@ def test_ids_only_request_names_completion_text(rew: Reward) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "servicer.decode_request copies every repeated field into Python lists (list(request.completion_text), "
-    "dicts of metadata) and RewardBatch.build/check_batch compare B with max_batch only afterwards: a 2 MB "
-    "request of 1M empty completion texts builds ~110 MiB of Python objects (8 MB: 437 MiB and 8 s), so the "
-    "default 256 MiB message limit allows a ~14 GB allocation. Compare len(request.completion_text) etc. "
-    "with max_batch before copying"))
 def test_a_million_empty_samples_are_refused_without_copying_them(rew: Reward) -> None:
     n = 1_000_000
     request = reward_pb2.ScoreRequest(completion_text=[""] * n)

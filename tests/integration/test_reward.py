@@ -131,6 +131,26 @@ def test_concurrent_calls_share_the_pool(arith) -> None:
     assert results == [[1.0 if k == 0 else 0.0] * 16 for k in range(6)]
 
 
+def test_overloaded_beyond_max_concurrent() -> None:
+    """Score calls past options.max_concurrent are refused at once (RESOURCE_EXHAUSTED), not queued."""
+    srv = _serve({"kind": "rule", "rule": "arithmetic", "workers": 1, "max_concurrent": 2})
+    channel, stub = _stub(srv)
+    try:
+        info = stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5)
+        assert info.limits.max_queue == 2 and info.extra["max_concurrent"] == "2"
+        gate = srv.role.gate
+        with gate.enter(), gate.enter():  # both slots taken, as by two calls in flight
+            code, details = _code(lambda: stub.Score(_request(["1"], ["1"]), timeout=10))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_concurrent=2" in details, details
+            code, _ = _code(lambda: stub.Score(_request(["1", "2"], ["1"]), timeout=10))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT  # a malformed message is still named as such
+        assert _rewards(stub.Score(_request(["1"], ["1"]), timeout=10)) == [1.0]  # slots free again
+    finally:
+        channel.close()
+        srv.stop(grace=0)
+
+
 @pytest.mark.parametrize(("make", "field"), [
     (lambda: _request(["1", "2"], ["1", "2"], prompts=["p"]), "prompt_text"),
     (lambda: _request(["1", "2"], ["1"]), "metadata"),
@@ -140,6 +160,8 @@ def test_concurrent_calls_share_the_pool(arith) -> None:
     (lambda: reward_pb2.ScoreRequest(), "completion_text"),
     (lambda: reward_pb2.ScoreRequest(prompt_text=["p"]), "completion_text"),
     (lambda: _request(["1"] * 129, ["1"] * 129), "completion_text"),
+    (lambda: _request(["1"], ["1"], prompts=["p"] * 129), "prompt_text"),
+    (lambda: _request(["1"], ["1"], completion_ids=common_pb2.Ragged(offsets=bytes(130))), "completion_ids.offsets"),
     (lambda: _request(["1"], ["1"], prompt_ids=common_pb2.Ragged(
         values=common_pb2.Tensor(dtype=common_pb2.DTYPE_INT64, shape=[2], data=b"\0" * 16), offsets=[0, 3])),
      "prompt_ids.offsets"),
