@@ -19,7 +19,7 @@ from orchestrator.config import RunConfig, build_config
 
 # Warm-up settings: enough supervised steps that greedy test accuracy starts well above 0 but far
 # from 100%, leaving RL something to do (measured on 2 CPU cores, see the demo's JSON summary).
-WARMUP = {"steps": 800, "batch_size": 64, "lr": 3e-3}
+WARMUP = {"steps": 500, "batch_size": 64, "lr": 3e-3}
 TASK = {"n_train": 5000, "n_test": 200, "max_operand": 99}
 EVAL_ROWS = 200
 
@@ -42,7 +42,7 @@ class DemoSummary:
 def demo_config(algo: str, *, steps: int, run_dir: Path, policy: Path, dataset: Path, seed: int,
                 overrides: list[str] | None = None) -> RunConfig:
     """The run config of the demo: local services, arithmetic rule reward, 8 prompts x 8 samples."""
-    algorithm: dict[str, Any] = {"name": algo, "lr": 2e-5 if algo != "trpo" else 1e-6}
+    algorithm: dict[str, Any] = {"name": algo, "lr": 1e-4}
     if algo == "ppo":
         algorithm.update(epochs=2, kl_coef=0.01)
     data = {
