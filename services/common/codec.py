@@ -216,6 +216,7 @@ def decode_ragged(
     dtypes: Sequence[torch.dtype] | None = None,
     rows: int | None = None,
     max_rows: int | None = None,
+    limit_name: str = "max_batch_sequences",
 ) -> RaggedTensor:
     """`Ragged` message -> RaggedTensor, checking that the offsets describe the values exactly.
 
@@ -224,6 +225,7 @@ def decode_ragged(
         max_rows: if given, the most rows B the caller accepts (its max_batch_sequences). Checked on
             the length of the repeated field before anything is converted, so a request of millions
             of offsets is refused without allocating for them.
+        limit_name: the option named in that refusal (e.g. "max_prompts" for the generator).
     """
     # Counts first, on the repeated field's length: a row count that is wrong or over the limit is
     # refused before a single offset is converted.
@@ -232,7 +234,7 @@ def decode_ragged(
         raise InvalidArgument(f"{field}.offsets", "must have B + 1 entries starting at 0 (got none)")
     if rows is not None and n_offsets - 1 != rows:
         raise InvalidArgument(f"{field}.offsets", f"describes {n_offsets - 1} rows, expected {rows}")
-    check_row_limit(n_offsets - 1, field=f"{field}.offsets", max_rows=max_rows)
+    check_row_limit(n_offsets - 1, field=f"{field}.offsets", max_rows=max_rows, limit_name=limit_name)
     values = decode_tensor(msg.values, field=f"{field}.values", dtypes=dtypes, ndim=1)
     # upb's repeated scalar containers implement __array__: one C copy (8M offsets: ~25 ms), where
     # list() made a Python int per entry (~1.2 s, 64 MB of pointers plus the ints).
