@@ -35,11 +35,20 @@ log = logging.getLogger(__name__)
 _FINISH = {"stop": generator_pb2.FINISH_REASON_STOP, "length": generator_pb2.FINISH_REASON_LENGTH}
 
 
-def decode_request(request: generator_pb2.GenerateRequest) -> GenerationRequest:
-    """GenerateRequest -> GenerationRequest (shape checks only; limits are validate_request's job)."""
+# Far more stop ids than any tokenizer has special tokens; the bound keeps a hostile list from being copied.
+MAX_STOP_TOKEN_IDS = 1024
+
+
+def decode_request(request: generator_pb2.GenerateRequest, *, max_prompts: int | None = None) -> GenerationRequest:
+    """GenerateRequest -> GenerationRequest (shape checks and the sizes that must be checked before
+    copying anything into Python; the other limits are validate_request's job)."""
     if len(request.prompt_ids.offsets) <= 1:
         raise InvalidArgument("prompt_ids", "no prompts: send at least one row")
-    rows = decode_ragged(request.prompt_ids, field="prompt_ids", dtypes=(torch.int64, torch.int32))
+    rows = decode_ragged(request.prompt_ids, field="prompt_ids", dtypes=(torch.int64, torch.int32),
+                         max_rows=max_prompts, limit_name="max_prompts")
+    if len(request.params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidArgument("params.stop_token_ids", f"{len(request.params.stop_token_ids)} ids, "
+                                                       f"at most {MAX_STOP_TOKEN_IDS}")
     if request.prompt_text and len(request.prompt_text) != len(rows):
         raise InvalidArgument("prompt_text", f"has {len(request.prompt_text)} entries for {len(rows)} prompts; "
                                              "send one per prompt or none")
@@ -72,7 +81,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext):
         backend, batcher = self.role.ready()
-        req = decode_request(request)
+        req = decode_request(request, max_prompts=self.role.limits.max_prompts)
         validate_request(req, self.role.limits, backend.info)
         job = batcher.submit(req)
         context.add_callback(lambda: setattr(job, "cancelled", True))  # skip it if the caller left
