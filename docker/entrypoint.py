@@ -45,6 +45,7 @@ def prepare(args: argparse.Namespace) -> int:
     """The demo's starting point: arithmetic task files and a (warmed-up) ~1M-parameter checkpoint."""
     import torch
 
+    from orchestrator.demo import TASK, WARMUP
     from services.common.modelkit import (
         DEMO_MODEL,
         build_char_tokenizer,
@@ -55,19 +56,19 @@ def prepare(args: argparse.Namespace) -> int:
         sft_warmup,
     )
 
+    steps = WARMUP["steps"] if args.warmup_steps is None else args.warmup_steps
     policy, task = Path(args.models) / "policy", Path(args.data) / "task"
     if (policy / "config.json").is_file() and (task / "train.jsonl").is_file() and not args.force:
         print(f"prepare: {policy} and {task} exist; nothing to do (--force rebuilds them)")
         return 0
-    train_path, _test_path = make_arithmetic_task(task, n_train=4000, n_test=200, seed=args.seed, max_operand=99)
+    train_path, _test_path = make_arithmetic_task(task, seed=args.seed, **TASK)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(tokenizer, **DEMO_MODEL, seed=args.seed)
-    if args.warmup_steps > 0:
+    if steps > 0:
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
-            sft_warmup(model, tokenizer, load_jsonl(train_path), steps=args.warmup_steps, batch_size=64, lr=2e-3,
-                       seed=args.seed)
-        print(f"prepare: {args.warmup_steps} supervised warm-up steps in {time.perf_counter() - start:.1f} s")
+            sft_warmup(model, tokenizer, load_jsonl(train_path), seed=args.seed, **{**WARMUP, "steps": steps})
+        print(f"prepare: {steps} supervised warm-up steps (as `quartet demo`) in {time.perf_counter() - start:.1f} s")
     save_checkpoint(model, tokenizer, policy)
     print(f"prepare: policy checkpoint {policy}, task {task}")
     return 0
@@ -168,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="Write the demo model and arithmetic task (skipped when present).")
     p.add_argument("--models", default="/models", help="Models volume; the checkpoint goes to MODELS/policy.")
     p.add_argument("--data", default="/data", help="Data volume; the task goes to DATA/task/{train,test}.jsonl.")
-    p.add_argument("--warmup-steps", type=int, default=300, help="Supervised warm-up steps (0: random init).")
+    env_steps = os.environ.get("QUARTET_WARMUP_STEPS", "").strip()
+    p.add_argument("--warmup-steps", type=int, default=int(env_steps) if env_steps else None,
+                   help="Supervised warm-up steps (0: random init; default: $QUARTET_WARMUP_STEPS, else the demo's).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the task, model and warm-up.")
     p.add_argument("--force", action="store_true", help="Rebuild even if both exist.")
     t = sub.add_parser("train", help="Run `quartet train` with tokens from secrets and scrapeable metrics.")
