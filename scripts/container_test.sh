@@ -292,7 +292,7 @@ stage "reward swap during a run"
 python - "$WORK/config/train-cpu.yaml" "$WORK/config/swap-ci.yaml" <<'PY'
 import sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
-cfg.update(steps=8, prompts_per_step=4, samples_per_prompt=4, run_dir="/runs/ci-swap")
+cfg.update(steps=16, prompts_per_step=4, samples_per_prompt=4, run_dir="/runs/ci-swap")
 cfg["checkpoint"] = {"interval": 1, "keep": 2}
 yaml.safe_dump(cfg, open(sys.argv[2], "w"), sort_keys=False)
 PY
@@ -303,9 +303,9 @@ compose run -d -T --no-deps --name "$ORCH" orchestrator train /etc/quartet/swap-
   || { cat "$WORK/up-orch.log"; fail "orchestrator run"; }
 steps_done() { podman exec "$ORCH" sh -c 'cat /runs/ci-swap/steps.jsonl 2>/dev/null | wc -l' 2>/dev/null || echo 0; }
 deadline=$(( $(date +%s) + 300 ))
-until [ "$(steps_done)" -ge 2 ]; do
+until [ "$(steps_done)" -ge 1 ]; do
   [ "$(podman inspect "$ORCH" --format '{{.State.Running}}')" = true ] || { podman logs "$ORCH" | tail -30; fail "orchestrator exited early"; }
-  [ "$(date +%s)" -lt "$deadline" ] || fail "the swap run made no 2 steps in 300 s"
+  [ "$(date +%s)" -lt "$deadline" ] || fail "the swap run made no step in 300 s"
   sleep 2
 done
 echo "after $(steps_done) steps: replacing the reward service (rule arithmetic -> plugin length_penalised)"
@@ -321,7 +321,7 @@ rows = [json.loads(l) for l in open("/runs/ci-swap/steps.jsonl")]
 steps = [r["step"] for r in rows]
 ids = sorted({i for r in rows for i in r["reward_services"]})
 print("steps", steps); print("reward identities", ids)
-assert steps == list(range(1, 9)), "every step exactly once"
+assert steps == list(range(1, 17)), "every step exactly once"
 assert any("rule:arithmetic" in i for i in ids) and any("plugin:length_penalised" in i for i in ids), ids
 ' || fail "the swap run's step log does not show every step once with both reward identities"
 promq 'count by (identity) (max_over_time(quartet_reward_service_info[15m]))' | tee "$WORK/identities.json"
