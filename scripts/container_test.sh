@@ -312,7 +312,8 @@ echo "after $(steps_done) steps: replacing the reward service (rule arithmetic -
 QUARTET_REWARD=reward-length-penalised compose up -d --no-deps reward >"$WORK/swap.log" 2>&1 || { cat "$WORK/swap.log"; fail "reward swap"; }
 podman inspect "$(cname reward)" --format '{{.Config.Cmd}}' | grep -q reward-length-penalised || fail "reward not replaced"
 code=$(podman wait "$ORCH")
-podman logs "$ORCH" 2>&1 | grep -E '^\{"step"|run stopped|resum|error' || true
+podman logs "$ORCH" 2>&1 | grep -E '^\{"step"|run stopped|resum' || true
+podman logs "$ORCH" 2>&1 | grep -A3 '^error:' || true  # what each resume rode through
 [ "$code" = 0 ] || { podman logs "$ORCH" 2>&1 | tail -30; fail "the swap run exited $code"; }
 podman rm "$ORCH" >/dev/null
 podman run --rm -v "${COMPOSE_PROJECT_NAME}_runs:/runs:ro" --entrypoint python "$IMAGE" -c '
