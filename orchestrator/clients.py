@@ -93,7 +93,7 @@ class WeightSync:
 
 
 def _channel(ep: Endpoint, *, admin: bool) -> grpc.Channel:
-    token = (ep.admin_token or ep.token) if admin else ep.token
+    token = ep.admin_call_token() if admin else ep.call_token()
     root = Path(ep.tls_ca).read_bytes() if ep.tls_ca else None
     return open_channel(ep.address, token=token, root_cert=root)
 
@@ -107,7 +107,8 @@ class _Client:
         self.deadline_s = deadline_s
         self.info_deadline_s = info_deadline_s
         self._channel = _channel(ep, admin=False)
-        self._admin_channel = _channel(ep, admin=True) if ep.admin_token and ep.admin_token != ep.token else self._channel
+        separate_admin = ep.admin_call_token() != ep.call_token()
+        self._admin_channel = _channel(ep, admin=True) if separate_admin else self._channel
 
     def _call(self, method, request, *, call: str, timeout: float | None = None):
         try:

@@ -8,11 +8,12 @@ of valid keys and the closest match, an impossible combination says which side t
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from orchestrator.algo_config import AlgorithmConfig
 
@@ -41,14 +42,70 @@ class ModelsConfig(_Strict):
 
 
 class Endpoint(_Strict):
-    """Where a running service listens, and how to reach it."""
+    """Where a running service listens, and how to reach it.
+
+    Tokens are secrets: they come inline, from a file (`token_file`) or from an environment variable
+    (`token_env`), are never written by `dump_config` (run dir, checkpoints) and print as `**********`.
+    """
+
+    # Assignments are validated so a token set after loading (docker/entrypoint.py) is still a SecretStr.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
     address: str = Field(..., description="host:port of the service, e.g. 127.0.0.1:50051.")
-    token: str | None = Field(None, description="Call-scope bearer token (None: auth off).")
-    admin_token: str | None = Field(
-        None, description="Admin-scope token for UpdateWeights / TrainStep / Save / Load; default: `token`."
+    token: SecretStr | None = Field(
+        None, exclude=True,
+        description="Call-scope bearer token inline (never written to config dumps); prefer token_file or token_env. "
+        "None with no token_file / token_env: auth off.",
+    )
+    token_file: str | None = Field(None, description="File holding the call-scope token (used when `token` is not set).")
+    token_env: str | None = Field(
+        None, description="Environment variable holding the call-scope token, e.g. QUARTET_TOKEN "
+        "(used when neither `token` nor `token_file` is set).",
+    )
+    admin_token: SecretStr | None = Field(
+        None, exclude=True,
+        description="Admin-scope token inline for UpdateWeights / TrainStep / Save / Load (never written to config "
+        "dumps); default: the call token.",
+    )
+    admin_token_file: str | None = Field(None, description="File holding the admin-scope token (used when `admin_token` is not set).")
+    admin_token_env: str | None = Field(
+        None, description="Environment variable holding the admin-scope token, e.g. QUARTET_ADMIN_TOKEN "
+        "(used when neither `admin_token` nor `admin_token_file` is set).",
     )
     tls_ca: str | None = Field(None, description="PEM file of the CA that signed the server's certificate (None: plaintext).")
+
+    def call_token(self) -> str | None:
+        """The call-scope token: inline, else from token_file, else from token_env; None = auth off."""
+        return _resolve_secret(self.token, self.token_file, self.token_env, field="token", address=self.address)
+
+    def admin_call_token(self) -> str | None:
+        """The admin-scope token (inline, file, env), falling back to the call token."""
+        admin = _resolve_secret(self.admin_token, self.admin_token_file, self.admin_token_env,
+                                field="admin_token", address=self.address)
+        return admin or self.call_token()
+
+
+def _resolve_secret(
+    inline: SecretStr | str | None, file: str | None, env: str | None, *, field: str, address: str
+) -> str | None:
+    """A secret from the first source that is set; errors name the source, never the value."""
+    if inline is not None:
+        value = inline.get_secret_value() if isinstance(inline, SecretStr) else str(inline)
+        return value or None
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"endpoint {address}: {field}_file {file!r} does not exist; fix the path or give {field} another way")
+        text = path.read_text(encoding="utf-8").strip()
+        if not text:
+            raise ConfigError(f"endpoint {address}: {field}_file {file!r} is empty; write the token into it")
+        return text
+    if env:
+        value = os.environ.get(env, "").strip()
+        if not value:
+            raise ConfigError(f"endpoint {address}: {field}_env names {env}, which is unset or empty; export it or remove {field}_env")
+        return value
+    return None
 
 
 class RewardEndpoint(Endpoint):
@@ -83,6 +140,30 @@ class Deadlines(_Strict):
     info_s: float = Field(10.0, gt=0, description="GetInfo deadline.")
 
 
+class RetryConfig(_Strict):
+    """Retries of calls that failed with UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED."""
+
+    max_attempts: int = Field(8, ge=1, description="Most attempts of one call, the first included (1: no retries).")
+    initial_backoff_s: float = Field(
+        0.5, gt=0, description="Backoff cap before the first retry; each retry sleeps a uniform random time in "
+        "[0, cap] (full jitter) and the cap doubles per retry."
+    )
+    max_backoff_s: float = Field(10.0, gt=0, description="Largest backoff cap between two attempts.")
+    budget_s: float = Field(
+        120.0, gt=0, description="Seconds one call may spend retrying (attempts and sleeps, counted from the first "
+        "attempt); when it runs out the run stops with an error naming the service, the call and the last status."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> RetryConfig:
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(
+                f"max_backoff_s={self.max_backoff_s} is below initial_backoff_s={self.initial_backoff_s}: "
+                "raise max_backoff_s or lower initial_backoff_s"
+            )
+        return self
+
+
 class ServicesConfig(_Strict):
     """The four roles: endpoints of running services, or `local: true` to start them here."""
 
@@ -93,6 +174,11 @@ class ServicesConfig(_Strict):
     rewards: list[RewardEndpoint] = Field(default_factory=list, description="Reward endpoints; the reward is their weighted sum.")
     local_options: LocalServices = Field(default_factory=LocalServices, description="Options of the local services.")
     deadlines: Deadlines = Field(default_factory=Deadlines, description="Per-call deadlines.")
+    retry: RetryConfig = Field(
+        default_factory=RetryConfig,
+        description="Retries with exponential backoff and full jitter: idempotent calls (Generate with its seed, Score, "
+        "LogProbs, Values, GetInfo), TrainStep with its step id, UpdateWeights as a whole stream with its version.",
+    )
 
 
 class SamplingConfig(_Strict):
@@ -139,6 +225,10 @@ class RunConfig(_Strict):
     steps: int = Field(100, ge=1, description="Steps (updates) in the run; a resumed run stops at the same total.")
     seed: int = Field(0, ge=0, description="Run seed: data order, sampling seeds, trainer RNG.")
     metrics_port: int | None = Field(0, ge=0, description="Orchestrator Prometheus port (0: a free port, null: off).")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the orchestrator's Prometheus endpoint binds; 0.0.0.0 lets Prometheus in "
+        "another container scrape it (the endpoint has no auth: bind beyond loopback only on a private network).",
+    )
     run_dir: str = Field("runs/run", description="Directory for the step log, service logs, checkpoints and plots.")
 
     @model_validator(mode="after")
@@ -292,5 +382,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML (stored in every checkpoint and the run dir)."""
+    """The resolved config as YAML (stored in every checkpoint and the run dir), without secrets.
+
+    Inline tokens are `exclude=True` fields, so no dump of the config carries them; token_file /
+    token_env (paths and variable names, not secrets) are kept so a resumed run finds its tokens again.
+    """
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

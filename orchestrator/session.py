@@ -154,7 +154,7 @@ class Session:
             (run_dir / "steps.jsonl").unlink(missing_ok=True)
         self.metrics = RunMetrics(trpo=cfg.algorithm.name == "trpo")
         if cfg.metrics_port is not None:
-            self.metrics.serve(cfg.metrics_port)
+            self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
         self.orchestrator = Orchestrator(
             cfg, services, policy=policy, tokenizer=tokenizer, trainer=trainer, prompts=prompts, state=state,
             metrics=self.metrics, checkpoint=lambda o: checkpoint.save(cfg.checkpoint_dir, orch=o, keep=cfg.checkpoint.keep),

@@ -149,3 +149,47 @@ def test_config_reference_is_up_to_date() -> None:
     from orchestrator.docs import REFERENCE, generate
 
     assert REFERENCE.read_text() == generate(), "docs/config-reference.md is stale: run `python -m orchestrator.docs`"
+
+
+def remote(**endpoint) -> dict:
+    ep = {"address": "127.0.0.1:1", **endpoint}
+    return base(services={"generator": ep, "rewards": [dict(ep, address="127.0.0.1:2")]}, algorithm={"kl_coef": 0})
+
+
+def test_dumped_config_never_holds_tokens(tmp_path: Path) -> None:
+    cfg = build_config(remote(token="call-SECRET-1", admin_token="admin-SECRET-2"))
+    assert cfg.services.generator.call_token() == "call-SECRET-1"
+    assert cfg.services.generator.admin_call_token() == "admin-SECRET-2"
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    text = path.read_text()
+    assert "SECRET" not in text and "127.0.0.1:1" in text
+    assert "SECRET" not in repr(cfg) and "SECRET" not in str(cfg.services.generator)
+    assert load_config(path).services.generator.call_token() is None  # the dump loads, without the secret
+    cfg.services.rewards[0].token = "late-SECRET-3"  # set after loading, as docker/entrypoint.py does
+    assert "SECRET" not in dump_config(cfg)
+    assert cfg.services.rewards[0].call_token() == "late-SECRET-3"
+
+
+def test_tokens_from_files_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "call").write_text("file-SECRET\n")
+    monkeypatch.setenv("TEST_QUARTET_ADMIN", "env-SECRET")
+    cfg = build_config(remote(token_file=str(tmp_path / "call"), admin_token_env="TEST_QUARTET_ADMIN"))
+    ep = cfg.services.generator
+    assert ep.call_token() == "file-SECRET" and ep.admin_call_token() == "env-SECRET"
+    assert "SECRET" not in dump_config(cfg) and "TEST_QUARTET_ADMIN" in dump_config(cfg)
+    missing = build_config(remote(token_file=str(tmp_path / "nope"))).services.generator
+    with pytest.raises(ConfigError, match=r"token_file .*nope.* does not exist; fix the path"):
+        missing.call_token()
+    monkeypatch.delenv("TEST_QUARTET_ADMIN")
+    with pytest.raises(ConfigError, match=r"admin_token_env names TEST_QUARTET_ADMIN, which is unset"):
+        ep.admin_call_token()
+
+
+def test_metrics_host_and_retry_settings() -> None:
+    cfg = build_config(base())
+    assert cfg.metrics_host == "127.0.0.1" and cfg.services.retry.max_attempts >= 2
+    cfg = build_config(base(), ["metrics_host=0.0.0.0", "services.retry.budget_s=5"])
+    assert cfg.metrics_host == "0.0.0.0" and cfg.services.retry.budget_s == 5
+    with pytest.raises(ConfigError, match=r"raise max_backoff_s or lower initial_backoff_s"):
+        build_config(base(), ["services.retry.max_backoff_s=0.1", "services.retry.initial_backoff_s=1"])
