@@ -2,7 +2,9 @@
 
 Each wrapper encodes plain Python/torch inputs, calls with the role's deadline, and checks what
 comes back before anything reaches the update: wrong counts, wrong shapes, non-finite numbers and
-token ids outside the vocabulary raise `ServiceError` naming the service and the call.
+token ids outside the vocabulary raise `ServiceError` naming the service and the call. Calls that are
+safe to repeat are retried by `orchestrator.retry.call_with_retries` (every method goes through
+`_Client._call`; Save and Load are not retried).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import grpc
 import torch
 
 from orchestrator.config import Endpoint
+from orchestrator.retry import RetryPolicy, ServiceError, call_with_retries
 from quartet.v1 import (
     common_pb2,
     generator_pb2,
@@ -31,14 +34,6 @@ from quartet.v1 import (
 from services.common.channel import open_channel
 from services.common.codec import RaggedTensor, decode_ragged, decode_tensor, encode_ragged
 from services.common.errors import QuartetError
-
-
-class ServiceError(RuntimeError):
-    """A service failed a call or answered something unusable; nothing of it entered the update."""
-
-    def __init__(self, service: str, call: str, problem: str) -> None:
-        super().__init__(f"{service} service, {call}: {problem}")
-        self.service, self.call, self.problem = service, call, problem
 
 
 @dataclass(frozen=True)
@@ -101,8 +96,10 @@ def _channel(ep: Endpoint, *, admin: bool) -> grpc.Channel:
 class _Client:
     role = "service"
 
-    def __init__(self, ep: Endpoint, *, deadline_s: float, info_deadline_s: float = 10.0, name: str | None = None):
+    def __init__(self, ep: Endpoint, *, deadline_s: float, info_deadline_s: float = 10.0, name: str | None = None,
+                 retry: RetryPolicy | None = None):
         self.endpoint = ep
+        self.retry = retry or RetryPolicy()
         self.name = name or f"{self.role} at {ep.address}"
         self.deadline_s = deadline_s
         self.info_deadline_s = info_deadline_s
@@ -110,11 +107,13 @@ class _Client:
         separate_admin = ep.admin_call_token() != ep.call_token()
         self._admin_channel = _channel(ep, admin=True) if separate_admin else self._channel
 
-    def _call(self, method, request, *, call: str, timeout: float | None = None):
-        try:
-            return method(request, timeout=timeout or self.deadline_s)
-        except grpc.RpcError as e:
-            raise ServiceError(self.name, call, f"{e.code().name}: {e.details()}") from None
+    def _call(self, method, request, *, call: str, timeout: float | None = None, retry: bool = True):
+        """One unary RPC with its deadline, retried per the policy when `retry` (the call is safe to repeat)."""
+        return self._retrying(lambda: method(request, timeout=timeout or self.deadline_s), call=call, retry=retry)
+
+    def _retrying(self, attempt, *, call: str, retry: bool = True, recover=None):
+        policy = self.retry if retry else RetryPolicy(max_attempts=1)
+        return call_with_retries(attempt, policy=policy, service=self.name, call=call, recover=recover)
 
     def _fail(self, call: str, problem: str) -> ServiceError:
         return ServiceError(self.name, call, problem)
@@ -216,10 +215,21 @@ class GeneratorClient(_Client):
         from services.common.weights import push_weights
 
         start = time.perf_counter()
-        try:
-            resp = push_weights(self._admin_channel, named_tensors.items(), version, timeout=self.weights_deadline_s)
-        except grpc.RpcError as e:
-            raise ServiceError(self.name, "UpdateWeights", f"{e.code().name}: {e.details()}") from None
+
+        def attempt():  # a retry re-sends the whole stream with the same version
+            return push_weights(self._admin_channel, named_tensors.items(), version, timeout=self.weights_deadline_s)
+
+        def landed(err: grpc.RpcError):
+            """A retry refused as stale: the earlier attempt landed if the generator serves `version`."""
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION or "already serves version" not in (err.details() or ""):
+                return None
+            if self.info().weight_version != version:
+                return None
+            nbytes = sum(t.numel() * t.element_size() for t in named_tensors.values())
+            return generator_pb2.UpdateWeightsResponse(version=version, tensors_updated=len(named_tensors),
+                                                       bytes_received=nbytes)
+
+        resp = self._retrying(attempt, call="UpdateWeights", recover=landed)
         if int(resp.version) != version:
             raise self._fail("UpdateWeights", f"serves version {resp.version} after pushing version {version}")
         return WeightSync(int(resp.version), int(resp.tensors_updated), int(resp.bytes_received), time.perf_counter() - start)
@@ -319,11 +329,13 @@ class ValueClient(_Client):
                                 int(r.steps_trained), int(r.last_step_id))
 
     def save(self, name: str) -> str:
-        r = self._call(self._admin.Save, value_pb2.SaveRequest(name=name), call="Save", timeout=self.checkpoint_deadline_s)
+        r = self._call(self._admin.Save, value_pb2.SaveRequest(name=name), call="Save", timeout=self.checkpoint_deadline_s,
+                       retry=False)
         return r.path
 
     def load(self, name: str) -> int:
-        r = self._call(self._admin.Load, value_pb2.LoadRequest(name=name), call="Load", timeout=self.checkpoint_deadline_s)
+        r = self._call(self._admin.Load, value_pb2.LoadRequest(name=name), call="Load", timeout=self.checkpoint_deadline_s,
+                       retry=False)
         return int(r.last_step_id)
 
 

@@ -28,6 +28,7 @@ from orchestrator.data import PromptStream, load_prompts
 from orchestrator.launcher import LocalStack, ServiceSpec
 from orchestrator.loop import Orchestrator, RunState, Services, truncate_step_log
 from orchestrator.metrics import RunMetrics
+from orchestrator.retry import RetryPolicy
 from services.common.hf import (
     load_causal_lm,
     load_tokenizer,
@@ -93,7 +94,7 @@ class Session:
     def _connect(self) -> Services:
         cfg, d = self.cfg, self.cfg.services.deadlines
         eps = self._endpoints()
-        common = {"info_deadline_s": d.info_s}
+        common = {"info_deadline_s": d.info_s, "retry": RetryPolicy.from_config(cfg.services.retry)}
         gen = GeneratorClient(eps["generator"], deadline_s=d.generate_s, weights_deadline_s=d.weights_s, **common)
         rewards = [RewardClient(r, deadline_s=d.score_s, weight=r.weight, **common) for r in eps["rewards"]]
         ref = ReferenceClient(eps["reference"], deadline_s=d.logprobs_s, **common) if cfg.uses_reference else None
