@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 import torch
 
 from orchestrator.clients import GeneratorClient, ServiceError, ServiceInfo, check_tokenizers
 from orchestrator.config import Endpoint
+from orchestrator.retry import RetryPolicy, call_with_retries
 from quartet.v1 import generator_pb2
 from services.common.codec import encode_ragged
 
@@ -58,3 +60,73 @@ def test_tokenizer_fingerprints_must_agree() -> None:
     check_tokenizers({"generator": info("a"), "reference": info("a")}, trainer_fingerprint="a")
     with pytest.raises(ServiceError, match=r"fingerprints disagree \(generator=a, reference=b"):
         check_tokenizers({"generator": info("a"), "reference": info("b")})
+
+
+class _Status(grpc.RpcError):
+    """A failed attempt as grpc raises it (code + details)."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "boom"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now, self.sleeps = 0.0, []
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+
+def _failing(codes: list[grpc.StatusCode], result: str = "ok"):
+    calls = []
+
+    def attempt() -> str:
+        calls.append(1)
+        if len(calls) <= len(codes):
+            raise _Status(codes[len(calls) - 1])
+        return result
+
+    return attempt, calls
+
+
+def test_backoff_doubles_to_its_cap_with_full_jitter() -> None:
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.1, max_backoff_s=0.5, budget_s=100)
+    assert [policy.backoff_cap(k) for k in range(1, 6)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    clock = _Clock()
+    attempt, calls = _failing([grpc.StatusCode.UNAVAILABLE] * 6)
+    assert call_with_retries(attempt, policy=policy, service="s", call="C", sleep=clock.sleep,
+                             clock=lambda: clock.now) == "ok"
+    assert len(calls) == 7 and len(clock.sleeps) == 6
+    assert all(0 <= s <= policy.backoff_cap(k + 1) for k, s in enumerate(clock.sleeps))
+
+
+def test_attempts_and_budget_bound_the_retries() -> None:
+    clock = _Clock()
+    attempt, calls = _failing([grpc.StatusCode.DEADLINE_EXCEEDED] * 100)
+    with pytest.raises(ServiceError, match=r"s service, C: DEADLINE_EXCEEDED: boom \(last of 3 attempts.*max_attempts=3"):
+        call_with_retries(attempt, policy=RetryPolicy(3, 0.1, 1, 100), service="s", call="C", sleep=clock.sleep,
+                          clock=lambda: clock.now)
+    assert len(calls) == 3
+    clock = _Clock()
+    attempt, calls = _failing([grpc.StatusCode.UNAVAILABLE] * 1000)
+    with pytest.raises(ServiceError, match=r"budget_s=2\)") as e:
+        call_with_retries(attempt, policy=RetryPolicy(1000, 0.5, 0.5, 2), service="s", call="C", sleep=clock.sleep,
+                          clock=lambda: clock.now)
+    assert clock.now <= 2 and e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_recover_is_asked_only_after_an_earlier_attempt_failed() -> None:
+    policy = RetryPolicy(5, 0.001, 0.001, 10)
+    attempt, _ = _failing([grpc.StatusCode.FAILED_PRECONDITION])
+    with pytest.raises(ServiceError, match="FAILED_PRECONDITION"):
+        call_with_retries(attempt, policy=policy, service="s", call="C", recover=lambda e: "landed")
+    attempt, calls = _failing([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION])
+    assert call_with_retries(attempt, policy=policy, service="s", call="C", recover=lambda e: "landed") == "landed"
+    assert len(calls) == 2
