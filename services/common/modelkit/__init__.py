@@ -21,10 +21,11 @@ from services.common.modelkit.model import (
     save_checkpoint,
 )
 from services.common.modelkit.tokenizer import build_char_tokenizer
-from services.common.modelkit.warmup import encode_answer, encode_prompt, sft_warmup
+from services.common.modelkit.warmup import DEMO_WARMUP, encode_answer, encode_prompt, sft_warmup
 
 __all__ = [
     "DEMO_MODEL",
+    "DEMO_WARMUP",
     "TEST_MODEL",
     "AccuracyResult",
     "build_char_tokenizer",

@@ -4,6 +4,13 @@ RL from a random policy on arithmetic sees reward 0 almost always and learns not
 supervised steps give a policy that is right on some prompts, which is what GRPO's group advantages
 need. The loss covers only the answer tokens and the closing `<eos>` (never the prompt), so the
 model learns to answer, and learns to stop.
+
+Measured (2-digit addition, 5,000 train rows, batch 64, lr 3e-3, 2-core CPU): greedy test accuracy
+stays under ~15% for the first 300-500 steps, then jumps to ~90% within ~200 steps; where the jump
+starts moves by hundreds of steps with the seed and even with the length of the cosine schedule.
+Hence `DEMO_WARMUP`: train until held-out greedy accuracy reaches 30%. Demo model, seeds 0/1/2:
+stopped after 525/575/350 steps, test accuracy 35/31/32%. One step of the demo model costs ~60 ms
+alone on 2 idle cores (~100 ms on one thread), so the warm-up takes 20-60 s.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -18,7 +26,25 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from services.common.modelkit.arithmetic import encode_answer, encode_prompt
 from services.common.modelkit.evaluate import greedy_accuracy
 
-__all__ = ["IGNORE_INDEX", "SftBatch", "collate_sft", "encode_answer", "encode_prompt", "sft_warmup"]
+__all__ = [
+    "DEMO_WARMUP",
+    "IGNORE_INDEX",
+    "SftBatch",
+    "collate_sft",
+    "encode_answer",
+    "encode_prompt",
+    "sft_warmup",
+]
+
+# The demo's warm-up: `sft_warmup(model, tok, rows, seed=..., eval_rows=held_out, **DEMO_WARMUP)`.
+# `steps` is only a cap (~2 min of the demo model on 2 cores); the target usually stops it far earlier.
+DEMO_WARMUP: dict[str, Any] = {
+    "steps": 2000,
+    "batch_size": 64,
+    "lr": 3e-3,
+    "target_accuracy": 0.3,
+    "eval_every": 25,
+}
 
 IGNORE_INDEX = -100  # label value skipped by the cross-entropy of transformers' causal LM loss
 
