@@ -18,7 +18,7 @@ ADMIN_TOKEN = "test-admin-token-9876543210"
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init Qwen2 (hidden 64, 2 layers) + char tokenizer saved with save_pretrained."""
+    """A random-init Llama (hidden 64, 2 layers) + char tokenizer saved with save_pretrained."""
     from services.common.modelkit import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)

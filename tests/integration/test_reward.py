@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from quartet.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common import hf
@@ -327,15 +327,18 @@ def test_example_plugin_in_repo() -> None:
 
 @pytest.fixture(scope="module")
 def reward_checkpoint(tmp_path_factory) -> Path:
-    """A tiny Qwen2 sequence-classification model (num_labels=1) with the char tokenizer."""
+    """A tiny Llama sequence-classification model (num_labels=1) with the char tokenizer.
+
+    Llama, not Qwen2: for a saved qwen2 config AutoTokenizer rebuilds a byte-level tokenizer.
+    """
     from services.common.modelkit import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_labels=1,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model = Qwen2ForSequenceClassification(config)
+    model = LlamaForSequenceClassification(config)
     torch.nn.init.normal_(model.score.weight, std=0.5)  # larger head: rewards that differ visibly
     out = tmp_path_factory.mktemp("reward-model") / "rm"
     model.save_pretrained(out)
