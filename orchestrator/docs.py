@@ -1,7 +1,8 @@
-"""Generate the run-config reference (docs/config-reference.md) from the config's own field descriptions.
+"""Generate the run-config reference from the config's own field descriptions.
 
-`python -m orchestrator.docs` rewrites the file; `python -m orchestrator.docs --check` exits 1 when
-it is out of date (a unit test runs the same check), so the documentation cannot drift from the code.
+It lives in docs/config-reference.md and, between the same marker lines, in README.md.
+`python -m orchestrator.docs` rewrites both; `python -m orchestrator.docs --check` exits 1 when
+either is out of date (a unit test runs the same check), so the documentation cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic_core import PydanticUndefined
 from orchestrator.config import RunConfig
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- BEGIN GENERATED: run config reference (python -m orchestrator.docs) -->"
 END = "<!-- END GENERATED: run config reference -->"
 
@@ -82,16 +84,27 @@ def generate() -> str:
     return "\n".join(out)
 
 
+def spliced_readme(text: str, readme: str) -> str:
+    """`readme` with the part from the BEGIN line through the END line replaced by `text`."""
+    start, end = readme.find(BEGIN), readme.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md lacks the marker lines {BEGIN!r} ... {END!r}")
+    return readme[:start] + text.rstrip("\n") + readme[end + len(END):]
+
+
 def main(argv: list[str]) -> int:
     text = generate()
+    readme = README.read_text()
     if "--check" in argv:
-        if not REFERENCE.is_file() or REFERENCE.read_text() != text:
-            print(f"{REFERENCE} is out of date: run `python -m orchestrator.docs`", file=sys.stderr)
-            return 1
-        return 0
+        stale = [p for p, ok in ((REFERENCE, REFERENCE.is_file() and REFERENCE.read_text() == text),
+                                 (README, spliced_readme(text, readme) == readme)) if not ok]
+        for path in stale:
+            print(f"{path} is out of date: run `python -m orchestrator.docs`", file=sys.stderr)
+        return 1 if stale else 0
     REFERENCE.parent.mkdir(parents=True, exist_ok=True)
     REFERENCE.write_text(text)
-    print(f"wrote {REFERENCE}")
+    README.write_text(spliced_readme(text, readme))
+    print(f"wrote {REFERENCE} and the reference section of {README}")
     return 0
 
 

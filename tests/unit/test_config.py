@@ -146,9 +146,12 @@ def test_dataset_missing_column_says_which(tmp_path: Path) -> None:
 
 
 def test_config_reference_is_up_to_date() -> None:
-    from orchestrator.docs import REFERENCE, generate
+    from orchestrator.docs import README, REFERENCE, generate, spliced_readme
 
-    assert REFERENCE.read_text() == generate(), "docs/config-reference.md is stale: run `python -m orchestrator.docs`"
+    text = generate()
+    assert REFERENCE.read_text() == text, "docs/config-reference.md is stale: run `python -m orchestrator.docs`"
+    readme = README.read_text()
+    assert spliced_readme(text, readme) == readme, "README.md's config reference is stale: run `python -m orchestrator.docs`"
 
 
 def remote(**endpoint) -> dict:
