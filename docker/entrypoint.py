@@ -11,7 +11,8 @@
 - the orchestrator's metrics are reachable from the Prometheus container (port
   QUARTET_METRICS_PORT, all interfaces of the container's own network namespace);
 - after the last step the metrics stay up QUARTET_METRICS_LINGER_S seconds (default 15) so
-  Prometheus scrapes the final values of a run that is shorter than a scrape interval;
+  Prometheus scrapes the final values of a run that is shorter than a scrape interval; a SIGTERM
+  (`docker stop`) during that linger ends it early and the run still exits 0 (it is complete);
 - one plain log line per step (`docker compose logs orchestrator` has no terminal for a progress bar);
 - with QUARTET_TRAIN_RETRIES=N (or --retries N), a run stopped by a service error (a service
   restarting, e.g. the reward service being swapped) is resumed from its last checkpoint after a
@@ -24,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -107,6 +109,25 @@ def _forward(listen_port: int, target_port: int) -> None:
     threading.Thread(target=serve, name="metrics-relay", daemon=True).start()
 
 
+def _linger(seconds: float) -> None:
+    """Keep the process (and its metrics endpoint) up `seconds`; SIGTERM ends the wait early.
+
+    As PID 1 of a container the process ignores SIGTERM unless it installs a handler, so without
+    this `docker stop` during the linger would wait for its kill timeout and report exit 137.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        time.sleep(seconds)  # signal handlers can only be installed from the main thread
+        return
+    done = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        print(f"run complete: metrics stay up {seconds:g} s for a final scrape", flush=True)
+        if done.wait(seconds):
+            print("run complete: SIGTERM ended the metrics linger", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(args: argparse.Namespace) -> int:
     """Load the run config, fill in tokens and metrics address, run it like `quartet train`."""
     import typer
@@ -142,8 +163,7 @@ def train(args: argparse.Namespace) -> int:
                 "kl_ref": round(r.metrics.get("kl_ref", 0.0), 5), "step_seconds": round(r.metrics["step_seconds"], 3)}
         print(json.dumps(line), flush=True)
         if r.step >= cfg.steps and linger > 0 and cfg.metrics_port is not None:
-            print(f"run complete: metrics stay up {linger:g} s for a final scrape", flush=True)
-            time.sleep(linger)
+            _linger(linger)
 
     resume, delay = args.resume, 5.0
     for attempt in range(args.retries + 1):

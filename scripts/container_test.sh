@@ -52,7 +52,7 @@ dump_logs() {
 cleanup() {
   set +e
   if command -v podman-compose >/dev/null && [ -f "$COMPOSE_FILE" ]; then
-    podman rm -f "${COMPOSE_PROJECT_NAME}_swap_orchestrator" >/dev/null 2>&1
+    podman rm -f "${COMPOSE_PROJECT_NAME}_2step_orchestrator" "${COMPOSE_PROJECT_NAME}_swap_orchestrator" >/dev/null 2>&1
     compose down -v -t 5 >/dev/null 2>&1
   fi
   rm -rf "$WORK"
@@ -177,7 +177,7 @@ done
 chmod 644 "$WORK/secrets"/*
 cp -r docker/config "$WORK/config"
 export QUARTET_SECRETS_DIR=$WORK/secrets QUARTET_CONFIG_DIR=$WORK/config QUARTET_IMAGE=$IMAGE \
-  QUARTET_BIND_ADDRESS=127.0.0.1 QUARTET_WARMUP_STEPS=0 QUARTET_METRICS_LINGER_S=12 \
+  QUARTET_BIND_ADDRESS=127.0.0.1 QUARTET_WARMUP_STEPS=0 QUARTET_METRICS_LINGER_S=120 \
   QUARTET_GENERATOR_PORT=25051 QUARTET_REWARD_PORT=25052 QUARTET_REFERENCE_PORT=25053 QUARTET_VALUE_PORT=25054 \
   QUARTET_GENERATOR_METRICS_PORT=29111 QUARTET_REWARD_METRICS_PORT=29112 QUARTET_REFERENCE_METRICS_PORT=29113 \
   QUARTET_VALUE_METRICS_PORT=29114 QUARTET_ORCHESTRATOR_METRICS_PORT=29110 PROMETHEUS_PORT=29090
@@ -187,6 +187,7 @@ declare -A METRICS_PORT=([generator]=29111 [reward]=29112 [reference]=29113 [val
 declare -A SERVICE=([generator]=Generator [reward]=Reward [reference]=Reference [value]=Value)
 ROLES=(generator reward reference value)
 PROM=http://127.0.0.1:29090
+LINGER_S=$QUARTET_METRICS_LINGER_S  # an upper bound: await_scraped_run stops the linger once scraped
 cname() { podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME" \
   --filter "label=com.docker.compose.service=$1" --format '{{.Names}}' | head -1; }
 promq() {  # promq QUERY -> JSON result list on stdout; fails on a query error
@@ -205,6 +206,46 @@ wait_healthy() {  # the image's own HEALTHCHECK (quartet health over grpc.health
     [ ${#pending[@]} -eq 0 ] && return 0
     [ "$(date +%s)" -lt "$deadline" ] || fail "not healthy after 300 s: ${pending[*]}"
     sleep 3
+  done
+}
+orch_target() {  # the orchestrator target as Prometheus sees it: "health lastError"
+  curl -sf "$PROM/api/v1/targets?state=active" 2>/dev/null | python -c '
+import json, sys
+for t in json.load(sys.stdin)["data"]["activeTargets"]:
+    if t["labels"].get("job") == "quartet-orchestrator":
+        print(t["health"], (t.get("lastError") or "-")[:160])' 2>/dev/null || echo "unknown (targets API)"
+}
+await_scraped_run() {  # await_scraped_run CONTAINER RUN_TIMEOUT_S QUERY...: run done, final values in Prometheus
+  # The orchestrator runs with a long linger (QUARTET_METRICS_LINGER_S=$LINGER_S). Once it logs that its
+  # run is complete and every QUERY has data in Prometheus, `podman stop` ends the linger (SIGTERM; the
+  # entrypoint then exits 0). A `compose run` container is often not scrapeable for its first seconds
+  # (aardvark-dns learns its name late), so a fixed linger alone was a race. Prints the target's changes.
+  local c=$1 run_deadline=$(( $(date +%s) + $2 )) t0=$(date +%s) state last="" done_at="" q ok
+  shift 2
+  while :; do
+    state=$(orch_target)
+    [ "$state" = "$last" ] || { echo "  [+$(( $(date +%s) - t0 ))s] orchestrator target: $state"; last=$state; }
+    # grep -c reads to the end: grep -q could SIGPIPE `podman logs` and, under pipefail, read as "no".
+    if [ -z "$done_at" ] && [ "$(podman logs "$c" 2>&1 | grep -c '^run complete: metrics stay up')" -gt 0 ]; then
+      done_at=$(date +%s); echo "  [+$(( done_at - t0 ))s] run complete, lingering"
+    fi
+    if [ -n "$done_at" ]; then
+      ok=1
+      for q in "$@"; do has_data "$q" || { ok=0; break; }; done
+      if [ $ok = 1 ]; then
+        echo "  [+$(( $(date +%s) - t0 ))s] Prometheus has the run's final values ($(( $(date +%s) - done_at )) s after its last step)"
+        podman stop -t 20 "$c" >/dev/null
+        return 0
+      fi
+      [ $(( $(date +%s) - done_at )) -lt 60 ] \
+        || fail "Prometheus has no data for '$q' 60 s after the run's last step (orchestrator target: $state)"
+    fi
+    if [ "$(podman inspect "$c" --format '{{.State.Running}}')" != true ]; then
+      podman logs "$c" 2>&1 | tail -30
+      fail "$c exited ($(podman inspect "$c" --format '{{.State.ExitCode}}')) before Prometheus had its final values (target: $state)"
+    fi
+    [ "$(date +%s)" -lt "$run_deadline" ] || fail "the run in $c did not complete in time"
+    sleep 1
   done
 }
 stack_up() {
@@ -243,9 +284,15 @@ done
 
 # ---------------------------------------------------------------------------------------------
 stage "2-step GRPO in the orchestrator container"
-compose run --rm -T --no-deps orchestrator train /etc/quartet/train-cpu.yaml --set steps=2 \
-  --set prompts_per_step=4 --set samples_per_prompt=4 --set run_dir=/runs/ci-2step >"$WORK/train.log" 2>&1 \
-  || { tail -40 "$WORK/train.log"; fail "the 2-step GRPO run exited non-zero"; }
+ORCH2=${COMPOSE_PROJECT_NAME}_2step_orchestrator
+compose run -d -T --no-deps --name "$ORCH2" orchestrator train /etc/quartet/train-cpu.yaml --set steps=2 \
+  --set prompts_per_step=4 --set samples_per_prompt=4 --set run_dir=/runs/ci-2step >"$WORK/up-2step.log" 2>&1 \
+  || { cat "$WORK/up-2step.log"; fail "orchestrator run"; }
+await_scraped_run "$ORCH2" 300 'max_over_time(quartet_step{job="quartet-orchestrator"}[10m]) >= 2'
+code=$(podman wait "$ORCH2")
+podman logs "$ORCH2" >"$WORK/train.log" 2>&1
+podman rm "$ORCH2" >/dev/null
+[ "$code" = 0 ] || { tail -40 "$WORK/train.log"; fail "the 2-step GRPO run exited $code"; }
 grep -E '^\{"step"' "$WORK/train.log" || fail "no step lines in the orchestrator log"
 [ "$(grep -cE '^\{"step"' "$WORK/train.log")" -eq 2 ] || fail "expected 2 steps"
 
@@ -311,6 +358,8 @@ done
 echo "after $(steps_done) steps: replacing the reward service (rule arithmetic -> plugin length_penalised)"
 QUARTET_REWARD=reward-length-penalised compose up -d --no-deps reward >"$WORK/swap.log" 2>&1 || { cat "$WORK/swap.log"; fail "reward swap"; }
 podman inspect "$(cname reward)" --format '{{.Config.Cmd}}' | grep -q reward-length-penalised || fail "reward not replaced"
+await_scraped_run "$ORCH" 600 'max_over_time(quartet_step{job="quartet-orchestrator"}[15m]) >= 16' \
+  'max_over_time(quartet_reward_service_info{identity=~".*plugin:length_penalised.*"}[15m])'
 code=$(podman wait "$ORCH")
 podman logs "$ORCH" 2>&1 | grep -E '^\{"step"|run stopped|resum' || true
 podman logs "$ORCH" 2>&1 | grep -A3 '^error:' || true  # what each resume rode through
