@@ -37,6 +37,14 @@ def quartet_version() -> str:
         return "0+unknown"
 
 
+def model_identity(role: str, model_path: str | None, backend: str | None = None) -> str:
+    """Stable service identity for GetInfo and `quartet_service_info`: "role/[backend:]checkpoint-dir@host"."""
+    import socket
+
+    folder = str(model_path or "").rstrip("/").rsplit("/", 1)[-1]
+    return f"{role}/{backend + ':' if backend else ''}{folder}@{socket.gethostname()}"
+
+
 class ModelConfig(BaseModel):
     """Which checkpoint a role serves and where it computes."""
 

@@ -6,7 +6,6 @@ Errors are QuartetError subclasses; the server's interceptor maps them to status
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 
@@ -16,7 +15,7 @@ import torch
 from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.common.codec import RaggedTensor, decode_ragged, encode_ragged
 from services.common.errors import FailedPrecondition, InvalidArgument, NotReady, Overloaded, QuartetError
-from services.common.role import RoleContext, quartet_version
+from services.common.role import RoleContext, model_identity, quartet_version
 from services.common.weights import WeightAssembler, deserialize_chunk
 from services.generator import NAME, Options
 from services.generator.backend import (
@@ -131,8 +130,7 @@ class GeneratorRole:
     @property
     def identity(self) -> str:
         """e.g. "generator/transformers:my-model@host" (GetInfo and the runtime's info metric)."""
-        path = str(self.ctx.model.path or "").rstrip("/").rsplit("/", 1)[-1]
-        return f"{NAME}/{self.backend.name}:{path}@{socket.gethostname()}"
+        return model_identity(NAME, self.ctx.model.path, self.backend.name)
 
     def _make_backend(self) -> GeneratorBackend:
         if self.options.backend == "vllm":

@@ -6,15 +6,13 @@ interceptor turns them into status codes.
 
 from __future__ import annotations
 
-import socket
-
 import grpc
 import torch
 
 from quartet.v1 import common_pb2, reference_pb2, reference_pb2_grpc
 from services.common.codec import decode_sequences, encode_ragged
 from services.common.errors import NotReady
-from services.common.role import RoleContext, quartet_version
+from services.common.role import RoleContext, model_identity, quartet_version
 from services.reference import NAME, Options
 from services.reference.backend import ReferenceBackend
 
@@ -48,7 +46,7 @@ class ReferenceServicer(reference_pb2_grpc.ReferenceServicer):
                 max_queue=opts.max_concurrent,
                 max_message_bytes=self.ctx.max_message_bytes,
             ),
-            identity=f"{NAME}/{info.path.rstrip('/').rsplit('/', 1)[-1]}@{socket.gethostname()}",
+            identity=model_identity(NAME, info.path),
             version=quartet_version(),
             last_step_id=-1,
             extra={
@@ -73,8 +71,7 @@ class ReferenceRole:
     @property
     def identity(self) -> str:
         """For the runtime's quartet_service_info metric: role/checkpoint-folder@host."""
-        path = (self.ctx.model.path or "").rstrip("/").rsplit("/", 1)[-1]
-        return f"{NAME}/{path}@{socket.gethostname()}"
+        return model_identity(NAME, self.ctx.model.path)
 
     def add_to_server(self, server: grpc.Server) -> None:
         reference_pb2_grpc.add_ReferenceServicer_to_server(ReferenceServicer(self.impl, self.ctx), server)

@@ -6,15 +6,13 @@ TrainStep, Save and Load are admin methods: the runtime checks the admin token b
 
 from __future__ import annotations
 
-import socket
-
 import grpc
 import torch
 
 from quartet.v1 import common_pb2, value_pb2, value_pb2_grpc
 from services.common.codec import RaggedTensor, decode_ragged, decode_sequences, encode_ragged
 from services.common.errors import InvalidArgument, NotReady
-from services.common.role import RoleContext, quartet_version
+from services.common.role import RoleContext, model_identity, quartet_version
 from services.value import NAME, Options
 from services.value.backend import ValueBackend
 
@@ -84,7 +82,7 @@ class ValueServicer(value_pb2_grpc.ValueServicer):
                 max_queue=opts.max_concurrent,
                 max_message_bytes=self.ctx.max_message_bytes,
             ),
-            identity=f"{NAME}/{info.path.rstrip('/').rsplit('/', 1)[-1]}@{socket.gethostname()}",
+            identity=model_identity(NAME, info.path),
             version=quartet_version(),
             last_step_id=self.backend.last_step_id,
             extra={
@@ -111,8 +109,7 @@ class ValueRole:
     @property
     def identity(self) -> str:
         """For the runtime's quartet_service_info metric: role/checkpoint-folder@host."""
-        path = (self.ctx.model.path or "").rstrip("/").rsplit("/", 1)[-1]
-        return f"{NAME}/{path}@{socket.gethostname()}"
+        return model_identity(NAME, self.ctx.model.path)
 
     def add_to_server(self, server: grpc.Server) -> None:
         value_pb2_grpc.add_ValueServicer_to_server(ValueServicer(self.impl, self.ctx), server)
