@@ -58,6 +58,8 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM  # a CI timeout: still clean up (EXIT trap)
+[ "$(id -u)" = 0 ] || fail "run as root: it installs packages, writes /etc/containers and runs rootful podman"
 
 # ---------------------------------------------------------------------------------------------
 stage "tools (apt + pip)"
@@ -285,7 +287,7 @@ done
 # ---------------------------------------------------------------------------------------------
 stage "2-step GRPO in the orchestrator container"
 ORCH2=${COMPOSE_PROJECT_NAME}_2step_orchestrator
-compose run -d -T --no-deps --name "$ORCH2" orchestrator train /etc/quartet/train-cpu.yaml --set steps=2 \
+compose run -d -T --no-deps --name "$ORCH2" -e QUARTET_TRAIN_RETRIES=0 orchestrator train /etc/quartet/train-cpu.yaml --set steps=2 \
   --set prompts_per_step=4 --set samples_per_prompt=4 --set run_dir=/runs/ci-2step >"$WORK/up-2step.log" 2>&1 \
   || { cat "$WORK/up-2step.log"; fail "orchestrator run"; }
 await_scraped_run "$ORCH2" 300 'max_over_time(quartet_step{job="quartet-orchestrator"}[10m]) >= 2'
@@ -340,31 +342,50 @@ python - "$WORK/config/train-cpu.yaml" "$WORK/config/swap-ci.yaml" <<'PY'
 import sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
 cfg.update(steps=16, prompts_per_step=4, samples_per_prompt=4, run_dir="/runs/ci-swap")
-cfg["checkpoint"] = {"interval": 1, "keep": 2}
 yaml.safe_dump(cfg, open(sys.argv[2], "w"), sort_keys=False)
 PY
 stack_up
-# `run` (like a user's `docker compose run --rm orchestrator`): `up` of the reward service leaves it alone.
+# `run` (like a user's `docker compose run --rm orchestrator`). QUARTET_TRAIN_RETRIES=0: no resume
+# from a checkpoint; the run must ride through the swap on its services.retry budget alone.
 ORCH=${COMPOSE_PROJECT_NAME}_swap_orchestrator
-compose run -d -T --no-deps --name "$ORCH" orchestrator train /etc/quartet/swap-ci.yaml >"$WORK/up-orch.log" 2>&1 \
-  || { cat "$WORK/up-orch.log"; fail "orchestrator run"; }
-steps_done() { podman exec "$ORCH" sh -c 'cat /runs/ci-swap/steps.jsonl 2>/dev/null | wc -l' 2>/dev/null || echo 0; }
+compose run -d -T --no-deps --name "$ORCH" -e QUARTET_TRAIN_RETRIES=0 orchestrator train /etc/quartet/swap-ci.yaml \
+  >"$WORK/up-orch.log" 2>&1 || { cat "$WORK/up-orch.log"; fail "orchestrator run"; }
+steps_done() { podman logs "$ORCH" 2>&1 | grep -cE '^\{"step"' || true; }
 deadline=$(( $(date +%s) + 300 ))
 until [ "$(steps_done)" -ge 1 ]; do
   [ "$(podman inspect "$ORCH" --format '{{.State.Running}}')" = true ] || { podman logs "$ORCH" | tail -30; fail "orchestrator exited early"; }
   [ "$(date +%s)" -lt "$deadline" ] || fail "the swap run made no step in 300 s"
-  sleep 2
+  sleep 1
 done
-echo "after $(steps_done) steps: replacing the reward service (rule arithmetic -> plugin length_penalised)"
+at_swap=$(steps_done)
+echo "after $at_swap of 16 steps: replacing the reward service (rule arithmetic -> plugin length_penalised)"
+# podman-compose 1.6 quirk: `up --no-deps SERVICE` of a service whose container is recreated (config
+# changed, or --force-recreate) also recreates and STARTS every running dependent of it: here a
+# second orchestrator (the service's default command, pushing its own weight versions to the same
+# generator: "update to version 11 refused: the generator already serves version 71"). It does not
+# do so when the service has no container: remove it, then `up`. Docker Compose's
+# `up -d --no-deps reward` replaces the reward container only (README).
+t_swap=$(date +%s)
+podman rm -f -t 15 "$(cname reward)" >/dev/null
 QUARTET_REWARD=reward-length-penalised compose up -d --no-deps reward >"$WORK/swap.log" 2>&1 || { cat "$WORK/swap.log"; fail "reward swap"; }
 podman inspect "$(cname reward)" --format '{{.Config.Cmd}}' | grep -q reward-length-penalised || fail "reward not replaced"
+orchs=$(podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME" \
+  --filter label=com.docker.compose.service=orchestrator --format '{{.Names}}')
+[ "$orchs" = "$ORCH" ] || { cat "$WORK/swap.log"; fail "the swap touched the orchestrator service: containers $(echo $orchs)"; }
+wait_healthy reward
+echo "new reward service SERVING $(( $(date +%s) - t_swap )) s after the old one was stopped"
 await_scraped_run "$ORCH" 600 'max_over_time(quartet_step{job="quartet-orchestrator"}[15m]) >= 16' \
   'max_over_time(quartet_reward_service_info{identity=~".*plugin:length_penalised.*"}[15m])'
 code=$(podman wait "$ORCH")
-podman logs "$ORCH" 2>&1 | grep -E '^\{"step"|run stopped|resum' || true
-podman logs "$ORCH" 2>&1 | grep -A3 '^error:' || true  # what each resume rode through
-[ "$code" = 0 ] || { podman logs "$ORCH" 2>&1 | tail -30; fail "the swap run exited $code"; }
+podman logs "$ORCH" >"$WORK/swap-train.log" 2>&1
 podman rm "$ORCH" >/dev/null
+grep -E '^\{"step"' "$WORK/swap-train.log" || true
+[ "$code" = 0 ] || { tail -30 "$WORK/swap-train.log"; fail "the swap run exited $code"; }
+! grep -E 'run stopped|resuming' "$WORK/swap-train.log" || fail "the swap run was resumed from a checkpoint"
+retries=$(grep -c 'failed with [A-Z_]* (attempt' "$WORK/swap-train.log" || true)
+echo "the run rode through the swap: $retries retried call(s), no resume; first and last:"
+grep 'failed with [A-Z_]* (attempt' "$WORK/swap-train.log" | sed -n '1p;$p' | cut -c1-200
+[ "$at_swap" -lt 16 ] || fail "the swap did not land mid-run"
 podman run --rm -v "${COMPOSE_PROJECT_NAME}_runs:/runs:ro" --entrypoint python "$IMAGE" -c '
 import json
 rows = [json.loads(l) for l in open("/runs/ci-swap/steps.jsonl")]
