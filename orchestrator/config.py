@@ -73,6 +73,19 @@ class Endpoint(_Strict):
         "(used when neither `admin_token` nor `admin_token_file` is set).",
     )
     tls_ca: str | None = Field(None, description="PEM file of the CA that signed the server's certificate (None: plaintext).")
+    tls_client_cert: str | None = Field(
+        None, description="PEM client certificate presented to a service that requires mutual TLS (with tls_client_key "
+        "and tls_ca).",
+    )
+    tls_client_key: str | None = Field(None, description="PEM private key of tls_client_cert.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Endpoint:
+        if (self.tls_client_cert is None) != (self.tls_client_key is None):
+            raise ValueError(f"endpoint {self.address}: tls_client_cert and tls_client_key go together: set both, or neither")
+        if self.tls_client_cert is not None and self.tls_ca is None:
+            raise ValueError(f"endpoint {self.address}: tls_client_cert needs tls_ca (mutual TLS runs over TLS)")
+        return self
 
     def call_token(self) -> str | None:
         """The call-scope token: inline, else from token_file, else from token_env; None = auth off."""
@@ -114,6 +127,33 @@ class RewardEndpoint(Endpoint):
     weight: float = Field(1.0, description="Weight of this service's reward in the weighted sum over reward services.")
 
 
+class LocalTls(_Strict):
+    """PEM files that put the local services behind TLS (mutual TLS with a client certificate)."""
+
+    cert: str = Field(..., description="Server certificate every local service presents; it must name 127.0.0.1 "
+                      "(an IP subjectAltName), the address the orchestrator dials.")
+    key: str = Field(..., description="Private key of cert.")
+    ca: str = Field(..., description="CA certificate that signed cert; the orchestrator trusts only it.")
+    client_cert: str | None = Field(
+        None, description="Client certificate the orchestrator presents (with client_key): turns on mutual TLS, "
+        "and the services then refuse clients without a certificate signed by client_ca.",
+    )
+    client_key: str | None = Field(None, description="Private key of client_cert.")
+    client_ca: str | None = Field(None, description="CA the services accept client certificates from (mTLS); default: ca.")
+
+    @model_validator(mode="after")
+    def _files(self) -> LocalTls:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together: set both for mutual TLS, or neither")
+        if self.client_ca is not None and self.client_cert is None:
+            raise ValueError("client_ca is used only with mutual TLS: set client_cert and client_key, or remove client_ca")
+        for name in ("cert", "key", "ca", "client_cert", "client_key", "client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"tls.{name}: file {path!r} does not exist; give the path of a PEM file")
+        return self
+
+
 class LocalServices(_Strict):
     """Options of the services that `local: true` starts as child processes."""
 
@@ -125,6 +165,28 @@ class LocalServices(_Strict):
     reference: dict[str, Any] = Field(default_factory=dict, description="Options of the local reference role.")
     value: dict[str, Any] = Field(default_factory=dict, description="Options of the local value role (e.g. its learning rate).")
     startup_timeout_s: float = Field(180.0, gt=0, description="Seconds to wait for every local service to report SERVING.")
+    max_restarts: int = Field(
+        5, ge=0, description="Restarts of one local service that exited on its own, over the whole run (0: never "
+        "restart). A service that used them all is left stopped, and the run fails when its retry budget runs out.",
+    )
+    restart_backoff_s: float = Field(
+        0.5, gt=0, description="Delay before a crashed local service's first restart; it doubles with each further "
+        "restart of that service, up to restart_backoff_max_s. The service comes back on the same port and tokens.",
+    )
+    restart_backoff_max_s: float = Field(10.0, gt=0, description="Largest delay before restarting a local service.")
+    tls: LocalTls | None = Field(
+        None, description="TLS between the orchestrator and the local services (null: plaintext on loopback); "
+        "with client_cert and client_key, mutual TLS.",
+    )
+
+    @model_validator(mode="after")
+    def _restart_order(self) -> LocalServices:
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise ValueError(
+                f"restart_backoff_max_s={self.restart_backoff_max_s} is below restart_backoff_s={self.restart_backoff_s}: "
+                "raise restart_backoff_max_s or lower restart_backoff_s"
+            )
+        return self
 
 
 class Deadlines(_Strict):

@@ -55,6 +55,8 @@ class RunMetrics:
         self.steps = Counter("quartet_steps_total", "Completed steps.", registry=r)
         self.tokens = Counter("quartet_generated_tokens_total", "Generated tokens.", registry=r)
         self.sync_bytes = Counter("quartet_weight_sync_bytes_total", "Bytes broadcast to the generator.", registry=r)
+        self.service_restarts = Counter("quartet_service_restarts_total", "Restarts of crashed local services by "
+                                        "the embedded launcher.", ["service"], registry=r)
         self.reward_service = Gauge(
             "quartet_reward_service_info", "Reward service identity used at the last step (value 1).",
             ["identity", "weight"], registry=r,

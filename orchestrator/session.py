@@ -25,7 +25,7 @@ from orchestrator.clients import (
 )
 from orchestrator.config import Endpoint, RewardEndpoint, RunConfig, dump_config
 from orchestrator.data import PromptStream, load_prompts
-from orchestrator.launcher import LocalStack, ServiceSpec
+from orchestrator.launcher import LocalStack, RestartPolicy, ServiceSpec, TlsFiles
 from orchestrator.loop import Orchestrator, RunState, Services, truncate_step_log
 from orchestrator.metrics import RunMetrics
 from orchestrator.retry import RetryPolicy
@@ -79,17 +79,29 @@ class Session:
             s = cfg.services
             return {"generator": s.generator, "reference": s.reference, "value": s.value, "rewards": s.rewards}
         self.log("starting local services ...")
-        self.stack = LocalStack(cfg.run_dir, local_specs(cfg), startup_timeout_s=cfg.services.local_options.startup_timeout_s,
-                                dtype=cfg.models.dtype, device=cfg.models.device)
+        opts = cfg.services.local_options
+        tls = (TlsFiles(opts.tls.cert, opts.tls.key, opts.tls.ca, opts.tls.client_cert, opts.tls.client_key,
+                        opts.tls.client_ca) if opts.tls else None)
+        restart = RestartPolicy(opts.max_restarts, opts.restart_backoff_s, opts.restart_backoff_max_s)
+
+        def restarted(label: str, _code: int) -> None:  # metrics exist only once open() is past _connect
+            if self.metrics is not None:
+                self.metrics.service_restarts.labels(service=label).inc()
+
+        self.stack = LocalStack(cfg.run_dir, local_specs(cfg), startup_timeout_s=opts.startup_timeout_s,
+                                dtype=cfg.models.dtype, device=cfg.models.device, restart=restart, tls=tls,
+                                on_restart=restarted)
         up = self.stack.start()
+        # The services' own certificate files: the stack's clients trust its CA and, for mTLS, present its client cert.
+        secure = ({"tls_ca": tls.ca, "tls_client_cert": tls.client_cert, "tls_client_key": tls.client_key}
+                  if tls else {})
 
-        def ep(label: str) -> Endpoint | None:
+        def ep(label: str, cls: type[Endpoint] = Endpoint) -> Endpoint | None:
             s = up.get(label)
-            return Endpoint(address=s.address, token=s.token, admin_token=s.admin_token) if s else None
+            return cls(address=s.address, token=s.token, admin_token=s.admin_token, **secure) if s else None
 
-        reward = up["reward"]
         return {"generator": ep("generator"), "reference": ep("reference"), "value": ep("value"),
-                "rewards": [RewardEndpoint(address=reward.address, token=reward.token, admin_token=reward.admin_token)]}
+                "rewards": [ep("reward", RewardEndpoint)]}
 
     def _connect(self) -> Services:
         cfg, d = self.cfg, self.cfg.services.deadlines
