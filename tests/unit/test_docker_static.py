@@ -130,6 +130,13 @@ def test_run_configs_validate() -> None:
                  *(r.address for r in cfg.services.rewards)}
         assert hosts == {f"{r}:50051" for r in ROLES}
         assert cfg.services.generator.token is None, "tokens come from secrets, not the config"
+        # A reward swap restarts a container mid-run: the run rides through it on retries alone.
+        # The container test measured a ~30 s stall of the run for a ~5 s outage of the service (the
+        # channel reconnects on its own schedule); attempts must not run out before the budget does.
+        retry = cfg.services.retry
+        assert retry.budget_s >= 120, f"{name}: services.retry.budget_s={retry.budget_s} is too short for a restart"
+        assert retry.max_attempts * retry.max_backoff_s / 2 >= 4 * retry.budget_s, (
+            f"{name}: services.retry.max_attempts={retry.max_attempts} runs out before budget_s={retry.budget_s}")
 
 
 # --- Dockerfiles --------------------------------------------------------------------------------
