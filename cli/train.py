@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -31,18 +32,25 @@ def train(
     except ConfigError as e:
         console.print(Text.assemble(("config error: ", "bold red"), str(e)))
         raise typer.Exit(2) from None
-    results = run_with_progress(cfg, resume=resume, console=console)
+    overrides = [arg for item in set_ or [] for arg in ("--set", item)]
+    command = shlex.join(["quartet", "train", str(config), *overrides, "--resume"])
+    results = run_with_progress(cfg, resume=resume, console=console, resume_command=command)
     print_summary(console, cfg, results)
 
 
-def run_with_progress(cfg, *, resume: bool, console, on_step=None):
-    """Open the session, run every step under a rich progress bar; returns the StepResults."""
+def run_with_progress(cfg, *, resume: bool, console, on_step=None, resume_command: str | None = None):
+    """Open the session, run every step under a rich progress bar; returns the StepResults.
+
+    A service that stays down past its retry budget ends the run with exit code 1, the error (service,
+    call, last status) and where the run state was saved, with the command that continues it.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
     from orchestrator.clients import ServiceError
     from orchestrator.config import ConfigError
     from orchestrator.launcher import LaunchError
+    from orchestrator.loop import StepFailed
     from orchestrator.session import Session
 
     try:
@@ -69,10 +77,22 @@ def run_with_progress(cfg, *, resume: bool, console, on_step=None):
             return results
     except (ConfigError, ServiceError, LaunchError) as e:
         console.print(Text.assemble(("error: ", "bold red"), str(e)))
+        if isinstance(e, StepFailed):
+            console.print(Text(_resume_hint(e, resume_command or "quartet train CONFIG --resume")))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: services stopped; resume with --resume[/]")
         raise typer.Exit(130) from None
+
+
+def _resume_hint(e, command: str) -> str:
+    """Where a failed run's state is and how to continue it (e is a StepFailed)."""
+    if e.checkpoint is not None:
+        return (f"{e.completed_steps} steps completed; run state saved in {e.checkpoint}. "
+                f"Bring the service back, then continue with: {command}")
+    where = f" ({e.note})" if e.note else ""
+    return (f"{e.completed_steps} steps completed, no new checkpoint{where}. {command} continues from the last "
+            "complete checkpoint, if any")
 
 
 def print_summary(console, cfg, results) -> None:

@@ -3,14 +3,16 @@
 Layout of `<checkpoint dir>/step-00000012/`:
     policy/           save_pretrained (safetensors) + tokenizer: loads with plain transformers
     trainer.pt        optimizer state (trainer.state_dict()) and RNG states (torch, python, numpy)
-    state.json        step, data cursor, weight version, value checkpoint name
+    state.json        step, data cursor, weight version, value checkpoint name and the critic it holds,
+                      the step's step-log line (restored by a resume when a crash came before it was logged)
     config.yaml       the resolved run config
     COMPLETE          written last
 
 Everything is written into a temporary sibling directory that is renamed into place only when
 complete, so a crash never leaves a directory that looks like a checkpoint; `latest` also
 requires the COMPLETE marker. The value service saves its critic under the same step name inside
-its own checkpoint directory (Value.Save).
+its own checkpoint directory (Value.Save); a checkpoint left after a failure may instead refer to the
+orchestrator's last verified value save (Orchestrator.value_checkpoint), recorded with its counters.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ class Restored:
     cursor: Cursor
     weight_version: int
     value_checkpoint: str | None
+    value_last_step_id: int | None  # TrainStep id the saved critic last applied (None: not recorded)
     trainer_state: Any
     rng: dict[str, Any]
+    log_line: str | None  # the step-log line of `step`
 
 
 def rng_states() -> dict[str, Any]:
@@ -68,8 +72,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(ckpt_dir: Path, *, orch, keep: int = 2) -> Path:
-    """Write the run state of `orch` (an Orchestrator) as `<ckpt_dir>/step-N`; returns its path."""
+def save(ckpt_dir: Path, *, orch, keep: int = 2, log_line: str | None = None, rng: dict[str, Any] | None = None,
+         fallback: bool = False) -> Path:
+    """Write the run state of `orch` (an Orchestrator) as `<ckpt_dir>/step-N`; returns its path.
+
+    `log_line`: the step-log line of step N, kept for the resume. `rng`: the RNG states to store (default:
+    now; a checkpoint left by a failed step stores those of the step's start). `fallback`: see
+    Orchestrator.value_checkpoint.
+    """
     state = orch.state
     name = step_name(state.step)
     final = ckpt_dir / name
@@ -79,13 +89,11 @@ def save(ckpt_dir: Path, *, orch, keep: int = 2) -> Path:
     orch.policy.save_pretrained(tmp / "policy", safe_serialization=True)
     orch.tokenizer.save_pretrained(tmp / "policy")
     trainer_state = orch.trainer.state_dict() if hasattr(orch.trainer, "state_dict") else None
-    torch.save({"trainer": trainer_state, "rng": rng_states()}, tmp / "trainer.pt")
-    value_name = None
-    if orch.services.value is not None and orch.cfg.uses_value:
-        value_name = f"{Path(orch.cfg.run_dir).name}-{name}"
-        orch.services.value.save(value_name)
+    torch.save({"trainer": trainer_state, "rng": rng if rng is not None else rng_states()}, tmp / "trainer.pt")
+    value = orch.value_checkpoint(f"{Path(orch.cfg.run_dir).name}-{name}", fallback=fallback)
     meta = {"step": state.step, "cursor": {"epoch": state.cursor.epoch, "position": state.cursor.position},
-            "weight_version": state.weight_version, "value_checkpoint": value_name}
+            "weight_version": state.weight_version, "value_checkpoint": value[0] if value else None,
+            "value_last_step_id": value[1].last_step_id if value else None, "log_line": log_line}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     (tmp / "config.yaml").write_text(dump_config(orch.cfg))
     with (tmp / MARKER).open("w") as f:
@@ -130,5 +138,6 @@ def read(path: Path) -> Restored:
     blob = torch.load(path / "trainer.pt", weights_only=False)
     return Restored(
         path=path, step=int(meta["step"]), cursor=Cursor(**meta["cursor"]), weight_version=int(meta["weight_version"]),
-        value_checkpoint=meta.get("value_checkpoint"), trainer_state=blob["trainer"], rng=blob["rng"],
+        value_checkpoint=meta.get("value_checkpoint"), value_last_step_id=meta.get("value_last_step_id"),
+        trainer_state=blob["trainer"], rng=blob["rng"], log_line=meta.get("log_line"),
     )

@@ -37,6 +37,16 @@ GAUGES: dict[str, tuple[str, str]] = {
 }
 REWARD_STATS = ("mean", "std", "min", "max")
 
+# Rejoin action (orchestrator/rejoin.py; key of a step-log line's "recovery") -> (counter name, help).
+REJOINS: dict[str, tuple[str, str]] = {
+    "weight_resends": ("quartet_weight_resends_total", "Policy weights re-sent to a generator that came back serving "
+                       "other weights (it restarted)."),
+    "value_reloads": ("quartet_value_reloads_total", "Value saves loaded into a value service that came back behind."),
+    "value_lost_train_steps": ("quartet_value_lost_train_steps_total", "Critic TrainSteps lost to value service "
+                               "restarts (applied after the last value save)."),
+    "rollout_redos": ("quartet_rollout_redos_total", "Step rollouts redone (same seed) after a service rejoined."),
+}
+
 
 class RunMetrics:
     """Holds the registry and updates it from one step record."""
@@ -64,6 +74,7 @@ class RunMetrics:
         self.trpo_ratio = Gauge("quartet_trpo_accepted_ratio", "TRPO: fraction of steps whose line search "
                                 "accepted a step, over the run.", registry=r)
         self._trpo = [0, 0]  # accepted, steps
+        self.rejoins = {key: Counter(name, doc, registry=r) for key, (name, doc) in REJOINS.items()}
         self.server = None
         self.port: int | None = None
 
@@ -79,6 +90,10 @@ class RunMetrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+    def rejoin(self, action: str, n: int = 1) -> None:
+        """Count a rejoin action (a key of REJOINS) as it happens, not at the step's end."""
+        self.rejoins[action].inc(n)
 
     def record(self, metrics: Mapping[str, float], phases: Mapping[str, float], rewards: Mapping[str, float],
                reward_services: Mapping[str, float], generated_tokens: int) -> None:

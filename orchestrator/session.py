@@ -127,7 +127,7 @@ class Session:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        restored = None
+        restored, value_save = None, None
         if self.resume:
             path = checkpoint.latest(cfg.checkpoint_dir)
             if path is None:
@@ -158,10 +158,16 @@ class Session:
             if restored.trainer_state is not None:
                 trainer.load_state_dict(restored.trainer_state)
             checkpoint.set_rng_states(restored.rng)
-            if restored.value_checkpoint and services.value is not None:
-                services.value.load(restored.value_checkpoint)
+            if restored.value_checkpoint and services.value is not None and cfg.uses_value:
+                loaded = services.value.load(restored.value_checkpoint)
+                if restored.value_last_step_id is not None and loaded != restored.value_last_step_id:
+                    # Only a checkpoint left after a failure refers to a rolling value save, which a later
+                    # run may have overwritten: the critic then differs from the one the run had.
+                    self.log(f"warning: value checkpoint {restored.value_checkpoint!r} now holds TrainStep id "
+                             f"{loaded}, not {restored.value_last_step_id} as when {restored.path.name} was written")
+                value_save = restored.value_checkpoint
             state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served)
-            truncate_step_log(run_dir / "steps.jsonl", restored.step)
+            truncate_step_log(run_dir / "steps.jsonl", restored.step, restore=restored.log_line)
             self.log(f"resumed from {restored.path} at step {restored.step}")
         elif self.resume is False:
             (run_dir / "steps.jsonl").unlink(missing_ok=True)
@@ -170,7 +176,8 @@ class Session:
             self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
         self.orchestrator = Orchestrator(
             cfg, services, policy=policy, tokenizer=tokenizer, trainer=trainer, prompts=prompts, state=state,
-            metrics=self.metrics, checkpoint=lambda o: checkpoint.save(cfg.checkpoint_dir, orch=o, keep=cfg.checkpoint.keep),
+            metrics=self.metrics, value_save=value_save,
+            checkpoint=lambda o, **kw: checkpoint.save(cfg.checkpoint_dir, orch=o, keep=cfg.checkpoint.keep, **kw),
         )
         if restored is not None or served != 0:
             # The generator must serve exactly the trainer's policy before the first Generate.
@@ -191,7 +198,7 @@ class Session:
         path = self.cfg.checkpoint_dir / checkpoint.step_name(o.state.step)
         if (path / checkpoint.MARKER).is_file():
             return path
-        return checkpoint.save(self.cfg.checkpoint_dir, orch=o, keep=self.cfg.checkpoint.keep)
+        return checkpoint.save(self.cfg.checkpoint_dir, orch=o, keep=self.cfg.checkpoint.keep, log_line=o.last_log_line)
 
     def close(self) -> None:
         if self.orchestrator is not None:
