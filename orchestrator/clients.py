@@ -35,6 +35,11 @@ from services.common.channel import open_channel
 from services.common.codec import RaggedTensor, decode_ragged, decode_tensor, encode_ragged
 from services.common.errors import QuartetError
 
+# A log-probability is <= 0; this much above it is float error of a log-softmax, not a bad answer.
+LOGPROB_SLACK = 1e-4
+_STOP, _LENGTH = generator_pb2.FINISH_REASON_STOP, generator_pb2.FINISH_REASON_LENGTH
+_FINISH_REASONS = frozenset({_STOP, _LENGTH})
+
 
 @dataclass(frozen=True)
 class ServiceInfo:
@@ -128,25 +133,32 @@ class _Client:
 
     def _info(self, stub) -> ServiceInfo:
         m = self._call(stub.GetInfo, common_pb2.GetInfoRequest(), call="GetInfo", timeout=self.info_deadline_s)
+        if m.vocab_size < 0:
+            raise self._fail("GetInfo", f"vocab_size {m.vocab_size} is negative")
+        if m.last_step_id < -1:
+            raise self._fail("GetInfo", f"last_step_id {m.last_step_id} is below -1 (-1: no step applied)")
         return ServiceInfo(
             role=m.role, identity=m.identity or f"{m.role}/{m.backend}@{self.endpoint.address}", model_path=m.model_path,
             backend=m.backend, tokenizer_fingerprint=m.tokenizer_fingerprint, weight_version=int(m.weight_version),
             vocab_size=int(m.vocab_size), last_step_id=int(m.last_step_id),
         )
 
-    def _rows(self, msg, *, call: str, field: str, lengths: Sequence[int]) -> list[torch.Tensor]:
-        """Decode a float Ragged and check one finite row per sequence of the expected length."""
+    def _rows(self, msg, *, call: str, field: str, lengths: Sequence[int], logprobs: bool = False) -> list[torch.Tensor]:
+        """Decode a float32 Ragged and check one finite row per sequence of the expected length
+        (with `logprobs`, every value also <= 0 up to float error)."""
         try:
-            ragged = decode_ragged(msg, field=field, rows=len(lengths))
+            ragged = decode_ragged(msg, field=field, dtypes=(torch.float32,), rows=len(lengths))
         except QuartetError as e:
             raise self._fail(call, f"malformed {field}: {e}") from None
         got = ragged.lengths.tolist()
         if got != list(lengths):
             bad = next(i for i, (a, b) in enumerate(zip(got, lengths, strict=True)) if a != b)
             raise self._fail(call, f"{field} row {bad} has {got[bad]} entries, expected {lengths[bad]} (one per response token)")
-        values = ragged.values.to(torch.float32)
+        values = ragged.values
         if not bool(torch.isfinite(values).all()):
             raise self._fail(call, f"{field} holds non-finite values")
+        if logprobs and bool((values > LOGPROB_SLACK).any()):
+            raise self._fail(call, f"{field} holds values above 0 (max {float(values.max()):.3g}; a log-probability is <= 0)")
         return [r.clone() for r in RaggedTensor(values, ragged.offsets).rows()]
 
     def close(self) -> None:
@@ -172,7 +184,10 @@ class GeneratorClient(_Client):
 
     def info(self) -> ServiceInfo:
         info = self._info(self._stub)
-        self.vocab_size = info.vocab_size or None
+        if info.vocab_size < 1:
+            raise self._fail("GetInfo", f"vocab_size {info.vocab_size}: a generator must report its vocabulary size "
+                                        "(sampled token ids are checked against it)")
+        self.vocab_size = info.vocab_size
         return info
 
     def generate(
@@ -196,21 +211,29 @@ class GeneratorClient(_Client):
         try:
             ids = decode_ragged(resp.completion_ids, field="completion_ids", dtypes=(torch.int64, torch.int32), rows=b)
         except QuartetError as e:
-            raise self._fail(call, f"expected {b} samples ({n_prompts} prompts x {n}): {e}") from None
+            raise self._fail(call, f"malformed completion_ids, expected {b} samples ({n_prompts} prompts x {n}): {e}") from None
         lengths = ids.lengths.tolist()
         if min(lengths, default=1) < 1 or max(lengths, default=0) > max_new_tokens:
-            raise self._fail(call, f"completion lengths {min(lengths)}..{max(lengths)} outside 1..{max_new_tokens}")
+            raise self._fail(call, f"completion_ids row lengths {min(lengths)}..{max(lengths)} outside 1..{max_new_tokens}")
         vocab = self.vocab_size
-        if ids.values.numel() and (int(ids.values.min()) < 0 or (vocab and int(ids.values.max()) >= vocab)):
-            raise self._fail(call, f"token ids outside the vocabulary [0, {vocab}) (min {int(ids.values.min())}, max {int(ids.values.max())})")
-        logprobs = self._rows(resp.logprobs, call=call, field="logprobs", lengths=lengths)
-        if any(bool((r > 1e-4).any()) for r in logprobs):
-            raise self._fail(call, "logprobs above 0 (a log-probability is <= 0)")
+        if vocab is None:  # without it a token id past the trainer's embedding would pass this check
+            raise self._fail(call, "vocabulary size unknown: call info() first (GetInfo.vocab_size)")
+        if ids.values.numel() and (int(ids.values.min()) < 0 or int(ids.values.max()) >= vocab):
+            raise self._fail(call, f"completion_ids hold token ids outside the vocabulary [0, {vocab}) "
+                                   f"(min {int(ids.values.min())}, max {int(ids.values.max())})")
+        logprobs = self._rows(resp.logprobs, call=call, field="logprobs", lengths=lengths, logprobs=True)
         if len(resp.finish_reasons) != b:
-            raise self._fail(call, f"{len(resp.finish_reasons)} finish reasons for {b} samples")
+            raise self._fail(call, f"finish_reasons has {len(resp.finish_reasons)} entries for {b} samples")
+        unknown = set(resp.finish_reasons) - _FINISH_REASONS
+        if unknown:
+            raise self._fail(call, f"finish_reasons holds {sorted(unknown)}, expected STOP ({_STOP}) or LENGTH ({_LENGTH})")
         if list(resp.prompt_index) and list(resp.prompt_index) != [k // n for k in range(b)]:
             raise self._fail(call, "samples are not prompt-major (prompt_index disagrees)")
-        texts = list(resp.completion_text) if len(resp.completion_text) == b else [""] * b
+        # Reward services score these texts: a missing one would be scored as an empty completion.
+        if len(resp.completion_text) != b:
+            raise self._fail(call, f"completion_text has {len(resp.completion_text)} entries for {b} samples "
+                                   "(requested with return_text)")
+        texts = list(resp.completion_text)
         return Samples(
             completion_ids=[r.long().tolist() for r in ids.rows()],
             logprobs=[r.tolist() for r in logprobs],
@@ -266,15 +289,20 @@ class RewardClient(_Client):
             metadata=[reward_pb2.Metadata(values=dict(m)) for m in metadata],
         )
         resp = self._call(self._stub.Score, req, call="Score")
+        return self._check_scores(resp, b)
+
+    def _check_scores(self, resp, b: int) -> Scores:
         try:
-            rewards = decode_tensor(resp.rewards, field="rewards", ndim=1).to(torch.float32).clone()
+            rewards = decode_tensor(resp.rewards, field="rewards", dtypes=(torch.float32,), ndim=1, copy=True)
         except QuartetError as e:
             raise self._fail("Score", f"malformed rewards: {e}") from None
         if rewards.numel() != b:
-            raise self._fail("Score", f"returned {rewards.numel()} rewards for {b} samples")
+            raise self._fail("Score", f"rewards has {rewards.numel()} values for {b} samples")
         if not bool(torch.isfinite(rewards).all()):
-            raise self._fail("Score", "returned non-finite rewards")
-        failed = list(resp.failed) if len(resp.failed) == b else [False] * b
+            raise self._fail("Score", "rewards holds non-finite values")
+        if len(resp.failed) not in (0, b):  # empty: no verifier failures reported
+            raise self._fail("Score", f"failed has {len(resp.failed)} entries for {b} samples (send {b} or none)")
+        failed = list(resp.failed) or [False] * b
         return Scores(rewards, failed, resp.identity)
 
 
@@ -292,7 +320,8 @@ class ReferenceClient(_Client):
         """log π_ref of every response token: B rows, row i of length len(completion_ids[i])."""
         req = reference_pb2.LogProbsRequest(sequences=_sequences(prompt_ids, completion_ids))
         resp = self._call(self._stub.LogProbs, req, call="LogProbs")
-        return self._rows(resp.logprobs, call="LogProbs", field="logprobs", lengths=[len(c) for c in completion_ids])
+        return self._rows(resp.logprobs, call="LogProbs", field="logprobs", lengths=[len(c) for c in completion_ids],
+                          logprobs=True)
 
 
 class ValueClient(_Client):
@@ -331,8 +360,21 @@ class ValueClient(_Client):
         if clip_range is not None:
             req.clip_range = clip_range
         r = self._call(self._admin.TrainStep, req, call="TrainStep", timeout=self.train_deadline_s)
-        if not math.isfinite(r.loss):
-            raise self._fail("TrainStep", f"non-finite value loss {r.loss}")
+        return self._check_train(r)
+
+    def _check_train(self, r) -> ValueTrainResult:
+        problems = [
+            (not math.isfinite(r.loss), f"loss {r.loss} is not finite"),
+            (not 0.0 <= r.clip_fraction <= 1.0, f"clip_fraction {r.clip_fraction} is outside [0, 1]"),
+            # NaN is the service's answer for returns without variance; infinities are not.
+            (math.isinf(r.explained_variance), f"explained_variance {r.explained_variance} is infinite"),
+            (not (math.isfinite(r.grad_norm) and r.grad_norm >= 0), f"grad_norm {r.grad_norm} is not a finite norm"),
+            (r.steps_trained < 0, f"steps_trained {r.steps_trained} is negative"),
+            (r.last_step_id < -1, f"last_step_id {r.last_step_id} is below -1"),
+        ]
+        for bad, problem in problems:
+            if bad:
+                raise self._fail("TrainStep", problem)
         return ValueTrainResult(r.loss, r.clip_fraction, r.explained_variance, r.grad_norm, r.duplicate,
                                 int(r.steps_trained), int(r.last_step_id))
 

@@ -19,12 +19,14 @@ def client() -> GeneratorClient:
     return c
 
 
-def response(ids: list[list[int]], lps: list[list[float]] | None = None, reasons=None) -> generator_pb2.GenerateResponse:
+def response(ids: list[list[int]], lps: list[list[float]] | None = None, reasons=None, texts=None,
+             lp_dtype: torch.dtype = torch.float32) -> generator_pb2.GenerateResponse:
     lps = lps if lps is not None else [[-0.5] * len(r) for r in ids]
     return generator_pb2.GenerateResponse(
         completion_ids=encode_ragged([torch.tensor(r, dtype=torch.int64) for r in ids], torch.int64),
-        logprobs=encode_ragged([torch.tensor(r, dtype=torch.float32) for r in lps], torch.float32),
+        logprobs=encode_ragged([torch.tensor(r, dtype=torch.float32) for r in lps], lp_dtype),
         finish_reasons=reasons or [generator_pb2.FINISH_REASON_STOP] * len(ids),
+        completion_text=texts if texts is not None else ["x" * len(r) for r in ids],
         weight_version=3,
     )
 
@@ -32,6 +34,15 @@ def response(ids: list[list[int]], lps: list[list[float]] | None = None, reasons
 def test_good_response_decodes() -> None:
     s = client()._check_samples(response([[1, 2], [3]]), n_prompts=1, n=2, max_new_tokens=4)
     assert s.completion_ids == [[1, 2], [3]] and s.finished == [True, True] and s.weight_version == 3
+    assert s.texts == ["xx", "x"]
+
+
+def test_token_ids_are_not_checked_blind() -> None:
+    """Without GetInfo's vocabulary size there is nothing to check ids against: refuse, do not pass them."""
+    c = client()
+    c.vocab_size = None
+    with pytest.raises(ServiceError, match="vocabulary size unknown"):
+        c._check_samples(response([[1, 2], [3]]), n_prompts=1, n=2, max_new_tokens=4)
 
 
 @pytest.mark.parametrize(
@@ -44,6 +55,10 @@ def test_good_response_decodes() -> None:
         (response([[1, 2], [3]], [[-0.1], [-1.0, -1.0]]), "logprobs row 0 has 1 entries"),
         (response([[1, 2], [3]], [[0.5, -1.0], [-1.0]]), "above 0"),
         (response([[1, 2, 3, 4, 5], [3]]), "outside 1..4"),
+        (response([[1, 2], [3]], lp_dtype=torch.float64), r"logprobs\.values\.dtype"),
+        (response([[1, 2], [3]], reasons=[generator_pb2.FINISH_REASON_STOP, 7]), r"finish_reasons holds \[7\]"),
+        (response([[1, 2], [3]], reasons=[generator_pb2.FINISH_REASON_UNSPECIFIED] * 2), "finish_reasons holds"),
+        (response([[1, 2], [3]], texts=[]), "completion_text has 0 entries for 2"),
     ],
 )
 def test_bad_generate_response_names_the_service(resp, match) -> None:
