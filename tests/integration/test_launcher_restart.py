@@ -21,6 +21,7 @@ from orchestrator.config import Endpoint
 from orchestrator.launcher import LaunchedService, LocalStack, RestartPolicy, ServiceSpec
 from orchestrator.retry import RetryPolicy, ServiceError
 from services.common.channel import health_status, open_channel
+from tests.e2e.test_run import e2e_config, task  # noqa: F401 (task is a fixture used by name)
 
 RULE = {"kind": "rule", "rule": "arithmetic", "workers": 1}
 FAST = RestartPolicy(max_restarts=2, base_delay_s=0.2, max_delay_s=1.0)
@@ -154,3 +155,21 @@ def test_stop_restarts_nothing_and_leaves_no_orphans(tmp_path: Path) -> None:
     assert all(p.poll() is not None for p in stack.procs.values())
     assert _group_members(pids) == []
     stack.stop()  # a second stop (atexit) is harmless
+
+
+def test_a_session_counts_restarts_in_its_metrics_and_runs_on(tiny_checkpoint: Path, task: dict[str, Path],  # noqa: F811
+                                                              tmp_path: Path) -> None:
+    from orchestrator.session import Session
+
+    cfg = e2e_config("grpo", tiny_checkpoint, task, tmp_path / "run", "steps=1", "metrics_port=null",
+                     "services.local_options.restart_backoff_s=0.1", "services.retry.max_attempts=100",
+                     "services.retry.initial_backoff_s=0.1", "services.retry.max_backoff_s=0.5")
+    with Session(cfg) as session:
+        stack, registry = session.stack, session.metrics.registry
+        first = stack.services["reward"]
+        os.kill(first.pid, signal.SIGKILL)
+        _wait_for(lambda: stack.services["reward"].pid != first.pid, 30, "the reward service's restart")
+        assert registry.get_sample_value("quartet_service_restarts_total", {"service": "reward"}) == 1
+        assert registry.get_sample_value("quartet_service_restarts_total", {"service": "generator"}) is None
+        results = session.orchestrator.run()  # its first Score reaches the restarted reward service
+    assert [r.step for r in results] == [1]
