@@ -88,3 +88,15 @@ def test_tls_config_errors_name_the_field(pki: Pki, tiny_checkpoint: Path, task:
     for message, extra in cases.items():
         with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
             e2e_config("grpo", tiny_checkpoint, task, tmp_path / "run", *base, *extra)
+
+
+def test_endpoint_client_certificate_settings_name_what_to_change() -> None:
+    from pydantic import ValidationError
+
+    from orchestrator.config import Endpoint
+
+    with pytest.raises(ValidationError, match="tls_client_cert needs tls_ca"):
+        Endpoint(address="h:1", tls_client_cert="c.pem", tls_client_key="c.key")
+    with pytest.raises(ValidationError, match="tls_client_cert and tls_client_key go together"):
+        Endpoint(address="h:1", tls_ca="ca.pem", tls_client_cert="c.pem")
+    assert Endpoint(address="h:1", tls_ca="ca.pem", tls_client_cert="c.pem", tls_client_key="c.key").tls_client_key
