@@ -92,8 +92,8 @@ def save(ckpt_dir: Path, *, orch, keep: int = 2, log_line: str | None = None, rn
     torch.save({"trainer": trainer_state, "rng": rng if rng is not None else rng_states()}, tmp / "trainer.pt")
     value = orch.value_checkpoint(f"{Path(orch.cfg.run_dir).name}-{name}", fallback=fallback)
     meta = {"step": state.step, "cursor": {"epoch": state.cursor.epoch, "position": state.cursor.position},
-            "weight_version": state.weight_version, "value_checkpoint": value[0] if value else None,
-            "value_last_step_id": value[1].last_step_id if value else None, "log_line": log_line}
+            "weight_version": state.weight_version, "value_checkpoint": value.name if value else None,
+            "value_last_step_id": value.state.last_step_id if value else None, "log_line": log_line}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     (tmp / "config.yaml").write_text(dump_config(orch.cfg))
     with (tmp / MARKER).open("w") as f:
@@ -141,3 +141,21 @@ def read(path: Path) -> Restored:
         value_checkpoint=meta.get("value_checkpoint"), value_last_step_id=meta.get("value_last_step_id"),
         trainer_state=blob["trainer"], rng=blob["rng"], log_line=meta.get("log_line"),
     )
+
+
+def truncate_step_log(path: Path, last_step: int, restore: str | None = None) -> None:
+    """Keep the step-log lines up to `last_step` (a resume starts there), each step once.
+
+    `restore` is the line of `last_step` kept in its checkpoint: written back when a crash came between
+    the checkpoint and the log line.
+    """
+    lines: dict[int, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip() and (n := int(json.loads(line)["step"])) <= last_step:
+                lines.setdefault(n, line)
+    if restore is not None and last_step not in lines and int(json.loads(restore)["step"]) == last_step:
+        lines[last_step] = restore
+    if lines or path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(lines[n] + "\n" for n in sorted(lines)))

@@ -47,7 +47,7 @@ from orchestrator.config import RunConfig
 from orchestrator.data import Cursor, PromptStream
 from orchestrator.experience import Experience, Rollout, build_experience
 from orchestrator.metrics import RunMetrics
-from orchestrator.rejoin import MAX_REJOINS, CriticKeeper, CriticState, Rejoined, ValueSave, resend_version
+from orchestrator.rejoin import MAX_REJOINS, CriticKeeper, Rejoined, ValueSave, resend_version
 
 log = logging.getLogger("quartet.orchestrator")
 
@@ -179,13 +179,9 @@ class Orchestrator:
 
     def _critic_keeper(self, value_save: str | None) -> CriticKeeper:
         assert self.services.value is not None
-        info = self.services.value.info()
-        now = CriticState(info.last_step_id, info.weight_version)
-        keeper = CriticKeeper(self.services.value, slot_prefix=f"{Path(self.cfg.run_dir).name}-value-live", expected=now,
-                              saved=ValueSave(value_save, now) if value_save else None, on_reload=self._lost_value_steps)
-        if keeper.saved is None and self.cfg.checkpoint.value_interval > 0:
-            keeper.save()  # the starting critic: what a value service that dies before its first save goes back to
-        return keeper
+        return CriticKeeper.start(self.services.value, slot_prefix=f"{Path(self.cfg.run_dir).name}-value-live",
+                                  loaded=value_save, value_interval=self.cfg.checkpoint.value_interval,
+                                  on_reload=self._lost_value_steps)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -349,34 +345,12 @@ class Orchestrator:
             log.error("%s after %s", note, err)
         return StepFailed(err, checkpoint=path, completed_steps=self.state.step, note=note)
 
-    def value_checkpoint(self, name: str, *, fallback: bool = False) -> tuple[str, CriticState] | None:
-        """The critic a run checkpoint of `self.state` refers to: saved now under `name`.
-
-        With `fallback` (a checkpoint left after a failure) a value service that cannot save, or whose
-        critic already trained past the run state, is represented by the last good save instead.
-        """
-        k = self.critic
-        if k is None:
+    def value_checkpoint(self, name: str, *, fallback: bool = False) -> ValueSave | None:
+        """The critic a run checkpoint of `self.state` refers to (see CriticKeeper.for_checkpoint)."""
+        if self.critic is None:
             return None
-        newest_fit = self.state.step - 1  # the critic of run state N has trained TrainStep ids up to N - 1
-        try:
-            if k.expected.last_step_id <= newest_fit:
-                for _ in range(2):  # a Save that met a restarted service is redone once after the reload
-                    if (save := k.save(name)) is not None:
-                        return save.name, save.state
-            if not fallback:
-                raise ServiceError(k.client.name, "Save", f"could not save a critic at TrainStep id {newest_fit}")
-        except ServiceError:
-            if not fallback:
-                raise
-        good = k.saved
-        if good is None or good.state.last_step_id > newest_fit:
-            log.warning("no value save fits step %d: the checkpoint has no critic (a resume continues with the "
-                        "value service's own)", self.state.step)
-            return None
-        log.warning("checkpoint of step %d refers to the last good value save %r (%s TrainSteps, last id %d)",
-                    self.state.step, good.name, good.state.steps_trained, good.state.last_step_id)
-        return good.name, good.state
+        # The critic of run state N has applied TrainStep ids up to N - 1.
+        return self.critic.for_checkpoint(name, newest_fit=self.state.step - 1, fallback=fallback)
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """The policy's state dict as the generator names it (tied weights are sent once by push_weights)."""
@@ -435,20 +409,3 @@ class Orchestrator:
                 on_step(results[-1])
         return results
 
-
-def truncate_step_log(path: Path, last_step: int, restore: str | None = None) -> None:
-    """Keep the step-log lines up to `last_step` (a resume starts there), each step once.
-
-    `restore` is the line of `last_step` kept in its checkpoint: written back when a crash came between
-    the checkpoint and the log line.
-    """
-    lines: dict[int, str] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip() and (n := int(json.loads(line)["step"])) <= last_step:
-                lines.setdefault(n, line)
-    if restore is not None and last_step not in lines and int(json.loads(restore)["step"]) == last_step:
-        lines[last_step] = restore
-    if lines or path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(lines[n] + "\n" for n in sorted(lines)))

@@ -24,6 +24,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
+
 from orchestrator.clients import ServiceError, ValueClient, ValueTrainResult
 from orchestrator.retry import RETRYABLE
 
@@ -75,6 +77,27 @@ class CriticKeeper:
         self.expected = expected
         self.saved = saved
         self.on_reload = on_reload
+
+    @classmethod
+    def start(cls, client: ValueClient, *, slot_prefix: str, loaded: str | None, value_interval: int,
+              on_reload: Callable[[list[int]], None] | None = None) -> CriticKeeper:
+        """The keeper of a run's start: the service holds the critic of value save `loaded` (a resume), or
+        its starting critic, which is saved first when value_interval > 0 (what a value service that dies
+        before its first save goes back to)."""
+        info = client.info()
+        now = CriticState(info.last_step_id, info.weight_version)
+        keeper = cls(client, slot_prefix=slot_prefix, expected=now, saved=ValueSave(loaded, now) if loaded else None,
+                     on_reload=on_reload)
+        if loaded is None and value_interval > 0:
+            try:
+                keeper.save()
+            except ServiceError as e:
+                if e.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                raise ServiceError(e.service, e.call, f"{e.problem} (checkpoint.value_interval={value_interval} saves "
+                                   "the critic: give the value service a checkpoint directory, or set "
+                                   "checkpoint.value_interval: 0)", code=e.code) from None
+        return keeper
 
     def observed(self) -> CriticState:
         """The critic the service holds now (GetInfo; weight_version is the TrainStep count), retried."""
@@ -151,6 +174,32 @@ class CriticKeeper:
             return None
         self.saved = ValueSave(name, self.expected)
         return self.saved
+
+
+    def for_checkpoint(self, name: str, *, newest_fit: int, fallback: bool) -> ValueSave | None:
+        """The critic a run checkpoint refers to: the expected one, saved now under `name`.
+
+        It must have applied TrainStep ids up to `newest_fit` and no further. With `fallback` (a checkpoint
+        left after a failure) a service that cannot save, or whose critic already trained past `newest_fit`,
+        is represented by the last good save instead; None if no save fits.
+        """
+        try:
+            if self.expected.last_step_id <= newest_fit:
+                for _ in range(2):  # a Save that met a restarted service is redone once after the reload
+                    if (save := self.save(name)) is not None:
+                        return save
+            if not fallback:
+                raise ServiceError(self.client.name, "Save", f"could not save a critic at TrainStep id {newest_fit}")
+        except ServiceError:
+            if not fallback:
+                raise
+        good = self.saved
+        if good is None or good.state.last_step_id > newest_fit:
+            log.warning("no value save holds a critic up to TrainStep id %d: the checkpoint has none (a resume "
+                        "continues with the value service's own)", newest_fit)
+            return None
+        log.warning("the checkpoint refers to the last good value save %r (%s)", good.name, _show(good.state))
+        return good
 
 
 def _show(s: CriticState) -> str:

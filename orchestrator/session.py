@@ -26,7 +26,7 @@ from orchestrator.clients import (
 from orchestrator.config import Endpoint, RewardEndpoint, RunConfig, dump_config
 from orchestrator.data import PromptStream, load_prompts
 from orchestrator.launcher import LocalStack, RestartPolicy, ServiceSpec, TlsFiles
-from orchestrator.loop import Orchestrator, RunState, Services, truncate_step_log
+from orchestrator.loop import Orchestrator, RunState, Services
 from orchestrator.metrics import RunMetrics
 from orchestrator.retry import RetryPolicy
 from services.common.hf import (
@@ -167,7 +167,7 @@ class Session:
                              f"{loaded}, not {restored.value_last_step_id} as when {restored.path.name} was written")
                 value_save = restored.value_checkpoint
             state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served)
-            truncate_step_log(run_dir / "steps.jsonl", restored.step, restore=restored.log_line)
+            checkpoint.truncate_step_log(run_dir / "steps.jsonl", restored.step, restore=restored.log_line)
             self.log(f"resumed from {restored.path} at step {restored.step}")
         elif self.resume is False:
             (run_dir / "steps.jsonl").unlink(missing_ok=True)

@@ -149,7 +149,7 @@ def test_failed_weight_sync_checkpoints_the_completed_step(baselines, tiny_check
 
 def test_resume_restores_the_line_a_crash_kept_from_the_log(tmp_path) -> None:
     """A crash between a checkpoint and its step's log line: the line comes back from the checkpoint."""
-    from orchestrator.loop import truncate_step_log
+    from orchestrator.checkpoint import truncate_step_log
 
     log = tmp_path / "steps.jsonl"
     line = {n: json.dumps({"step": n, "policy_loss": 0.1 * n}) for n in range(1, 5)}
