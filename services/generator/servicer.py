@@ -74,6 +74,14 @@ def encode_result(result: BatchResult, backend: GeneratorBackend, *, return_text
     )
 
 
+def _call_alive(context: grpc.ServicerContext) -> bool:
+    """False once the client cancelled or the deadline passed. When a stream stalls until its deadline,
+    gRPC may end the request iterator quietly a moment before is_active() turns False: the stream then
+    looks merely short (no `last` chunk), and only the spent deadline tells the two apart."""
+    remaining = context.time_remaining()
+    return context.is_active() and (remaining is None or remaining > 0)
+
+
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def __init__(self, role: GeneratorRole) -> None:
         self.role = role
@@ -179,6 +187,13 @@ class GeneratorRole:
             self.batcher.close()
         self.backend.close()
 
+    def _broke_off(self) -> FailedPrecondition:
+        self.metrics.weight_update_failures.labels(reason="cancelled").inc()
+        log.warning("UpdateWeights stream broke off (cancelled or past its deadline), version %d keeps serving",
+                    self.backend.version)
+        return FailedPrecondition("UpdateWeights stream was interrupted before its last chunk; "
+                                  f"version {self.backend.version} keeps serving")
+
     def update_weights(self, chunks, context: grpc.ServicerContext) -> generator_pb2.UpdateWeightsResponse:
         """Stage a full stream, then swap it in between batches; on any failure nothing changes."""
         _, batcher = self.ready()
@@ -192,14 +207,13 @@ class GeneratorRole:
                 staged = self.assembler.assemble(chunks, current_version=self.backend.version,
                                                  is_active=context.is_active)
             except QuartetError as e:
+                if not _call_alive(context):
+                    raise self._broke_off() from e
                 self.metrics.weight_update_failures.labels(reason=type(e).__name__).inc()
                 log.warning("UpdateWeights refused, version %d keeps serving: %s", self.backend.version, e)
                 raise
             except grpc.RpcError as e:  # the request iterator raises this when the client cancels
-                self.metrics.weight_update_failures.labels(reason="cancelled").inc()
-                log.warning("UpdateWeights stream broke off, version %d keeps serving", self.backend.version)
-                raise FailedPrecondition("UpdateWeights stream was interrupted before its last chunk; "
-                                         f"version {self.backend.version} keeps serving") from e
+                raise self._broke_off() from e
             t1 = time.perf_counter()
             batcher.apply_weights(staged.tensors, staged.version)
             done = time.perf_counter()

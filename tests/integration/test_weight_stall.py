@@ -95,10 +95,10 @@ def test_stalled_stream_ends_at_its_deadline_and_changes_nothing(server: Running
         assert resp.version == 1, resp
         print(f"good UpdateWeights accepted {time.monotonic() - t0:.2f} s after the stalled call's deadline")
         # The stalled stream was dropped as interrupted, not applied. gRPC ends the server's request
-        # iterator either with an RpcError ("cancelled") or quietly, which the assembler's is_active
-        # check turns into FailedPrecondition: which one depends on the order of two completions.
-        failures = _failures(server)
-        assert sum(failures.values()) == 1 and set(failures) <= {"cancelled", "FailedPrecondition"}, failures
+        # iterator with an RpcError or quietly, and a quiet end may come just before is_active()
+        # turns False (the stream then looks like one without its last chunk): whichever of these
+        # races it runs into, the generator counts it as cancelled.
+        assert _failures(server) == {"cancelled": 1}
         changed = _generate(server)
         assert changed.weight_version == 1 and changed.completion_ids == before.completion_ids  # same weights, v1
     finally:
