@@ -10,6 +10,10 @@ replacement serves, and the orchestrator brings it up to date:
 - value: it comes back untrained; GetInfo says so, and it loads the critic saved after step 2
   (checkpoint.value_interval=1), so no training is lost and the weights match too;
 - reward, reference: stateless, they simply answer again.
+Two more cases kill a stateful service as step 3 calls it (the client method is wrapped to SIGKILL
+the service first): the generator at step 3's UpdateWeights, whose retried stream must leave the
+replacement serving the new weights; the value service at step 3's TrainStep, which the retry then
+applies to an untrained critic: the orchestrator sees the counters, reloads and redoes the rollout.
 CPU, fp32, seeded sampling: any difference in what the trainer saw would show in the weights.
 """
 
@@ -35,21 +39,40 @@ SETS = (
 )
 
 
-def run(cfg, *, kill: str | None = None) -> dict:
-    """Run cfg through the embedded stack, SIGKILLing `kill` after step KILL_AFTER; what the test checks."""
+# Kills during a call of step KILL_AFTER + 1: the client method that SIGKILLs its service first, and the
+# completed steps (orchestrator state) when step KILL_AFTER + 1 calls it (the sync follows the update).
+DURING = {"generator": ("update_weights", KILL_AFTER + 1), "value": ("train_step", KILL_AFTER)}
+
+
+def run(cfg, *, kill: str | None = None, during_call: bool = False) -> dict:
+    """Run cfg through the embedded stack, SIGKILLing `kill` after step KILL_AFTER (or as step KILL_AFTER + 1
+    calls it); what the test checks."""
     from orchestrator.session import Session
 
     killed: list[int] = []
     with Session(cfg) as session:
-        stack = session.stack
+        stack, o = session.stack, session.orchestrator
+
+        def sigkill() -> None:
+            pid = stack.procs[kill].pid
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
         def on_step(r) -> None:
-            if kill is not None and r.step == KILL_AFTER:
-                pid = stack.procs[kill].pid
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+            if kill is not None and not during_call and r.step == KILL_AFTER:
+                sigkill()
 
-        session.orchestrator.run(on_step)
+        if during_call:
+            client, (method, at) = getattr(session.services, kill), DURING[kill]
+            real = getattr(client, method)
+
+            def killing_call(*args, **kwargs):
+                if not killed and o.state.step == at:
+                    sigkill()
+                return real(*args, **kwargs)
+
+            setattr(client, method, killing_call)
+        o.run(on_step)
         weights = {k: v.detach().clone() for k, v in session.orchestrator.policy.state_dict().items()}
         restarts = dict(stack.restarts)
         pids = stack.pids
@@ -67,11 +90,13 @@ def undisturbed(tiny_checkpoint, task, tmp_path_factory) -> dict:  # noqa: F811
     return out
 
 
-@pytest.mark.parametrize("service", ["generator", "reward", "reference", "value"])
-def test_sigkilled_service_rejoins_and_the_run_is_unchanged(service, undisturbed, tiny_checkpoint, task,  # noqa: F811
-                                                             tmp_path) -> None:
+@pytest.mark.parametrize(("service", "during_call"), [
+    ("generator", False), ("reward", False), ("reference", False), ("value", False), ("generator", True), ("value", True),
+], ids=["generator", "reward", "reference", "value", "generator-in-UpdateWeights", "value-in-TrainStep"])
+def test_sigkilled_service_rejoins_and_the_run_is_unchanged(service, during_call, undisturbed, tiny_checkpoint,
+                                                             task, tmp_path) -> None:  # noqa: F811
     cfg = e2e_config("ppo", tiny_checkpoint, task, tmp_path / "run", *SETS)
-    out = run(cfg, kill=service)
+    out = run(cfg, kill=service, during_call=during_call)
 
     assert len(out["killed"]) == 1
     assert out["restarts"][service] >= 1, f"the launcher did not restart the {service}"
@@ -80,11 +105,15 @@ def test_sigkilled_service_rejoins_and_the_run_is_unchanged(service, undisturbed
     for line in out["lines"]:
         for action, n in line.get("recovery", {}).items():
             recovery[action] = recovery.get(action, 0) + n
-    if service == "generator":
+    if service == "generator" and during_call:  # the retried UpdateWeights stream brought it up to date
+        assert recovery == {}, recovery
+    elif service == "generator":
         assert recovery.get("weight_resends", 0) >= 1, recovery
     elif service == "value":
         assert recovery.get("value_reloads", 0) >= 1, recovery
         assert recovery.get("value_lost_train_steps", 0) == 0, "the critic was saved after every step"
+        if during_call:  # the TrainStep went to an untrained critic: reloaded, and the rollout redone
+            assert recovery.get("rollout_redos", 0) >= 1, recovery
     else:
         assert recovery == {}, f"a restarted {service} needs no more than retries: {recovery}"
 
