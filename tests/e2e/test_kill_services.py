@@ -29,6 +29,8 @@ import torch
 
 from tests.e2e.test_run import e2e_config, task, wait_gone  # noqa: F401  (task is a fixture)
 
+pytestmark = pytest.mark.slow  # six runs of 6 steps and a baseline: ~2.5 min on 2 cores
+
 STEPS = 6
 KILL_AFTER = 2
 SETS = (

@@ -64,6 +64,7 @@ def baselines(tiny_checkpoint, task, tmp_path_factory):  # noqa: F811
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("algo", "down", "call"), [("grpo", "reward", "Score"), ("ppo", "value", None)])
 def test_service_down_stops_with_a_checkpoint_and_resume_completes(algo, down, call, baselines, tiny_checkpoint,
                                                                    task, tmp_path) -> None:  # noqa: F811
@@ -110,6 +111,7 @@ def test_service_down_stops_with_a_checkpoint_and_resume_completes(algo, down, c
     assert [k for k in want if not torch.equal(want[k], got[k])] == [], "the resumed run differs from an undisturbed one"
 
 
+@pytest.mark.slow
 def test_failed_weight_sync_checkpoints_the_completed_step(baselines, tiny_checkpoint, task, tmp_path) -> None:  # noqa: F811
     from orchestrator import checkpoint
     from orchestrator.clients import ServiceError
