@@ -331,19 +331,18 @@ class Orchestrator:
 
     def _stop(self, err: ServiceError, step: int, start_rng: dict[str, Any]) -> StepFailed:
         """Leave a checkpoint of the last consistent state after `err`; returns the error to raise."""
-        path, note = None, ""
+        note = ""
+        path = self.cfg.checkpoint_dir / ckpt.step_name(self.state.step)
         try:
             if self._completed is not None:  # the policy moved: finish the step (sync or checkpoint failed)
                 self._finish(checkpoint=True, fallback=True)
-                path = self.cfg.checkpoint_dir / ckpt.step_name(self.state.step)
-            elif self.state.step > 0 and self.checkpoint is not None:  # nothing of the step was applied
-                path = self.cfg.checkpoint_dir / ckpt.step_name(self.state.step)
-                if not (path / ckpt.MARKER).is_file():
-                    path = self.checkpoint(self, log_line=self.last_log_line, rng=start_rng, fallback=True)
+            elif self.state.step > 0 and self.checkpoint is not None and not (path / ckpt.MARKER).is_file():
+                self.checkpoint(self, log_line=self.last_log_line, rng=start_rng, fallback=True)  # nothing applied
         except (ServiceError, OSError) as e:
-            path, note = None, f"no checkpoint of step {self.state.step} could be written ({e})"
+            note = f"no checkpoint of step {self.state.step} could be written ({e})"
             log.error("%s after %s", note, err)
-        return StepFailed(err, checkpoint=path, completed_steps=self.state.step, note=note)
+        done = path if (path / ckpt.MARKER).is_file() else None
+        return StepFailed(err, checkpoint=done, completed_steps=self.state.step, note=note)
 
     def value_checkpoint(self, name: str, *, fallback: bool = False) -> ValueSave | None:
         """The critic a run checkpoint of `self.state` refers to (see CriticKeeper.for_checkpoint)."""
