@@ -26,7 +26,7 @@ def service_steps(policy: Path, train: Path, run_dir: Path, steps: int) -> list:
     from orchestrator.session import Session
 
     cfg = demo_config("grpo", steps=steps, run_dir=run_dir, policy=policy, dataset=train, seed=0,
-                      overrides=["metrics_port=null"])
+                      overrides=["metrics_port=null", "prompts_per_step=8"])  # the 8 x 8 workload
     with Session(cfg) as session:
         return session.orchestrator.run()
 

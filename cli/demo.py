@@ -16,10 +16,10 @@ DEMO_HELP = (
 
 def demo(
     algo: Annotated[Literal["grpo", "ppo", "trpo"], typer.Option("--algo", help="RL algorithm.")] = "grpo",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="RL steps.")] = 60,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="RL steps (32 prompts x 8 samples each).")] = 150,
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Where everything is written.")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the model, task, warm-up and run.")] = 0,
-    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Measure test accuracy every N steps.")] = 10,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Measure test accuracy every N steps.")] = 15,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Run-config override key=value, repeatable.")] = None,
 ) -> None:
     from rich.console import Console

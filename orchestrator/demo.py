@@ -17,11 +17,21 @@ from typing import Any
 
 from orchestrator.config import RunConfig, build_config
 
-# Warm-up settings: enough supervised steps that greedy test accuracy starts well above 0 but far
-# from 100%, leaving RL something to do (measured on 2 CPU cores, see the demo's JSON summary).
+# A fixed-length warm-up (docker/entrypoint.py prepares its model with it): enough supervised steps
+# that some answers are right.
 WARMUP = {"steps": 500, "batch_size": 64, "lr": 3e-3}
-TASK = {"n_train": 5000, "n_test": 200, "max_operand": 99}
+TASK = {"n_train": 5000, "n_test": 200, "max_operand": 99, "n_dev": 200}
 EVAL_ROWS = 200
+
+# The demo's RL recipe per algorithm (measured, see README "Benchmarks"): 32 prompts x 8 samples a
+# step. With 8 prompts the gradient is too noisy for Adam: every parameter takes ~lr-sized random
+# steps, and learning rates >= 1e-3 wipe out the warm-up (accuracy 36% -> 0-5% within 30 steps).
+# kl_coef 0 also did worse than the default KL to the reference (36% -> 27% in 7 minutes).
+RECIPES: dict[str, dict[str, Any]] = {
+    "grpo": {"algorithm": {"lr": 5e-4}, "prompts_per_step": 32},
+    "ppo": {"algorithm": {"lr": 3e-4, "epochs": 2, "kl_coef": 0.01}, "prompts_per_step": 32},
+    "trpo": {"algorithm": {"trpo_max_kl": 0.001, "trpo_cg_iters": 5}, "prompts_per_step": 32},
+}
 
 
 @dataclass
@@ -41,19 +51,18 @@ class DemoSummary:
 
 def demo_config(algo: str, *, steps: int, run_dir: Path, policy: Path, dataset: Path, seed: int,
                 overrides: list[str] | None = None) -> RunConfig:
-    """The run config of the demo: local services, arithmetic rule reward, 8 prompts x 8 samples."""
-    algorithm: dict[str, Any] = {"name": algo, "lr": 1e-4}
-    if algo == "ppo":
-        algorithm.update(epochs=2, kl_coef=0.01)
+    """The run config of the demo: local services, arithmetic rule reward, RECIPES[algo] (32 prompts x
+    8 samples), the 6 new tokens an answer needs at most."""
+    recipe = RECIPES[algo]
     data = {
         "models": {"policy": str(policy)},
         "services": {"local": True, "local_options": {"reward": {"kind": "rule", "rule": "arithmetic"},
                                                        "value": {}}},
-        "algorithm": algorithm,
+        "algorithm": {"name": algo, **recipe["algorithm"]},
         "sampling": {"temperature": 1.0, "max_new_tokens": 6},
         "dataset": {"path": str(dataset), "prompt_column": "prompt", "metadata_columns": ["answer"]},
         "checkpoint": {"interval": 0, "keep": 1},
-        "prompts_per_step": 8,
+        "prompts_per_step": recipe["prompts_per_step"],
         "samples_per_prompt": 8,
         "steps": steps,
         "seed": seed,
@@ -82,11 +91,12 @@ def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> Prepared
     from services.common.modelkit.evaluate import greedy_accuracy
     from services.common.modelkit.model import DEMO_MODEL, build_tiny_model, count_parameters, save_checkpoint
     from services.common.modelkit.tokenizer import build_char_tokenizer
-    from services.common.modelkit.warmup import sft_warmup
+    from services.common.modelkit.warmup import DEMO_WARMUP, sft_warmup
 
     train_path, test_path = make_arithmetic_task(run_dir / "task", seed=seed, **TASK)
+    dev_path = train_path.parent / "dev.jsonl"  # held out: decides when the warm-up stops
     stamp_path = run_dir / "warmup" / "quartet-warmup.json"
-    settings = {"warmup": WARMUP, "task": TASK, "model": DEMO_MODEL, "seed": seed}
+    settings = {"warmup": DEMO_WARMUP, "task": TASK, "model": DEMO_MODEL, "seed": seed}
     if stamp_path.is_file():
         stamp = json.loads(stamp_path.read_text())
         if stamp["settings"] == json.loads(json.dumps(settings)):
@@ -94,24 +104,29 @@ def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> Prepared
             return Prepared(stamp_path.parent, train_path, test_path, stamp["seconds"], stamp["accuracy"])
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(tokenizer, **DEMO_MODEL, seed=seed)
-    log(f"demo model: {count_parameters(model):,} parameters; supervised warm-up for {WARMUP['steps']} steps ...")
+    target, cap = DEMO_WARMUP["target_accuracy"], DEMO_WARMUP["steps"]
+    log(f"demo model: {count_parameters(model):,} parameters; supervised warm-up until held-out accuracy "
+        f"reaches {target:.0%} (at most {cap} steps) ...")
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread, no OpenMP waits under contention (see models.threads)
     try:
         with torch.random.fork_rng(devices=[]):
-            sft_warmup(model, tokenizer, load_jsonl(train_path), seed=seed, **WARMUP,
-                       progress=lambda step, loss: step % 100 == 0 and log(f"  warm-up step {step}: loss {loss:.3f}"))
+            losses = sft_warmup(
+                model, tokenizer, load_jsonl(train_path), seed=seed, eval_rows=load_jsonl(dev_path), **DEMO_WARMUP,
+                progress=lambda step, loss: step % 100 == 0 and log(f"  warm-up step {step}: loss {loss:.3f}"),
+            )
     finally:
         torch.set_num_threads(threads)
     warmup_seconds = time.perf_counter() - start
+    log(f"warm-up stopped after {len(losses)} steps ({warmup_seconds:.0f} s)")
     policy = save_checkpoint(model, tokenizer, run_dir / "warmup")
     acc = greedy_accuracy(model, tokenizer, load_jsonl(test_path)[:EVAL_ROWS]).accuracy
     stamp_path.write_text(json.dumps({"settings": settings, "seconds": warmup_seconds, "accuracy": acc}))
     return Prepared(policy, train_path, test_path, warmup_seconds, acc)
 
 
-def run_demo(*, algo: str = "grpo", steps: int = 60, run_dir: str | Path = "runs/demo", seed: int = 0,
+def run_demo(*, algo: str = "grpo", steps: int = 150, run_dir: str | Path = "runs/demo", seed: int = 0,
              eval_every: int = 10, overrides: list[str] | None = None,
              log: Callable[[str], None] = print, on_step: Callable[[Any], None] | None = None,
              prepared: Prepared | None = None, max_seconds: float | None = None) -> DemoSummary:

@@ -229,24 +229,18 @@ OLD_LOGPROB_SOURCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
-def build_experience(
-    rollout: Rollout,
+def trainer_logprobs(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
     policy_model: torch.nn.Module,
-    cfg: AlgorithmConfig,
     *,
     pad_token_id: int,
     micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
-) -> Experience:
-    """Pad the rollout, recompute the policy's log-probs (no grad), estimate the KL to the reference
-    and compute advantages with ``cfg.advantage``.
-
-    The trainer's log-probs are computed every step, even with ``old_logprobs: generator``, because
-    the generator/trainer gap is a metric every step.
-
-    Raises:
-        ValueError: GAE without values, or a non-zero kl_coef without reference log-probs.
-    """
-    batch = pad_sequences(rollout.prompt_ids, rollout.completion_ids, pad_token_id=pad_token_id)
+) -> Tensor:
+    """The policy's log-probs of the sampled tokens (no grad): [B, T] on the CPU, T the longest
+    completion, 0 on padding. Needs only the samples, so the loop runs it while the reward,
+    reference and value services work on the same samples."""
+    batch = pad_sequences(prompt_ids, completion_ids, pad_token_id=pad_token_id)
     device = next(policy_model.parameters()).device
     batch_on_device = TokenBatch(
         input_ids=batch.input_ids.to(device),
@@ -256,14 +250,44 @@ def build_experience(
         response_length=batch.response_length,
     )
     with torch.no_grad():
-        trainer_logprobs = sequence_logprobs(
+        return sequence_logprobs(
             policy_model, batch_on_device, micro_batch_tokens=micro_batch_tokens, with_entropy=False
         ).logprobs.cpu()
+
+
+def build_experience(
+    rollout: Rollout,
+    policy_model: torch.nn.Module,
+    cfg: AlgorithmConfig,
+    *,
+    pad_token_id: int,
+    micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+    policy_logprobs: Tensor | None = None,
+) -> Experience:
+    """Pad the rollout, recompute the policy's log-probs (no grad), estimate the KL to the reference
+    and compute advantages with ``cfg.advantage``.
+
+    The trainer's log-probs are computed every step, even with ``old_logprobs: generator``, because
+    the generator/trainer gap is a metric every step. ``policy_logprobs`` passes them in when they
+    were computed already (``trainer_logprobs`` of the same samples and model, [B, T]).
+
+    Raises:
+        ValueError: GAE without values, or a non-zero kl_coef without reference log-probs, or
+            ``policy_logprobs`` of another shape than the padded rollout.
+    """
+    batch = pad_sequences(rollout.prompt_ids, rollout.completion_ids, pad_token_id=pad_token_id)
+    if policy_logprobs is None:
+        policy_logprobs = trainer_logprobs(rollout.prompt_ids, rollout.completion_ids, policy_model,
+                                           pad_token_id=pad_token_id, micro_batch_tokens=micro_batch_tokens)
+    elif tuple(policy_logprobs.shape) != (len(rollout.completion_ids), batch.response_length):
+        raise ValueError(f"policy_logprobs has shape {tuple(policy_logprobs.shape)}, the rollout pads to "
+                         f"{(len(rollout.completion_ids), batch.response_length)}")
+    trainer_lp = policy_logprobs
     width = batch.response_length
     mask = batch.response_mask.to(torch.float32)
     generator_logprobs = pad_rows(rollout.generator_logprobs, width)
     old_logprobs = lookup(OLD_LOGPROB_SOURCES, cfg.old_logprobs, "old_logprobs source")(
-        trainer_logprobs, generator_logprobs
+        trainer_lp, generator_logprobs
     )
     ref_logprobs = None if rollout.ref_logprobs is None else pad_rows(rollout.ref_logprobs, width)
     if ref_logprobs is None and cfg.kl_coef > 0:
@@ -297,7 +321,7 @@ def build_experience(
         advantages=advantages,
         returns=adv.returns,
         group_size=rollout.group_size,
-        logprob_gap=logprob_gap(generator_logprobs, trainer_logprobs, mask),
+        logprob_gap=logprob_gap(generator_logprobs, trainer_lp, mask),
         kl_ref=float(kl.sum()) / count,
     )
 

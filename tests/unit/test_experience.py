@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from orchestrator.algo_config import AlgorithmConfig
 from orchestrator.algorithms.advantages import group_advantages
 from orchestrator.algorithms.kl import kl_estimate
-from orchestrator.experience import Rollout, build_experience, pad_sequences
+from orchestrator.experience import Rollout, build_experience, pad_sequences, trainer_logprobs
 from orchestrator.policy import sequence_logprobs
 
 PAD = 0
@@ -229,3 +229,18 @@ def test_experience_is_frozen(model):
     exp = build_experience(make_rollout(), model, AlgorithmConfig(kl_coef=0.0), pad_token_id=PAD)
     with pytest.raises(dataclasses.FrozenInstanceError):
         exp.advantages = exp.mask  # type: ignore[misc]
+
+
+def test_policy_logprobs_computed_ahead_give_the_same_experience(model):
+    # The loop computes the trainer's log-probs while the services score the samples; passing them
+    # in must change nothing, and log-probs of other samples must be refused, not silently used.
+    rollout = make_rollout()
+    cfg = AlgorithmConfig(name="grpo", kl_coef=0.0)
+    ahead = trainer_logprobs(rollout.prompt_ids, rollout.completion_ids, model, pad_token_id=PAD)
+    inline = build_experience(rollout, model, cfg, pad_token_id=PAD)
+    passed = build_experience(rollout, model, cfg, pad_token_id=PAD, policy_logprobs=ahead)
+    assert torch.equal(inline.old_logprobs, passed.old_logprobs)
+    assert torch.equal(inline.advantages, passed.advantages)
+    assert inline.logprob_gap == passed.logprob_gap
+    with pytest.raises(ValueError, match="policy_logprobs has shape"):
+        build_experience(rollout, model, cfg, pad_token_id=PAD, policy_logprobs=ahead[:, :-1])

@@ -15,6 +15,7 @@ from services.common.modelkit.arithmetic import (
     load_jsonl,
     make_arithmetic_rows,
     make_arithmetic_task,
+    make_dev_rows,
 )
 from services.common.modelkit.evaluate import greedy_accuracy, greedy_complete, left_pad
 from services.common.modelkit.model import (
@@ -138,6 +139,19 @@ def test_task_files_seeded_and_disjoint(tmp_path: Path) -> None:
         a, b = r["prompt"].removesuffix("=").split("+")
         assert r["answer"] == str(int(a) + int(b)) and 0 <= int(a) <= 99 and 0 <= int(b) <= 99
     assert json.loads(tr1.read_text().splitlines()[0]).keys() == {"prompt", "answer"}
+
+
+def test_dev_rows_are_held_out_from_train_and_test_and_leave_them_unchanged(tmp_path: Path) -> None:
+    tr, te = make_arithmetic_task(tmp_path / "a", n_train=300, n_test=50, seed=7, n_dev=40)
+    tr0, te0 = make_arithmetic_task(tmp_path / "b", n_train=300, n_test=50, seed=7)
+    assert tr.read_bytes() == tr0.read_bytes() and te.read_bytes() == te0.read_bytes()
+    dev = load_jsonl(tmp_path / "a" / "dev.jsonl")
+    assert len(dev) == 40 and not (tmp_path / "b" / "dev.jsonl").exists()
+    used = {r["prompt"] for r in load_jsonl(tr) + load_jsonl(te)}
+    assert len({r["prompt"] for r in dev}) == 40 and not used & {r["prompt"] for r in dev}
+    assert make_dev_rows(load_jsonl(tr), load_jsonl(te), n_dev=40, seed=7) == dev
+    with pytest.raises(ValueError, match="n_dev=9999 must be between 0 and 9650"):
+        make_dev_rows(load_jsonl(tr), load_jsonl(te), n_dev=9999, seed=7)
 
 
 def test_task_ops_and_limits() -> None:

@@ -10,6 +10,7 @@ from services.common.modelkit.arithmetic import (
     load_jsonl,
     make_arithmetic_rows,
     make_arithmetic_task,
+    make_dev_rows,
 )
 from services.common.modelkit.evaluate import AccuracyResult, greedy_accuracy, greedy_complete
 from services.common.modelkit.model import (
@@ -40,6 +41,7 @@ __all__ = [
     "load_jsonl",
     "make_arithmetic_rows",
     "make_arithmetic_task",
+    "make_dev_rows",
     "make_tiny_checkpoint",
     "save_checkpoint",
     "sft_warmup",

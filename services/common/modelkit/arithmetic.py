@@ -62,6 +62,19 @@ def make_arithmetic_rows(
     return rows[:n_train], rows[n_train:]
 
 
+def make_dev_rows(
+    train: Sequence[dict[str, str]], test: Sequence[dict[str, str]], *, n_dev: int, seed: int,
+    max_operand: int = 99, ops: Sequence[str] = ("+",),
+) -> list[dict[str, str]]:
+    """`n_dev` rows outside both `train` and `test`, drawn by `seed`: a held-out set to decide when
+    to stop a warm-up without looking at the test set (whose accuracy is what gets reported)."""
+    used = {r["prompt"] for r in (*train, *test)}
+    rest = [(p, a) for p, a in _all_prompts(max_operand, ops) if p not in used]
+    if not 0 <= n_dev <= len(rest):
+        raise ValueError(f"n_dev={n_dev} must be between 0 and {len(rest)}, the prompts left outside train and test")
+    return [{"prompt": p, "answer": a} for p, a in random.Random(f"dev:{seed}").sample(rest, n_dev)]
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, str]]) -> Path:
     """One JSON object per line, keys in a fixed order so files are byte-identical for a seed."""
     p = Path(path)
@@ -94,12 +107,17 @@ def make_arithmetic_task(
     seed: int,
     max_operand: int = 99,
     ops: Sequence[str] = ("+",),
+    n_dev: int = 0,
 ) -> tuple[Path, Path]:
-    """Write `train.jsonl` and `test.jsonl` into `out_dir`; returns their paths."""
+    """Write `train.jsonl` and `test.jsonl` into `out_dir` (and `dev.jsonl`, `n_dev` held-out rows
+    outside both, when `n_dev` > 0); returns the train and test paths."""
     train, test = make_arithmetic_rows(
         n_train=n_train, n_test=n_test, seed=seed, max_operand=max_operand, ops=ops
     )
     out = Path(out_dir)
+    if n_dev:
+        dev = make_dev_rows(train, test, n_dev=n_dev, seed=seed, max_operand=max_operand, ops=ops)
+        write_jsonl(out / "dev.jsonl", dev)
     return write_jsonl(out / "train.jsonl", train), write_jsonl(out / "test.jsonl", test)
 
 
