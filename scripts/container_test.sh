@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The real container test of docker/ (issue 6), for .ci/run: no Docker engine here, so podman.
 #
-#   bash scripts/container_test.sh            # everything: ~2-3.5 min with the images cached,
-#                                             # ~5 min with none (2 cores; apt installs extra)
+#   bash scripts/container_test.sh            # everything: ~4-7.5 min with the images cached,
+#                                             # ~4 min more with none (2 cores; apt installs extra)
 #   QUARTET_CI_CACHE=/var/tmp/quartet-ci      # where the base image rootfs tarball is kept
 #
 # Stages: tools -> podman config -> CI-only base images (debootstrap; cached) -> CPU image ->
 # static checks -> stack up (prepare, 4 services, prometheus) -> health/grpcurl/promtool ->
 # 2-step GRPO in the orchestrator container -> Prometheus API queries (+ every dashboard panel) ->
-# compose down leaves nothing -> reward swap during a longer run -> down.
+# compose down leaves nothing -> reward swap during a longer run (podman-compose) -> down -> the
+# same swap with the real Docker Compose v2 over podman's API (the README's exact command) -> down.
 #
 # Everything listens on loopback or inside the podman network this script creates. Exits non-zero
 # with a "container test FAILED: <why>" line and the containers' logs on any failure.
@@ -45,13 +46,18 @@ on_error() {
 trap on_error ERR
 dump_logs() {
   command -v podman >/dev/null || return 0
-  for c in $(podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME" --format '{{.Names}}' 2>/dev/null); do
+  for c in $(podman ps -a --filter "label=com.docker.compose.project=${PROJECT:-$COMPOSE_PROJECT_NAME}" --format '{{.Names}}' 2>/dev/null); do
     echo "---- logs of $c (last 40 lines)" >&2
     podman logs --tail 40 "$c" >&2 2>&1 || true
   done
 }
 cleanup() {
   set +e
+  if [ -n "${PODMAN_SERVICE_PID:-}" ]; then
+    podman rm -f -t 5 quartetdc_swap_orchestrator >/dev/null 2>&1
+    dc down -v -t 5 >/dev/null 2>&1
+    kill "$PODMAN_SERVICE_PID" 2>/dev/null
+  fi
   if command -v podman-compose >/dev/null && [ -f "$COMPOSE_FILE" ]; then
     podman rm -f "${COMPOSE_PROJECT_NAME}_2step_orchestrator" "${COMPOSE_PROJECT_NAME}_swap_orchestrator" >/dev/null 2>&1
     compose down -v -t 5 >/dev/null 2>&1
@@ -197,7 +203,8 @@ ROLES=(generator reward reference value)
 PROM=http://127.0.0.1:29090
 LINGER_S=$QUARTET_METRICS_LINGER_S  # an upper bound: await_scraped_run stops the linger once scraped
 reward_ip() { podman inspect "$(cname reward)" --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}'; }
-cname() { podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME" \
+# Containers by the labels both podman-compose and Docker Compose set; PROJECT picks the stack.
+cname() { podman ps -a --filter "label=com.docker.compose.project=${PROJECT:-$COMPOSE_PROJECT_NAME}" \
   --filter "label=com.docker.compose.service=$1" --format '{{.Names}}' | head -1; }
 promq() {  # promq QUERY -> JSON result list on stdout; fails on a query error
   curl -sf --get "$PROM/api/v1/query" --data-urlencode "query=$1" \
@@ -361,71 +368,113 @@ cfg.update(steps=int(sys.argv[3]), prompts_per_step=4, samples_per_prompt=4, run
 yaml.safe_dump(cfg, open(sys.argv[2], "w"), sort_keys=False)
 PY
 stack_up
-# `run` (like a user's `docker compose run --rm orchestrator`). QUARTET_TRAIN_RETRIES=0: no resume
-# from a checkpoint; the run must ride through the swap on its services.retry budget alone.
-ORCH=${COMPOSE_PROJECT_NAME}_swap_orchestrator
-compose run -d -T --no-deps --name "$ORCH" -e QUARTET_TRAIN_RETRIES=0 orchestrator train /etc/quartet/swap-ci.yaml \
-  >"$WORK/up-orch.log" 2>&1 || { cat "$WORK/up-orch.log"; fail "orchestrator run"; }
-steps_done() { podman logs "$ORCH" 2>&1 | grep -cE '^\{"step"' || true; }
-deadline=$(( $(date +%s) + 300 ))
-until [ "$(steps_done)" -ge 1 ]; do
-  [ "$(podman inspect "$ORCH" --format '{{.State.Running}}')" = true ] || { podman logs "$ORCH" | tail -30; fail "orchestrator exited early"; }
-  [ "$(date +%s)" -lt "$deadline" ] || fail "the swap run made no step in 300 s"
-  sleep 1
-done
-at_swap=$(steps_done)
-echo "after $at_swap of $SWAP_STEPS steps: replacing the reward service (rule arithmetic -> plugin length_penalised)"
-# podman-compose 1.6 quirk: `up --no-deps SERVICE` of a service whose container is recreated (config
-# changed, or --force-recreate) also recreates and STARTS every running dependent of it: here a
-# second orchestrator (the service's default command, pushing its own weight versions to the same
-# generator: "update to version 11 refused: the generator already serves version 71"). It does not
-# do so when the service has no container: remove it, then `up`. Docker Compose's
-# `up -d --no-deps reward` replaces the reward container only (README).
-old_reward=$(cname reward) old_ip=$(reward_ip)
-t_swap=$(date +%s)
-quiet podman rm -f -t 15 "$old_reward" >/dev/null
-QUARTET_REWARD=reward-length-penalised compose up -d --no-deps reward >"$WORK/swap.log" 2>&1 || { cat "$WORK/swap.log"; fail "reward swap"; }
-podman inspect "$(cname reward)" --format '{{.Config.Cmd}}' | grep -q reward-length-penalised || fail "reward not replaced"
-orchs=$(podman ps -a --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME" \
-  --filter label=com.docker.compose.service=orchestrator --format '{{.Names}}')
-[ "$orchs" = "$ORCH" ] || { cat "$WORK/swap.log"; fail "the swap touched the orchestrator service: containers $(echo $orchs)"; }
-wait_healthy reward
-echo "new reward service SERVING $(( $(date +%s) - t_swap )) s after the old one was stopped (address $old_ip -> $(reward_ip))"
-await_scraped_run "$ORCH" 600 "max_over_time(quartet_step{job=\"quartet-orchestrator\"}[15m]) >= $SWAP_STEPS" \
-  'max_over_time(quartet_reward_service_info{identity=~".*plugin:length_penalised.*"}[15m])'
-code=$(podman wait "$ORCH")
-podman logs "$ORCH" >"$WORK/swap-train.log" 2>&1
-podman rm "$ORCH" >/dev/null
-grep -E '^\{"step"' "$WORK/swap-train.log" || true
-[ "$code" = 0 ] || { tail -30 "$WORK/swap-train.log"; fail "the swap run exited $code"; }
-! grep -E 'run stopped|resuming' "$WORK/swap-train.log" || fail "the swap run was resumed from a checkpoint"
-retries=$(grep -c 'failed with [A-Z_]* (attempt' "$WORK/swap-train.log" || true)
-echo "the run rode through the swap: $retries retried call(s), no resume; first and last:"
-grep 'failed with [A-Z_]* (attempt' "$WORK/swap-train.log" | sed -n '1p;$p' | cut -c1-200
-quiet podman run --rm -v "${COMPOSE_PROJECT_NAME}_runs:/runs:ro" --entrypoint python "$IMAGE" -c '
+start_swap_run() {  # start_swap_run COMPOSE_FN NAME: the orchestrator on swap-ci.yaml; waits for its first step
+  # `run` (like a user's `docker compose run --rm orchestrator`). QUARTET_TRAIN_RETRIES=0: no resume
+  # from a checkpoint; the run must ride through the swap on its services.retry budget alone.
+  local deadline=$(( $(date +%s) + 300 ))
+  "$1" run -d -T --no-deps --name "$2" -e QUARTET_TRAIN_RETRIES=0 orchestrator train /etc/quartet/swap-ci.yaml \
+    >"$WORK/up-$2.log" 2>&1 || { cat "$WORK/up-$2.log"; fail "orchestrator run"; }
+  until [ "$(steps_done "$2")" -ge 1 ]; do
+    [ "$(podman inspect "$2" --format '{{.State.Running}}')" = true ] || { podman logs "$2" | tail -30; fail "orchestrator exited early"; }
+    [ "$(date +%s)" -lt "$deadline" ] || fail "the swap run made no step in 300 s"
+    sleep 1
+  done
+  echo "after $(steps_done "$2") of $SWAP_STEPS steps: replacing the reward service (rule arithmetic -> plugin length_penalised)"
+}
+steps_done() { podman logs "$1" 2>&1 | grep -cE '^\{"step"' || true; }
+after_swap() {  # after_swap NAME T_SWAP OLD_IP: the new reward runs, the orchestrator is untouched
+  podman inspect "$(cname reward)" --format '{{.Config.Cmd}}' | grep -q reward-length-penalised || fail "reward not replaced"
+  local orchs
+  orchs=$(podman ps -a --filter "label=com.docker.compose.project=${PROJECT:-$COMPOSE_PROJECT_NAME}" \
+    --filter label=com.docker.compose.service=orchestrator --format '{{.Names}}')
+  [ "$orchs" = "$1" ] || { cat "$WORK/swap.log"; fail "the swap touched the orchestrator service: containers $(echo $orchs)"; }
+  wait_healthy reward
+  echo "new reward service SERVING $(( $(date +%s) - $2 )) s after the old one was stopped (address $3 -> $(reward_ip))"
+}
+check_swap_run() {  # check_swap_run NAME RUNS_VOLUME: exit 0, no resume, every step once, old identity then new
+  local code retries
+  code=$(podman wait "$1")
+  podman logs "$1" >"$WORK/$1.log" 2>&1
+  quiet podman rm "$1" >/dev/null
+  [ "$code" = 0 ] || { grep -E '^\{"step"' "$WORK/$1.log"; tail -30 "$WORK/$1.log"; fail "the swap run exited $code"; }
+  ! grep -E 'run stopped|resuming' "$WORK/$1.log" || fail "the swap run was resumed from a checkpoint"
+  retries=$(grep -c 'failed with [A-Z_]* (attempt' "$WORK/$1.log" || true)
+  echo "the run rode through the swap: $retries retried call(s), no resume; first and last:"
+  grep 'failed with [A-Z_]* (attempt' "$WORK/$1.log" | sed -n '1p;$p' | cut -c1-200
+  quiet podman run --rm -v "$2:/runs:ro" --entrypoint python "$IMAGE" -c '
 import json, sys
 n = int(sys.argv[1])
 rows = [json.loads(l) for l in open("/runs/ci-swap/steps.jsonl")]
 steps = [r["step"] for r in rows]
 kinds = ["new" if any("plugin:length_penalised" in i for i in r["reward_services"]) else
          "old" if any("rule:arithmetic" in i for i in r["reward_services"]) else "?" for r in rows]
-print("steps", steps[0], "..", steps[-1], "; scored by the old reward:", kinds.count("old"), "by the new:", kinds.count("new"))
+print("steps", steps[0], "..", steps[-1], "; scored by the old reward:", kinds.count("old"), "by the new:", kinds.count("new"),
+      "; slowest step %.1f s" % max(r["step_seconds"] for r in rows))
 print("reward identities", sorted({i for r in rows for i in r["reward_services"]}))
 assert steps == list(range(1, n + 1)), "every step exactly once"
 assert kinds == ["old"] * kinds.count("old") + ["new"] * kinds.count("new") and "old" in kinds and "new" in kinds, kinds
 ' "$SWAP_STEPS" || fail "the swap run's step log does not show every step once, old reward identity then new"
+}
+nothing_left() {  # nothing_left PROJECT: after `down -v`
+  local left
+  left=$(podman ps -a --format '{{.Names}}' --filter "label=com.docker.compose.project=$1")
+  [ -z "$left" ] || fail "containers left after down: $left"
+  left=$(podman network ls --format '{{.Name}}' | grep -E "^$1[_-]" || true)
+  [ -z "$left" ] || fail "networks left after down: $left"
+  left=$(podman volume ls --format '{{.Name}}' | grep -E "^$1[_-]" || true)
+  [ -z "$left" ] || fail "volumes left after down -v: $left"
+  echo "no containers, networks or volumes of $1 left"
+}
+
+ORCH=${COMPOSE_PROJECT_NAME}_swap_orchestrator
+start_swap_run compose "$ORCH"
+# podman-compose 1.6 quirk: `up --no-deps SERVICE` of a service whose container is recreated (config
+# changed, or --force-recreate) also recreates and STARTS every running dependent of it: here a
+# second orchestrator (the service's default command, pushing its own weight versions to the same
+# generator: "update to version 11 refused: the generator already serves version 71"). It does not
+# do so when the service has no container: remove it, then `up`. Docker Compose's
+# `up -d --no-deps reward` replaces the reward container only (the next stage runs it).
+old_reward=$(cname reward) old_ip=$(reward_ip)
+t_swap=$(date +%s)
+quiet podman rm -f -t 15 "$old_reward" >/dev/null
+QUARTET_REWARD=reward-length-penalised compose up -d --no-deps reward >"$WORK/swap.log" 2>&1 || { cat "$WORK/swap.log"; fail "reward swap"; }
+after_swap "$ORCH" "$t_swap" "$old_ip"
+await_scraped_run "$ORCH" 600 "max_over_time(quartet_step{job=\"quartet-orchestrator\"}[15m]) >= $SWAP_STEPS" \
+  'max_over_time(quartet_reward_service_info{identity=~".*plugin:length_penalised.*"}[15m])'
+check_swap_run "$ORCH" "${COMPOSE_PROJECT_NAME}_runs"
 promq 'count by (identity) (max_over_time(quartet_reward_service_info[15m]))' | tee "$WORK/identities.json"
 grep -q 'plugin:length_penalised' "$WORK/identities.json" && grep -q 'rule:arithmetic' "$WORK/identities.json" \
   || fail "Prometheus does not show both reward identities"
 
 stage "down"
 compose down -v -t 10 >/dev/null 2>&1
-[ -z "$(podman ps -a -q --filter "label=io.podman.compose.project=$COMPOSE_PROJECT_NAME")" ] || fail "containers left"
-left=$(podman network ls --format '{{.Name}}' | grep "^${COMPOSE_PROJECT_NAME}_" || true)
-[ -z "$left" ] || fail "networks left after down: $left"
-left=$(podman volume ls --format '{{.Name}}' | grep "^${COMPOSE_PROJECT_NAME}_" || true)
-[ -z "$left" ] || fail "volumes left after down -v: $left"
-echo "no containers, networks or volumes of $COMPOSE_PROJECT_NAME left"
+nothing_left "$COMPOSE_PROJECT_NAME"
+
+# ---------------------------------------------------------------------------------------------
+stage "reward swap with Docker Compose v2"
+# The README's exact command, `docker compose ... up -d --no-deps reward` with nothing removed first,
+# run by the real Docker Compose v2 binary against podman's Docker-compatible API. Podman runs no
+# healthchecks without systemd, so `service_healthy` conditions would never hold: the services are
+# started with --no-deps and waited for here, as above.
+podman system service --time=0 "unix://$WORK/podman.sock" >"$WORK/podman-service.log" 2>&1 &
+PODMAN_SERVICE_PID=$!
+dc() { DOCKER_HOST="unix://$WORK/podman.sock" COMPOSE_PROJECT_NAME=quartetdc "$COMPOSE_V2" -f "$COMPOSE_FILE" --profile cpu "$@"; }
+for _ in $(seq 50); do [ -S "$WORK/podman.sock" ] && break; sleep 0.2; done
+[ -S "$WORK/podman.sock" ] || { cat "$WORK/podman-service.log"; fail "podman system service did not start"; }
+PROJECT=quartetdc
+dc run --rm -T prepare >"$WORK/dc-prepare.log" 2>&1 || { tail -20 "$WORK/dc-prepare.log"; fail "docker compose run prepare"; }
+dc up -d --no-deps "${ROLES[@]}" >"$WORK/dc-up.log" 2>&1 || { tail -20 "$WORK/dc-up.log"; fail "docker compose up"; }
+wait_healthy "${ROLES[@]}"
+ORCH=quartetdc_swap_orchestrator
+QUARTET_METRICS_LINGER_S=0 start_swap_run dc "$ORCH"  # no Prometheus here: no linger
+old_ip=$(reward_ip) t_swap=$(date +%s)
+QUARTET_REWARD=reward-length-penalised dc up -d --no-deps reward >"$WORK/swap.log" 2>&1 || { cat "$WORK/swap.log"; fail "reward swap"; }
+after_swap "$ORCH" "$t_swap" "$old_ip"
+check_swap_run "$ORCH" quartetdc_runs
+dc down -v -t 10 >/dev/null 2>&1 || fail "docker compose down"
+nothing_left quartetdc
+kill "$PODMAN_SERVICE_PID"; wait "$PODMAN_SERVICE_PID" 2>/dev/null || true
+PODMAN_SERVICE_PID= PROJECT=
 
 stage "done"
 echo
