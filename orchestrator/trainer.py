@@ -363,9 +363,15 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
     def kl_fn() -> Tensor:
         return mean_categorical_kl(response_logits(model, mb.batch), old_distribution, mb.mask)
 
-    # trpo_step takes the gradient internally; one extra backward gives its norm for the metrics.
-    grads = torch.autograd.grad(loss_fn(), trainer.params, allow_unused=True)
-    grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None]))
+    every = max(1, round(1.0 / cfg.trpo_fisher_fraction))
+    fisher_kl_fn = None
+    if every > 1 and mb.mask.shape[0] > every:
+        rows = slice(None, None, every)
+        sub, sub_old = mb.rows(rows), old_distribution[rows]
+
+        def fisher_kl_fn() -> Tensor:
+            return mean_categorical_kl(response_logits(model, sub.batch), sub_old, sub.mask)
+
     result = trpo_step(
         trainer.params,
         loss_fn,
@@ -375,6 +381,7 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         cg_iters=cfg.trpo_cg_iters,
         backtrack_coef=cfg.trpo_backtrack_coef,
         max_backtracks=cfg.trpo_max_backtracks,
+        fisher_kl_fn=fisher_kl_fn,
     )
     index = result.accepted_index
     final_kl = result.trial_kls[index] if index is not None else 0.0
@@ -384,7 +391,7 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         clipfrac=0.0,
         approx_kl=final_kl,
         entropy=float(masked_mean(start.entropy, mb.mask.bool())),
-        grad_norm=float(grad_norm),
+        grad_norm=result.grad_norm,
         lr=0.0,
         optimizer_steps=int(index is not None),
         trpo_accepted=float(index is not None),

@@ -296,3 +296,19 @@ def test_config_errors_say_what_to_change():
         AlgorithmConfig(clip_low=1.5)
     assert AlgorithmConfig(name="grpo", advantage="gae").advantage == "gae"  # unusual but allowed
     assert all(f.description for f in AlgorithmConfig.model_fields.values())
+
+
+def test_trpo_fisher_on_a_subsample_still_keeps_the_whole_batch_in_the_trust_region(base_model):
+    model = copy.deepcopy(base_model)
+    cfg = AlgorithmConfig(name="trpo", trpo_max_kl=0.002, kl_coef=0.0, trpo_fisher_fraction=0.5)
+    exp = experience(model, cfg)
+    with torch.no_grad():
+        old = torch.log_softmax(response_logits(model, exp.batch), dim=-1)
+    full = PolicyTrainer(copy.deepcopy(base_model), cfg.model_copy(update={"trpo_fisher_fraction": 1.0}),
+                         seed=0).update(exp)
+    stats = PolicyTrainer(model, cfg, seed=0).update(exp)
+    assert stats.trpo_accepted == 1.0 and stats.trpo_step_size != full.trpo_step_size
+    assert stats.grad_norm == pytest.approx(full.grad_norm)
+    with torch.no_grad():
+        kl = float(mean_categorical_kl(response_logits(model, exp.batch), old, exp.mask))
+    assert kl == pytest.approx(stats.trpo_final_kl, rel=1e-4) and kl <= cfg.trpo_max_kl * (1 + 1e-4)

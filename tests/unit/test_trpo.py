@@ -284,3 +284,33 @@ def test_trpo_on_a_subset_of_parameters_and_on_lora_adapters_in_float32() -> Non
     # LoRA's A has no gradient and no Fisher block while B = 0: it moves by round-off at most.
     assert moved_b > 1e-3 and (after_lora[2] - after_head[2]).abs().max().item() < 1e-4 * moved_b
     assert lora_b.dtype == model[2].weight.dtype == torch.float32
+
+
+def test_fisher_on_a_subsample_solves_with_that_subsample_and_checks_the_whole_batch() -> None:
+    x, w, mask = _policy(torch.float64, 3)
+    gen = torch.Generator().manual_seed(7)
+    actions = torch.randint(0, V, (B, T), generator=gen)
+    advantages = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    w0 = w.detach().clone()
+    loss, kl = _surrogate_and_kl(x, w, mask, actions, advantages)
+    old = torch.log_softmax(x @ w0, dim=-1)
+    sub = slice(None, None, 2)
+
+    def sub_kl() -> Tensor:
+        return mean_categorical_kl(x[sub] @ w, old[sub], mask[sub])
+
+    same = trpo_step([w], loss, kl, max_kl=0.05, fisher_kl_fn=kl)
+    moved_same = w.detach().clone()
+    with torch.no_grad():
+        w.copy_(w0)
+    default = trpo_step([w], loss, kl, max_kl=0.05)
+    assert torch.equal(w.detach(), moved_same) and same.step_size == default.step_size
+    with torch.no_grad():
+        w.copy_(w0)
+    grad_norm = float(torch.autograd.grad(loss(), [w])[0].norm())
+    result = trpo_step([w], loss, kl, max_kl=0.05, fisher_kl_fn=sub_kl)
+    # Another Fisher matrix, another natural-gradient step; the same gradient.
+    assert result.step_size != default.step_size and result.accepted_index is not None
+    assert result.grad_norm == pytest.approx(grad_norm) == pytest.approx(default.grad_norm)
+    # The trust region is the whole batch's KL, whatever matrix the direction came from.
+    assert _exact_mean_kl(x[mask], w0, w.detach()).item() <= 0.05
