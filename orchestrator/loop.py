@@ -286,8 +286,15 @@ class Orchestrator:
         return _StepRollout(samples, rewards, identities, exp, value_stats)
 
     def _generate(self, prompts: list[list[int]], step: int) -> Samples:
-        """Generate, re-sending the weights first whenever the answer came from other weights (a restart)."""
+        """Generate, re-sending the weights first whenever the generator serves other weights (a restart).
+
+        GetInfo before Generate catches a generator that restarted since the last step without a wasted
+        Generate; the version stamped on the answer catches one that restarted in between.
+        """
         s, gen = self.cfg.sampling, self.services.generator
+        served = gen.info().weight_version
+        if served != self.state.weight_version:
+            self._resend_weights(served, step)
         for attempt in range(MAX_REJOINS + 1):
             samples = gen.generate(
                 prompts, n=self.cfg.samples_per_prompt, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
@@ -305,7 +312,7 @@ class Orchestrator:
     def _resend_weights(self, served: int, step: int) -> None:
         """Push the trainer's policy again: before the update it is exactly what the generator should serve."""
         version = resend_version(self.state.weight_version, served)
-        log.warning("step %d: %s sampled with weight version %d instead of %d (it restarted): re-sending the "
+        log.warning("step %d: %s serves weight version %d instead of %d (it restarted): re-sending the "
                     "policy as version %d", step + 1, self.services.generator.name, served,
                     self.state.weight_version, version)
         sync = self.services.generator.update_weights(self.named_weights(), version)
