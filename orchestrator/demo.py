@@ -30,7 +30,7 @@ EVAL_ROWS = 200
 RECIPES: dict[str, dict[str, Any]] = {
     "grpo": {"algorithm": {"lr": 5e-4}, "prompts_per_step": 32},
     "ppo": {"algorithm": {"lr": 3e-4, "epochs": 2, "kl_coef": 0.01}, "prompts_per_step": 32},
-    "trpo": {"algorithm": {"trpo_max_kl": 0.001, "trpo_cg_iters": 5}, "prompts_per_step": 32},
+    "trpo": {"algorithm": {"trpo_max_kl": 0.001, "trpo_cg_iters": 5, "trpo_fisher_fraction": 0.25}, "prompts_per_step": 32},
 }
 
 
