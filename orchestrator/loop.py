@@ -45,7 +45,7 @@ from orchestrator.clients import (
 )
 from orchestrator.config import RunConfig
 from orchestrator.data import Cursor, PromptStream
-from orchestrator.experience import Experience, Rollout, build_experience
+from orchestrator.experience import Experience, Rollout, build_experience, trainer_logprobs
 from orchestrator.metrics import RunMetrics
 from orchestrator.rejoin import MAX_REJOINS, CriticKeeper, Rejoined, ValueSave, resend_version
 
@@ -249,6 +249,10 @@ class Orchestrator:
                       if svc.reference is not None and cfg.uses_reference else None)
         val_future = (self.pool.submit(_timed, svc.value.values, prompt_ids, completions)
                       if svc.value is not None and cfg.uses_value else None)
+        # Meanwhile this process computes the policy's own log-probs of the samples: on a small box the
+        # services and the trainer then share the cores instead of taking turns.
+        with timer("policy_logprobs"):
+            policy_lp = trainer_logprobs(prompt_ids, completions, self.policy, pad_token_id=self.pad_token_id)
         rewards = torch.zeros(len(completions))
         identities: dict[str, float] = {}
         for client, fut in zip(svc.rewards, score_futures, strict=True):
@@ -268,7 +272,8 @@ class Orchestrator:
             rewards=rewards, ref_logprobs=ref_logprobs, values=values, group_size=g, finished=samples.finished,
         )
         with timer("update"):
-            exp = build_experience(rollout, self.policy, cfg.algorithm, pad_token_id=self.pad_token_id)
+            exp = build_experience(rollout, self.policy, cfg.algorithm, pad_token_id=self.pad_token_id,
+                                   policy_logprobs=policy_lp)
 
         # 6. The critic trains itself on the returns, once per step id, then is saved at its interval.
         value_stats = None
