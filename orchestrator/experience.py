@@ -242,16 +242,9 @@ def trainer_logprobs(
     reference and value services work on the same samples."""
     batch = pad_sequences(prompt_ids, completion_ids, pad_token_id=pad_token_id)
     device = next(policy_model.parameters()).device
-    batch_on_device = TokenBatch(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
-        response_start=batch.response_start.to(device),
-        response_length=batch.response_length,
-    )
     with torch.no_grad():
         return sequence_logprobs(
-            policy_model, batch_on_device, micro_batch_tokens=micro_batch_tokens, with_entropy=False
+            policy_model, batch.to(device), micro_batch_tokens=micro_batch_tokens, with_entropy=False
         ).logprobs.cpu()
 
 

@@ -44,6 +44,16 @@ class TokenBatch:
             response_length=self.response_length,
         )
 
+    def to(self, device: torch.device | str) -> TokenBatch:
+        """The same batch with its tensors on `device`."""
+        return TokenBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            position_ids=self.position_ids.to(device),
+            response_start=self.response_start.to(device),
+            response_length=self.response_length,
+        )
+
     @property
     def response_mask(self) -> Tensor:
         """[B, T] bool, True on real response tokens."""

@@ -72,15 +72,8 @@ class _Minibatch:
 
     @classmethod
     def take(cls, exp: Experience, rows: Tensor | slice, device: torch.device) -> _Minibatch:
-        full = exp.batch.rows(rows)
         return cls(
-            batch=TokenBatch(
-                input_ids=full.input_ids.to(device),
-                attention_mask=full.attention_mask.to(device),
-                position_ids=full.position_ids.to(device),
-                response_start=full.response_start.to(device),
-                response_length=full.response_length,
-            ),
+            batch=exp.batch.rows(rows).to(device),
             mask=exp.mask[rows].to(device),
             old_logprobs=exp.old_logprobs[rows].to(device),
             ref_logprobs=None if exp.ref_logprobs is None else exp.ref_logprobs[rows].to(device),
