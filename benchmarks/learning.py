@@ -23,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algos", nargs="+", default=["grpo", "ppo", "trpo"])
     ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--steps", type=int, default=400, help="upper bound on steps per algorithm")
+    ap.add_argument("--steps", type=int, default=5000, help="upper bound on steps per algorithm (--minutes usually ends it)")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/bench-learning"))
