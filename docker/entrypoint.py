@@ -14,9 +14,11 @@
   Prometheus scrapes the final values of a run that is shorter than a scrape interval; a SIGTERM
   (`docker stop`) during that linger ends it early and the run still exits 0 (it is complete);
 - one plain log line per step (`docker compose logs orchestrator` has no terminal for a progress bar);
-- with QUARTET_TRAIN_RETRIES=N (or --retries N), a run stopped by a service error (a service
-  restarting, e.g. the reward service being swapped) is resumed from its last checkpoint after a
-  backoff, up to N times: checkpoint every step (checkpoint.interval: 1) and nothing is redone.
+- with QUARTET_TRAIN_RETRIES=N (or --retries N), a run stopped by a service error is resumed from
+  its last checkpoint after a backoff, up to N times: checkpoint every step (checkpoint.interval: 1)
+  and nothing is redone. A safety net only: a service restart (e.g. the reward service being
+  swapped) is ridden through by the clients' retries within the run config's services.retry
+  budget; this resume is for an outage longer than that.
 """
 
 from __future__ import annotations
