@@ -1,7 +1,8 @@
 """Chaos run: a GRPO run through the embedded stack while random services are SIGKILLed every few seconds.
 
-Workload: the demo's (8 prompts x 8 samples, <= 6 new tokens, the ~1M-parameter demo model after
-its supervised warm-up, arithmetic rule reward, GRPO with a reference), 30 steps by default. The
+Workload: the demo's (its algorithm recipe, 8 samples per prompt, <= 6 new tokens, the ~1M-parameter
+demo model after its supervised warm-up, arithmetic rule reward, GRPO with a reference) with 8 prompts
+per step instead of the demo's 32 so that kills land on many steps, 30 steps by default. The
 warm-up is the demo's own (`orchestrator.demo.prepare`, cached in the run directory), or a
 `quartet demo` run directory's with --from-demo. Warmed up, some answers are right, so rewards vary
 and the policy moves: the weight comparison below means something.
@@ -34,7 +35,7 @@ import torch
 
 ROLES = {"grpo": ("generator", "reward", "reference"), "ppo": ("generator", "reward", "reference", "value")}
 # Patient retries (a restarted service needs seconds to load) and restarts enough for every kill.
-CHAOS_SETS = ["metrics_port=null", "services.retry.max_attempts=1000", "services.retry.initial_backoff_s=0.1",
+CHAOS_SETS = ["metrics_port=null", "prompts_per_step=8", "services.retry.max_attempts=1000", "services.retry.initial_backoff_s=0.1",
               "services.retry.max_backoff_s=1", "services.retry.budget_s=180",
               "services.local_options.max_restarts=1000", "services.local_options.restart_backoff_s=0.2",
               "services.local_options.restart_backoff_max_s=0.2"]
