@@ -205,7 +205,11 @@ class Deadlines(_Strict):
 class RetryConfig(_Strict):
     """Retries of calls that failed with UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED."""
 
-    max_attempts: int = Field(8, ge=1, description="Most attempts of one call, the first included (1: no retries).")
+    max_attempts: int = Field(
+        100, ge=1, description="Most attempts of one call, the first included (1: no retries). High by default so "
+        "that budget_s is what ends the retries: a restarting service refuses connections at once, and 8 "
+        "attempts (about 18 s of sleeps on average) can run out before a SIGKILLed local service is back on a busy 2-core box."
+    )
     initial_backoff_s: float = Field(
         0.5, gt=0, description="Backoff cap before the first retry; each retry sleeps a uniform random time in "
         "[0, cap] (full jitter) and the cap doubles per retry."
