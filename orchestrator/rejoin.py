@@ -85,6 +85,14 @@ class CriticKeeper:
         its starting critic, which is saved first when value_interval > 0 (what a value service that dies
         before its first save goes back to)."""
         info = client.info()
+        if loaded is None and info.last_step_id >= 0:
+            # Its TrainStep ids would collide with this run's (0, 1, ...): they would be acknowledged as
+            # duplicates and the critic would silently not train until this run passed the old ids.
+            raise ServiceError(
+                client.name, "GetInfo",
+                f"the value service already holds a critic trained by another run (last step id "
+                f"{info.last_step_id}, {info.weight_version} TrainSteps): restart it for a fresh critic, or resume "
+                "the run that trained it (quartet train CONFIG --resume)", code=grpc.StatusCode.FAILED_PRECONDITION)
         now = CriticState(info.last_step_id, info.weight_version)
         keeper = cls(client, slot_prefix=slot_prefix, expected=now, saved=ValueSave(loaded, now) if loaded else None,
                      on_reload=on_reload)

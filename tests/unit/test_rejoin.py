@@ -179,3 +179,16 @@ def test_a_value_service_without_a_checkpoint_directory_says_what_to_change() ->
     value.save = refuse  # type: ignore[method-assign]
     with pytest.raises(ServiceError, match=r"checkpoint\.value_interval: 0"):
         keeper_for(value)
+
+
+def test_a_fresh_run_refuses_a_value_service_another_run_trained() -> None:
+    # Its step ids 0, 1, ... would be acknowledged as duplicates of the old run's: no silent non-training.
+    used = FakeValue(critic=CriticState(39, 40))
+    with pytest.raises(ServiceError, match=r"trained by another run \(last step id 39, 40 TrainSteps\).*restart it"):
+        keeper_for(used)
+    assert used.calls == ["GetInfo"]  # refused before anything was saved or trained
+    # A resume that loads its own save first is what such a service is for.
+    used.saves["run-value-live-a"] = used.critic
+    keeper = CriticKeeper.start(used, slot_prefix="run-value-live", loaded="run-value-live-a",  # type: ignore[arg-type]
+                                value_interval=1)
+    assert keeper.expected == CriticState(39, 40)
