@@ -5,9 +5,16 @@ reference (KL in the loss), the arithmetic rule reward. The services run as loca
 (`quartet demo`'s embedded stack). The in-process baseline does the same work with no RPC:
 sampling with transformers' generate, the rule reward, a reference forward pass, build_experience +
 the same PolicyTrainer update. The difference per step is what the split into services costs
-(RPC, serialization, waiting, weight sync).
+(RPC, serialization, waiting, weight sync), net of what it gains: the services and the trainer
+compute side by side (the trainer's log-probs overlap Score and LogProbs).
 
-    python benchmarks/step_time.py [--steps 12] [--warmup 2] [--out runs/bench/step_time.json]
+Inside the services, each RPC's server-side seconds (decoding, the model, encoding) come from
+their Prometheus endpoints (quartet_rpc_duration_seconds); what a phase spends beyond them is RPC
+transport, client-side (de)serialization and waiting. The report sums that over the step's
+critical path: Generate and the weight sync in full, and for the parallel section only what its
+slowest member adds beyond its own compute.
+
+    python benchmarks/step_time.py [--steps 30] [--warmup 5] [--out runs/bench/step_time.json]
 """
 
 from __future__ import annotations
@@ -21,14 +28,46 @@ from pathlib import Path
 import torch
 
 
-def service_steps(policy: Path, train: Path, run_dir: Path, steps: int) -> list:
+def rpc_seconds(port: int) -> dict[tuple[str, str], tuple[float, float]]:
+    """(role, method) -> (sum of seconds, count) of a service's server-side RPC durations (call start
+    to last response: decoding, the model, encoding) from its Prometheus endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[tuple[str, str], list[float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name in ("quartet_rpc_duration_seconds_sum", "quartet_rpc_duration_seconds_count"):
+                key = (sample.labels["role"], sample.labels["method"])
+                out.setdefault(key, [0.0, 0.0])[sample.name.endswith("_count")] += sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def service_steps(policy: Path, train: Path, run_dir: Path, steps: int, warmup: int) -> tuple[list, dict[str, float]]:
+    """The measured steps (after `warmup` ones) and, per RPC, the in-service seconds per step."""
     from orchestrator.demo import demo_config
     from orchestrator.session import Session
 
     cfg = demo_config("grpo", steps=steps, run_dir=run_dir, policy=policy, dataset=train, seed=0,
                       overrides=["metrics_port=null", "prompts_per_step=8"])  # the issue's 8 x 8 workload
     with Session(cfg) as session:
-        return session.orchestrator.run()
+        o = session.orchestrator
+        for _ in range(warmup):
+            o.step()
+        ports = [s.metrics_port for s in session.stack.services.values() if s.metrics_port]
+
+        def scrape() -> dict[tuple[str, str], tuple[float, float]]:
+            return {k: v for port in ports for k, v in rpc_seconds(port).items()}
+
+        before = scrape()
+        results = o.run()
+        after = scrape()
+    n = len(results)
+    server = {f"{role}.{method}": (after[(role, method)][0] - before.get((role, method), (0.0, 0.0))[0]) / n
+              for role, method in after}
+    return results, server
 
 
 def local_steps(policy: Path, train: Path, steps: int) -> list[dict[str, float]]:
@@ -91,8 +130,8 @@ def local_steps(policy: Path, train: Path, steps: int) -> list[dict[str, float]]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the means")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the means")
     ap.add_argument("--run-dir", type=Path, default=Path("runs/bench-step-time"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--from-demo", type=Path, default=None,
@@ -107,23 +146,42 @@ def main() -> None:
     else:
         prep = prepare(args.run_dir, seed=0, log=print)
         policy, train = prep.policy_dir, prep.train_path
-    results = service_steps(policy, train, args.run_dir / "rl", args.steps)[args.warmup:]
+    results, server = service_steps(policy, train, args.run_dir / "rl", args.steps, args.warmup)
     phases = sorted({p for r in results for p in r.phases})
     svc = {p: statistics.mean(r.phases.get(p, 0.0) for r in results) for p in phases}
     svc["step"] = statistics.mean(r.metrics["step_seconds"] for r in results)
     local = local_steps(policy, train, args.steps)[args.warmup:]
     base = {k: statistics.mean(r[k] for r in local) for k in local[0]}
-    overhead = svc["step"] - base["step"]
+
+    # Inside the services: each RPC's server-side seconds (decode, model, encode). The rest of a phase
+    # is RPC transport, client-side (de)serialization and waiting.
+    inside = {"generate": server.get("generator.Generate", 0.0) + server.get("generator.GetInfo", 0.0),
+              "sync": server.get("generator.UpdateWeights", 0.0),
+              "score": server.get("reward.Score", 0.0), "reference": server.get("reference.LogProbs", 0.0)}
+    outside = {p: max(0.0, svc.get(p, 0.0) - inside[p]) for p in inside}
+    # Score, LogProbs and the trainer's own log-probs run side by side: only what the slowest of them
+    # adds beyond its own compute lengthens the step.
+    parallel = ("score", "reference", "policy_logprobs")
+    inside_parallel = max(inside["score"], inside["reference"], svc.get("policy_logprobs", 0.0))
+    parallel_extra = max(0.0, max(svc.get(p, 0.0) for p in parallel) - inside_parallel)
+    critical = outside["generate"] + outside["sync"] + parallel_extra
     report = {
         "workload": "8 prompts x 8 samples, <= 6 new tokens, demo model (~1.06M params), GRPO + reference",
-        "services_seconds": svc, "single_process_seconds": base,
-        "overhead_seconds": overhead, "overhead_share": overhead / svc["step"],
+        "services_seconds": svc, "single_process_seconds": base, "in_service_seconds": inside,
+        "outside_service_seconds": outside, "rpc_on_critical_path_seconds": critical,
+        "rpc_on_critical_path_share": critical / svc["step"],
+        "services_vs_single_process": svc["step"] / base["step"] - 1.0,
         "steps_measured": len(results),
     }
-    print(f"{'phase':<12}{'services s':>12}{'1-process s':>13}")
+    print(f"{'phase':<16}{'services s':>11}{'in service':>11}{'1-process s':>12}")
     for k in [*phases, "step"]:
-        print(f"{k:<12}{svc.get(k, 0.0):>12.4f}{base.get(k, 0.0):>13.4f}")
-    print(f"outside model compute: {overhead:.4f} s/step = {overhead / svc['step']:.1%} of the step")
+        cell = f"{inside[k]:>11.4f}" if k in inside else f"{'':>11}"
+        print(f"{k:<16}{svc.get(k, 0.0):>11.4f}{cell}{base.get(k, 0.0):>12.4f}")
+    print(f"RPC, serialization and waiting on the step's critical path: {critical:.4f} s/step = "
+          f"{critical / svc['step']:.1%} of the step (generate {outside['generate']:.4f}, sync {outside['sync']:.4f}, "
+          f"parallel section {parallel_extra:.4f})")
+    print(f"step through the services vs one process: {svc['step']:.4f} vs {base['step']:.4f} s "
+          f"({svc['step'] / base['step'] - 1.0:+.1%})")
     out = args.out or args.run_dir / "step_time.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
