@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from services.common.auth import AuthInterceptor, AuthPolicy
 from services.common.config import ServerConfig
 from services.common.interceptors import ErrorInterceptor
+from services.common.memory import tune_malloc_for_large_messages
 from services.common.metrics import MetricsEndpoint, MetricsInterceptor, RuntimeMetrics, start_metrics_http
 from services.common.role import ModelConfig, Role, RoleContext
 from services.common.roles import resolve_role
@@ -90,6 +91,7 @@ def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
 
 def build_grpc_server(cfg: ServerConfig, interceptors: list[grpc.ServerInterceptor]) -> tuple[grpc.Server, int]:
     """An unstarted grpc.Server bound to cfg.host:cfg.port; returns it and the bound port."""
+    tune_malloc_for_large_messages()  # received weight chunks reuse heap buffers (services/common/memory.py)
     options = [
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.max_receive_message_length", cfg.max_message_bytes),

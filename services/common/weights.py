@@ -28,6 +28,7 @@ import torch
 
 from quartet.v1 import generator_pb2 as pb
 from services.common.codec import wire_dtype
+from services.common.memory import tune_malloc_for_large_messages
 from services.common.weight_assembler import (
     StagedWeights,
     TensorSpec,
@@ -185,6 +186,7 @@ def push_weights(target: grpc.Channel | object, named_tensors: Iterable[tuple[st
     built as messages, ~2x more CPU). Raises grpc.RpcError with the generator's status on refusal;
     on any error the generator keeps serving its previous weights.
     """
+    tune_malloc_for_large_messages()  # frame buffers reuse heap memory (services/common/memory.py)
     if isinstance(target, grpc.Channel):
         call = target.stream_unary(UPDATE_WEIGHTS_METHOD, request_serializer=_identity,
                                    response_deserializer=pb.UpdateWeightsResponse.FromString)
