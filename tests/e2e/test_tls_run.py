@@ -15,10 +15,9 @@ import grpc
 import pytest
 import yaml
 
-from quartet.v1 import common_pb2, generator_pb2_grpc
 from services.common.channel import open_channel
 from tests.e2e.test_run import e2e_config, task  # noqa: F401 (task is a fixture used by name)
-from tests.integration.test_auth_tls import Pki, _make_pki_cryptography
+from tests.integration.test_auth_tls import Pki, _info, _make_pki_cryptography
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +31,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def _get_info(address: str, token: str, **tls: object) -> grpc.StatusCode:
-    channel = open_channel(address, token=token, **tls)  # type: ignore[arg-type]
-    try:
-        generator_pb2_grpc.GeneratorStub(channel).GetInfo(common_pb2.GetInfoRequest(), timeout=5)
-        return grpc.StatusCode.OK
-    except grpc.RpcError as e:
-        return e.code()
-    finally:
-        channel.close()
+    return _info(open_channel(address, token=token, **tls))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
