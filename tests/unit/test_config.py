@@ -135,6 +135,17 @@ def test_cursor_wraps_with_a_new_seeded_order() -> None:
     assert b.cursor == Cursor(1, 2)
 
 
+def test_a_cursor_saved_exactly_at_an_epoch_end_resumes_into_the_next_epoch() -> None:
+    # The bug other trainers had: a resume at the end of an epoch thought the data was used up.
+    rows = [PromptRow(str(i), {}) for i in range(4)]
+    straight = PromptStream(rows, seed=3, shuffle=True)
+    straight.next_batch(4)
+    assert straight.cursor == Cursor(0, 4)
+    expected = [r.text for r in straight.next_batch(4)]
+    resumed = PromptStream(rows, seed=3, shuffle=True, cursor=Cursor(0, 4))
+    assert [r.text for r in resumed.next_batch(4)] == expected and resumed.cursor == Cursor(1, 4)
+
+
 def test_dataset_missing_column_says_which(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "1+1=", "answer": "2"}\n')
