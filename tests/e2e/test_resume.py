@@ -55,7 +55,11 @@ def service_pids(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_kill9_and_resume_gives_the_same_weights(tiny_checkpoint, task, tmp_path) -> None:  # noqa: F811
-    sets = ("steps=4", "checkpoint.interval=1", "checkpoint.keep=10", "metrics_port=null")
+    # 8 prompts, 4 a step: an epoch is 2 steps, so the kill after step 2 leaves a checkpoint exactly at an
+    # epoch's end (the resume must go on into epoch 2, as the straight run does; other trainers stopped there).
+    eight = tmp_path / "eight.jsonl"
+    eight.write_text("".join(task["train"].read_text().splitlines(keepends=True)[:8]))
+    sets = ("steps=4", "checkpoint.interval=1", "checkpoint.keep=10", "metrics_port=null", f"dataset.path={eight}")
     straight = write_config(e2e_config("grpo", tiny_checkpoint, task, tmp_path / "straight", *sets), tmp_path / "a.yaml")
     broken = write_config(e2e_config("grpo", tiny_checkpoint, task, tmp_path / "broken", *sets), tmp_path / "b.yaml")
 
