@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.algorithms.advantages import GroupScale
-from orchestrator.algorithms.kl import KLKind
-from orchestrator.algorithms.losses import Aggregation
+from rl.advantages import GroupScale
+from rl.kl import KLKind
+from rl.losses import Aggregation
 
 AlgorithmName = Literal["ppo", "grpo", "trpo"]
 AdvantageKind = Literal["gae", "group_zscore"]

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from orchestrator.algo_config import AlgorithmConfig
-from orchestrator.algorithms.advantages import gae, group_advantages, masked_whiten, token_rewards
-from orchestrator.algorithms.kl import kl_estimate, lookup, zero_padding
 from orchestrator.policy import DEFAULT_MICRO_BATCH_TOKENS, TokenBatch, sequence_logprobs
+from rl.advantages import gae, group_advantages, kl_penalised_scores, masked_whiten, token_rewards
+from rl.kl import kl_estimate
+from rl.masked import lookup, zero_padding
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,7 @@ def _gae_advantages(x: _AdvantageInputs, cfg: AlgorithmConfig) -> _Advantages:
 
 def _group_zscore_advantages(x: _AdvantageInputs, cfg: AlgorithmConfig) -> _Advantages:
     coef = _reward_kl_coef(cfg)
-    # KL in the reward with sequence-level advantages: the sequence reward is score - coef * Σ_t KL_t,
-    # the sum of the token rewards GAE would see.
-    sequence_rewards = x.rewards - coef * x.kl.sum(dim=1)
+    sequence_rewards = kl_penalised_scores(x.rewards, x.kl, x.mask, kl_coef=coef)
     per_sequence = group_advantages(sequence_rewards, x.group_size, scale=cfg.group_scale)
     advantages = zero_padding(per_sequence[:, None].expand_as(x.mask), x.mask.bool())
     rewards = token_rewards(x.rewards, x.mask, kl=x.kl, kl_coef=coef)

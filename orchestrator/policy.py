@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from orchestrator.algorithms.kl import zero_padding
+from rl.masked import zero_padding
 
 # Default token budget of one forward pass (rows x padded length); logits take rows x L x V floats.
 DEFAULT_MICRO_BATCH_TOKENS = 16384

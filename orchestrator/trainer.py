@@ -23,9 +23,6 @@ import torch
 from torch import Tensor
 
 from orchestrator.algo_config import AlgorithmConfig
-from orchestrator.algorithms.kl import kl_estimate, lookup, masked_mean, zero_padding
-from orchestrator.algorithms.losses import aggregate, grpo_loss, policy_loss
-from orchestrator.algorithms.trpo import mean_categorical_kl, trpo_step
 from orchestrator.experience import Experience, ValueTrainInputs, value_train_inputs
 from orchestrator.policy import (
     DEFAULT_MICRO_BATCH_TOKENS,
@@ -35,6 +32,10 @@ from orchestrator.policy import (
     micro_batch_slices,
     response_logits,
 )
+from rl.kl import kl_estimate
+from rl.losses import aggregate, grpo_loss, policy_loss, trpo_surrogate
+from rl.masked import lookup, masked_mean
+from rl.trpo import mean_categorical_kl, trpo_step
 
 __all__ = ["PolicyTrainer", "UpdateStats", "ValueTrainInputs", "value_train_inputs"]
 
@@ -169,9 +170,8 @@ def _grpo_loss(logprobs: Tensor, mb: _Minibatch, cfg: AlgorithmConfig, norm: _No
 
 def _trpo_surrogate(out: TokenLogProbs, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> _LossParts:
     """-E[r A] (Schulman et al. 2015, eq. 14), unclipped: the trust region does the clipping's job."""
-    real = mb.mask.bool()
-    ratio = torch.exp(zero_padding(out.logprobs, real) - zero_padding(mb.old_logprobs, real))
-    surrogate = _aggregate(zero_padding(-mb.advantages * ratio, real), mb, cfg, norm)
+    surrogate = trpo_surrogate(out.logprobs, mb.old_logprobs, mb.advantages, mb.mask, aggregation=cfg.aggregation,
+                               max_len=norm.max_len, num_items=norm.num_items)
     loss = surrogate + _kl_loss_term(out.logprobs, mb, cfg, norm)
     if cfg.entropy_coef > 0 and out.entropy is not None:
         loss = loss - cfg.entropy_coef * _aggregate(out.entropy, mb, cfg, norm)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from orchestrator.algorithms.losses import value_loss
+from rl.losses import value_loss
 from services.common.batching import MicroBatch, micro_batches, unbatch
 from services.common.codec import RaggedTensor
 from services.common.errors import InvalidArgument

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.algorithms.advantages import gae, group_advantages, masked_whiten, token_rewards
+from rl.advantages import gae, group_advantages, masked_whiten, token_rewards
 
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
@@ -228,3 +228,15 @@ def test_masked_whiten_constant_and_single_token_give_zero(dtype: torch.dtype) -
     single = masked_whiten(torch.tensor([[NAN, 3.0]]), torch.tensor([[0, 1]]))
     assert torch.equal(single, torch.zeros(1, 2))
     assert torch.equal(masked_whiten(torch.full((2, 2), NAN), torch.zeros(2, 2)), torch.zeros(2, 2))
+
+
+def test_kl_penalised_scores_sums_real_tokens_only():
+    from rl.advantages import kl_penalised_scores, token_rewards
+
+    scores = torch.tensor([1.0, 0.0])
+    kl = torch.tensor([[0.1, 0.2, float("nan")], [0.5, float("inf"), 3.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = kl_penalised_scores(scores, kl, mask, kl_coef=0.5)
+    assert torch.allclose(out, torch.tensor([1.0 - 0.5 * 0.3, -0.5 * 0.5]), atol=1e-7)
+    # The same number as the token rewards GAE sees, summed over each row.
+    assert torch.allclose(token_rewards(scores, mask, kl=kl, kl_coef=0.5).sum(dim=1), out, atol=1e-7)

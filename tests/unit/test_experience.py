@@ -9,10 +9,10 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from orchestrator.algo_config import AlgorithmConfig
-from orchestrator.algorithms.advantages import group_advantages
-from orchestrator.algorithms.kl import kl_estimate
 from orchestrator.experience import Rollout, build_experience, pad_sequences, trainer_logprobs
 from orchestrator.policy import sequence_logprobs
+from rl.advantages import group_advantages
+from rl.kl import kl_estimate
 
 PAD = 0
 PROMPTS = [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5], [6, 7, 8, 9], [6, 7, 8, 9]]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.algorithms.kl import kl_estimate
+from rl.kl import kl_estimate
 
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}

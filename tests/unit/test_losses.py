@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from orchestrator.algorithms.losses import aggregate, grpo_loss, policy_loss, value_loss
+from rl.losses import aggregate, grpo_loss, policy_loss, value_loss
 
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
@@ -303,3 +303,20 @@ def test_grpo_loss_is_surrogate_plus_beta_k3(aggregation: str, dtype: torch.dtyp
 def test_unknown_aggregation_names_the_choices() -> None:
     with pytest.raises(ValueError, match="'token_mean', 'seq_mean_token_mean', 'seq_mean_token_sum_norm'"):
         policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), aggregation="sum")  # type: ignore[arg-type]
+
+
+def test_trpo_surrogate_hand_worked():
+    from rl.losses import trpo_surrogate
+
+    # Row 0: ratios e^0.1 and e^-0.2 with advantages 1 and -2; row 1: one real token, ratio 1, A = 3.
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, float("nan")]])
+    old = torch.tensor([[-1.1, -1.8], [-0.5, 7.0]])
+    adv = torch.tensor([[1.0, -2.0], [3.0, 100.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    expected = -(math.exp(0.1) * 1.0 + math.exp(-0.2) * -2.0 + 1.0 * 3.0) / 3
+    out = trpo_surrogate(logprobs, old, adv, mask)
+    assert out.item() == pytest.approx(expected, abs=1e-6)
+    # At π = π_old the gradient is the policy gradient -A / N on real tokens, exactly 0 on padding.
+    lp = old.clone().requires_grad_(True)
+    trpo_surrogate(lp, old, adv, mask).backward()
+    assert torch.allclose(lp.grad, torch.tensor([[-1 / 3, 2 / 3], [-1.0, 0.0]]), atol=1e-7)

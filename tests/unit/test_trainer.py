@@ -13,10 +13,10 @@ from pydantic import ValidationError
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from orchestrator.algo_config import ALGORITHM_DEFAULTS, AlgorithmConfig
-from orchestrator.algorithms.trpo import mean_categorical_kl
 from orchestrator.experience import Experience, Rollout, build_experience
 from orchestrator.policy import response_logits, sequence_logprobs
 from orchestrator.trainer import PolicyTrainer, UpdateStats, value_train_inputs
+from rl.trpo import mean_categorical_kl
 
 PAD = 0
 PROMPTS = [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5]]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from orchestrator.algorithms.trpo import (
+from rl.trpo import (
     conjugate_gradient,
     fisher_vector_product,
     make_fisher_vector_product,

@@ -28,7 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from orchestrator.algorithms.kl import kl_estimate, lookup, masked_mean, zero_padding
+from rl.kl import kl_estimate
+from rl.masked import lookup, masked_mean, zero_padding
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 Count = int | float | Tensor
@@ -289,3 +290,34 @@ def grpo_loss(
         clipfrac=masked_mean(surrogate.clipped.to(logprobs.dtype), real),
         approx_kl=surrogate.approx_kl,
     )
+
+
+def trpo_surrogate(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    aggregation: Aggregation = "token_mean",
+    max_len: int | None = None,
+    num_items: Count | None = None,
+) -> Tensor:
+    """TRPO's surrogate loss -E[r_t A_t], r_t = π(a_t|s_t) / π_old(a_t|s_t) (Schulman et al. 2015, eq. 14).
+
+    Unclipped: the trust region does the clipping's job. At π = π_old its gradient equals the
+    policy gradient.
+
+    Args:
+        logprobs: [B, T] log π(a_t|s_t). Gradients flow here.
+        old_logprobs: [B, T] log π_old(a_t|s_t), detached by the caller.
+        advantages: [B, T] advantage per token.
+        mask: [B, T] 1 on real response tokens.
+        aggregation, max_len, num_items: as in ``aggregate``.
+
+    Returns:
+        [] the aggregated loss to minimise.
+    """
+    real = mask.bool()
+    ratio = torch.exp(zero_padding(logprobs, real) - zero_padding(old_logprobs, real))
+    per_token = zero_padding(-advantages * ratio, real)
+    return aggregate(per_token, mask, aggregation, max_len=max_len, num_items=num_items)

@@ -15,17 +15,16 @@ With tokens sampled from the policy π and r = π_ref(a|s) / π(a|s):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from rl.masked import lookup, masked_mean, zero_padding
+
 KLKind = Literal["k1", "k2", "k3"]
-
-_V = TypeVar("_V")
-
 
 @dataclass(frozen=True)
 class KLEstimate:
@@ -52,30 +51,6 @@ def _k3(log_ratio: Tensor) -> Tensor:
 
 # The config literal -> estimator table. Each maps log π(a|s) - log π_ref(a|s) to the estimate.
 KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
-
-
-def lookup(table: Mapping[str, _V], key: str, what: str) -> _V:
-    """``table[key]``, or a ValueError naming the accepted choices (shared by the algorithm tables)."""
-    try:
-        return table[key]
-    except KeyError:
-        choices = ", ".join(repr(k) for k in table)
-        raise ValueError(f"unknown {what} {key!r}: choose one of {choices}") from None
-
-
-def zero_padding(x: Tensor, real: Tensor) -> Tensor:
-    """``x`` where ``real`` is True and exactly 0 elsewhere, even where ``x`` is NaN or inf.
-
-    The gradient reaching ``x`` at padded positions is exactly 0 too (``torch.where`` routes it,
-    where a multiplication by the mask would give 0 * NaN = NaN).
-    """
-    return torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def masked_mean(x: Tensor, real: Tensor) -> Tensor:
-    """Mean of ``x`` [B, T] over the positions where ``real`` [B, T] is True; 0 when there are none."""
-    count = real.sum().clamp(min=1)
-    return zero_padding(x, real).sum() / count
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kind: KLKind = "k3") -> KLEstimate:

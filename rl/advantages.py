@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from orchestrator.algorithms.kl import lookup, zero_padding
+from rl.masked import lookup, zero_padding
 
 GroupScale = Literal["group", "batch", "none"]
 
@@ -52,6 +52,24 @@ def token_rewards(scores: Tensor, mask: Tensor, *, kl: Tensor | None = None, kl_
     if kl is not None:
         rewards = rewards - kl_coef * zero_padding(kl.detach(), real)
     return zero_padding(rewards, real)
+
+
+def kl_penalised_scores(scores: Tensor, kl: Tensor, mask: Tensor, *, kl_coef: float) -> Tensor:
+    """Sequence rewards with the KL folded in: score - kl_coef * Σ_t KL_t over real tokens.
+
+    The sum of the token rewards ``token_rewards`` gives GAE, so sequence-level advantages (group
+    z-score) see the same KL penalty as token-level ones (Ziegler et al. 2019, per sequence).
+
+    Args:
+        scores: [B] one scalar reward per sequence.
+        kl: [B, T] per-token KL estimate; padding may hold anything.
+        mask: [B, T] 1 on real response tokens.
+        kl_coef: weight of the penalty (0 returns ``scores``).
+
+    Returns:
+        [B] penalised sequence rewards.
+    """
+    return scores - kl_coef * zero_padding(kl.detach(), mask.bool()).sum(dim=1)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> GAEOutput:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from orchestrator.algorithms.kl import masked_mean
+from rl.masked import masked_mean
 
 
 @dataclass(frozen=True)
