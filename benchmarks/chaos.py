@@ -3,7 +3,7 @@
 Workload: the demo's (its algorithm recipe, 8 samples per prompt, <= 6 new tokens, the ~1M-parameter
 demo model after its supervised warm-up, arithmetic rule reward, GRPO with a reference) with 8 prompts
 per step instead of the demo's 32 so that kills land on many steps, 30 steps by default. The
-warm-up is the demo's own (`orchestrator.demo.prepare`, cached in the run directory), or a
+warm-up is the demo's own (`demo.run.prepare`, cached in the run directory), or a
 `quartet demo` run directory's with --from-demo. Warmed up, some answers are right, so rewards vary
 and the policy moves: the weight comparison below means something.
 
@@ -120,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the orchestrator (models.threads) and the local services
 
-    from orchestrator.demo import demo_config, prepare
+    from demo.run import demo_config, prepare
     from services.common.hf import load_causal_lm
 
     if args.from_demo is not None:

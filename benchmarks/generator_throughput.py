@@ -84,7 +84,7 @@ def main() -> None:
     if args.model is not None:
         run(args.model, args.repeats)
         return
-    from services.common.modelkit import DEMO_MODEL, TEST_MODEL, make_tiny_checkpoint
+    from demo.modelkit import DEMO_MODEL, TEST_MODEL, make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         run(make_tiny_checkpoint(Path(tmp) / "test-model", **TEST_MODEL), args.repeats)

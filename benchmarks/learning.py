@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the orchestrator (models.threads) and the local services
 
-    from orchestrator.demo import prepare, run_demo
+    from demo.run import prepare, run_demo
 
     args.run_dir.mkdir(parents=True, exist_ok=True)
     prep = prepare(args.run_dir, seed=args.seed, log=print)

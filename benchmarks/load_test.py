@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 0 < a.checkpoint < a.calls:
         p.error("--checkpoint must be between 0 and --calls")
-    from services.common.modelkit import make_tiny_checkpoint
+    from demo.modelkit import make_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="quartet-load-") as tmp:
         work = Path(tmp)

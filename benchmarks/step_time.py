@@ -47,7 +47,7 @@ def rpc_seconds(port: int) -> dict[tuple[str, str], tuple[float, float]]:
 
 def service_steps(policy: Path, train: Path, run_dir: Path, steps: int, warmup: int) -> tuple[list, dict[str, float]]:
     """The measured steps (after `warmup` ones) and, per RPC, the in-service seconds per step."""
-    from orchestrator.demo import demo_config
+    from demo.run import demo_config
     from orchestrator.session import Session
 
     cfg = demo_config("grpo", steps=steps, run_dir=run_dir, policy=policy, dataset=train, seed=0,
@@ -72,13 +72,13 @@ def service_steps(policy: Path, train: Path, run_dir: Path, steps: int, warmup: 
 
 def local_steps(policy: Path, train: Path, steps: int) -> list[dict[str, float]]:
     """The same step without services: one process, the same model sizes and trainer."""
+    from demo.modelkit.arithmetic import is_correct, load_jsonl
+    from demo.modelkit.evaluate import left_pad
     from orchestrator.algo_config import AlgorithmConfig
     from orchestrator.experience import Rollout, build_experience
     from orchestrator.policy import sequence_logprobs  # noqa: F401  (same code path as the trainer)
     from orchestrator.trainer import PolicyTrainer
     from services.common.hf import load_causal_lm, load_tokenizer
-    from services.common.modelkit.arithmetic import is_correct, load_jsonl
-    from services.common.modelkit.evaluate import left_pad
 
     tok = load_tokenizer(policy)
     model = load_causal_lm(policy, dtype=torch.float32, device="cpu")
@@ -139,7 +139,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the orchestrator (models.threads) and the local services
 
-    from orchestrator.demo import prepare
+    from demo.run import prepare
 
     if args.from_demo is not None:
         policy, train = args.from_demo / "warmup", args.from_demo / "task" / "train.jsonl"

@@ -20,9 +20,9 @@ def eval_checkpoint(
     from rich.console import Console
     from rich.text import Text
 
+    from demo.modelkit.arithmetic import load_jsonl
+    from demo.modelkit.evaluate import greedy_accuracy
     from services.common.hf import load_causal_lm, load_tokenizer
-    from services.common.modelkit.arithmetic import load_jsonl
-    from services.common.modelkit.evaluate import greedy_accuracy
 
     console = Console()
     path = checkpoint / "policy" if (checkpoint / "policy" / "config.json").is_file() else checkpoint

@@ -49,8 +49,7 @@ def prepare(args: argparse.Namespace) -> int:
     """The demo's starting point: arithmetic task files and a (warmed-up) ~1M-parameter checkpoint."""
     import torch
 
-    from orchestrator.demo import TASK, WARMUP
-    from services.common.modelkit import (
+    from demo.modelkit import (
         DEMO_MODEL,
         build_char_tokenizer,
         build_tiny_model,
@@ -59,6 +58,7 @@ def prepare(args: argparse.Namespace) -> int:
         save_checkpoint,
         sft_warmup,
     )
+    from demo.run import TASK, WARMUP
 
     steps = WARMUP["steps"] if args.warmup_steps is None else args.warmup_steps
     policy, task = Path(args.models) / "policy", Path(args.data) / "task"

@@ -1,7 +1,7 @@
 """The run config: one typed file (YAML) plus `--set key=value` overrides.
 
 Every field carries its own description (docs/config-reference.md is generated from them by
-`orchestrator.docs`). Errors name the field and say what to change: a misspelt key gets the list
+`cli.config_docs`). Errors name the field and say what to change: a misspelt key gets the list
 of valid keys and the closest match, an impossible combination says which side to change.
 """
 

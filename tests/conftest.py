@@ -19,7 +19,7 @@ ADMIN_TOKEN = "test-admin-token-9876543210"
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init Llama (hidden 64, 2 layers) + char tokenizer saved with save_pretrained."""
-    from services.common.modelkit import make_tiny_checkpoint
+    from demo.modelkit import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
@@ -27,7 +27,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint_other(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture and tokenizer as tiny_checkpoint, different random weights."""
-    from services.common.modelkit import make_tiny_checkpoint
+    from demo.modelkit import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-other") / "model", seed=1)
 

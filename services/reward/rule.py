@@ -5,8 +5,7 @@ it passes and incorrect_reward when it does not. A check that raises marks the s
 (failure_reward): an unparseable *completion* is simply wrong, but an unparseable *reference
 answer* is a data problem and must not pass as a zero reward silently.
 
-- arithmetic: the completion's leading integer equals the answer
-  (`services.common.modelkit.arithmetic.is_correct`).
+- arithmetic: the completion's leading integer equals the answer (`is_correct`; the demo's task).
 - math: answer equivalence. math-verify when installed (`pip install 'quartet-rl[math]'`), else
   a small sympy checker. math-verify's own SIGALRM timeouts are switched off: a timeout there
   returns "wrong" silently; the pool's hard per-sample timeout is counted instead.
@@ -20,11 +19,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 Check = Callable[[str, str, dict[str, str]], bool]
@@ -62,27 +58,30 @@ def resolve_math_engine(requested: str) -> str:
     return requested
 
 
-def _arithmetic_module() -> ModuleType:
-    """services.common.modelkit.arithmetic, without importing the modelkit package when it is not loaded yet.
+def extract_number(text: str) -> str | None:
+    """The integer a completion starts with, in canonical form, or None.
 
-    The package's __init__ imports torch and transformers (seconds per worker process, hundreds of
-    MB each); arithmetic.py itself needs only the standard library, so a worker loads the file alone.
+    Reads an optional '-' then digits from the start of `text` and stops at the first other
+    character (`<eos>` text, a space, another digit group never counts). Leading zeros are
+    normalised ("007" -> "7", "-0" -> "0") so that only the value is judged.
     """
-    name = "services.common.modelkit.arithmetic"
-    if name in sys.modules or "services.common.modelkit" in sys.modules:
-        return importlib.import_module(name)
-    import services.common
+    i = 1 if text.startswith("-") else 0
+    j = i
+    while j < len(text) and text[j].isascii() and text[j].isdigit():
+        j += 1
+    if j == i:
+        return None
+    return str(int(text[:j]))
 
-    path = Path(services.common.__file__).parent / "modelkit" / "arithmetic.py"
-    spec = importlib.util.spec_from_file_location("_quartet_reward_arithmetic", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+def is_correct(completion_text: str, answer: str) -> bool:
+    """Whether the completion's leading integer equals `answer` (itself an integer string)."""
+    got = extract_number(completion_text)
+    want = extract_number(answer.strip())
+    return got is not None and got == want
 
 
 def arithmetic_check(settings: RuleSettings) -> Check:
-    is_correct = _arithmetic_module().is_correct
     key = settings.answer_key
     return lambda prompt, completion, meta: is_correct(completion, meta[key])
 

@@ -33,7 +33,7 @@ PLUGIN = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from services.common.modelkit.arithmetic import make_arithmetic_task
+    from demo.modelkit.arithmetic import make_arithmetic_task
 
     root = tmp_path_factory.mktemp("e2e-task")
     train, test = make_arithmetic_task(root, n_train=64, n_test=16, seed=0, max_operand=9)

@@ -331,7 +331,7 @@ def reward_checkpoint(tmp_path_factory) -> Path:
 
     Llama, not Qwen2: for a saved qwen2 config AutoTokenizer rebuilds a byte-level tokenizer.
     """
-    from services.common.modelkit import build_char_tokenizer
+    from demo.modelkit import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -157,12 +157,12 @@ def test_dataset_missing_column_says_which(tmp_path: Path) -> None:
 
 
 def test_config_reference_is_up_to_date() -> None:
-    from orchestrator.docs import README, REFERENCE, generate, spliced_readme
+    from cli.config_docs import README, REFERENCE, generate, spliced_readme
 
     text = generate()
-    assert REFERENCE.read_text() == text, "docs/config-reference.md is stale: run `python -m orchestrator.docs`"
+    assert REFERENCE.read_text() == text, "docs/config-reference.md is stale: run `python -m cli.config_docs`"
     readme = README.read_text()
-    assert spliced_readme(text, readme) == readme, "README.md's config reference is stale: run `python -m orchestrator.docs`"
+    assert spliced_readme(text, readme) == readme, "README.md's config reference is stale: run `python -m cli.config_docs`"
 
 
 def remote(**endpoint) -> dict:

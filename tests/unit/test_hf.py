@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from demo.modelkit.model import make_tiny_checkpoint
+from demo.modelkit.tokenizer import build_char_tokenizer
 from services.common.hf import (
     load_causal_lm,
     load_tokenizer,
@@ -15,8 +17,6 @@ from services.common.hf import (
     resolve_dtype,
     tokenizer_fingerprint,
 )
-from services.common.modelkit.model import make_tiny_checkpoint
-from services.common.modelkit.tokenizer import build_char_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.common.modelkit.arithmetic import (
+from demo.modelkit.arithmetic import (
     extract_number,
     is_correct,
     load_jsonl,
@@ -17,15 +17,15 @@ from services.common.modelkit.arithmetic import (
     make_arithmetic_task,
     make_dev_rows,
 )
-from services.common.modelkit.evaluate import greedy_accuracy, greedy_complete, left_pad
-from services.common.modelkit.model import (
+from demo.modelkit.evaluate import greedy_accuracy, greedy_complete, left_pad
+from demo.modelkit.model import (
     build_tiny_model,
     count_parameters,
     make_tiny_checkpoint,
     save_checkpoint,
 )
-from services.common.modelkit.tokenizer import ALPHABET, build_char_tokenizer
-from services.common.modelkit.warmup import collate_sft, encode_answer, encode_prompt, sft_warmup
+from demo.modelkit.tokenizer import ALPHABET, build_char_tokenizer
+from demo.modelkit.warmup import collate_sft, encode_answer, encode_prompt, sft_warmup
 
 TEXTS = ["23+48=", "71", "-5", "12*3=36", "what is 7 - 9 ?", "a, b. c: (d)!/", "  two  spaces ", ""]
 

@@ -2,7 +2,7 @@
 
 Rows are `{"prompt": "23+48=", "answer": "71"}`. The policy sees `<bos>` + the prompt characters
 and should emit the answer digits followed by `<eos>`; a completion is correct when its leading
-integer equals the answer (see `extract_number`).
+integer equals the answer (the reward service's `arithmetic` rule: `services.reward.rule.is_correct`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,20 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from services.reward.rule import extract_number, is_correct
+
+__all__ = [
+    "encode_answer",
+    "encode_prompt",
+    "extract_number",
+    "is_correct",
+    "load_jsonl",
+    "make_arithmetic_rows",
+    "make_arithmetic_task",
+    "make_dev_rows",
+    "write_jsonl",
+]
 
 _OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
@@ -119,26 +133,3 @@ def make_arithmetic_task(
         dev = make_dev_rows(train, test, n_dev=n_dev, seed=seed, max_operand=max_operand, ops=ops)
         write_jsonl(out / "dev.jsonl", dev)
     return write_jsonl(out / "train.jsonl", train), write_jsonl(out / "test.jsonl", test)
-
-
-def extract_number(text: str) -> str | None:
-    """The integer a completion starts with, in canonical form, or None.
-
-    Reads an optional '-' then digits from the start of `text` and stops at the first other
-    character (`<eos>` text, a space, another digit group never counts). Leading zeros are
-    normalised ("007" -> "7", "-0" -> "0") so that only the value is judged.
-    """
-    i = 1 if text.startswith("-") else 0
-    j = i
-    while j < len(text) and text[j].isascii() and text[j].isdigit():
-        j += 1
-    if j == i:
-        return None
-    return str(int(text[:j]))
-
-
-def is_correct(completion_text: str, answer: str) -> bool:
-    """Whether the completion's leading integer equals `answer` (itself an integer string)."""
-    got = extract_number(completion_text)
-    want = extract_number(answer.strip())
-    return got is not None and got == want

@@ -4,7 +4,7 @@ a seeded arithmetic task with a verifiable answer, a supervised warm-up, and gre
 Used by the tests, `quartet demo` and the benchmarks. Everything is built locally: no download.
 """
 
-from services.common.modelkit.arithmetic import (
+from demo.modelkit.arithmetic import (
     extract_number,
     is_correct,
     load_jsonl,
@@ -12,8 +12,8 @@ from services.common.modelkit.arithmetic import (
     make_arithmetic_task,
     make_dev_rows,
 )
-from services.common.modelkit.evaluate import AccuracyResult, greedy_accuracy, greedy_complete
-from services.common.modelkit.model import (
+from demo.modelkit.evaluate import AccuracyResult, greedy_accuracy, greedy_complete
+from demo.modelkit.model import (
     DEMO_MODEL,
     TEST_MODEL,
     build_tiny_model,
@@ -21,8 +21,8 @@ from services.common.modelkit.model import (
     make_tiny_checkpoint,
     save_checkpoint,
 )
-from services.common.modelkit.tokenizer import build_char_tokenizer
-from services.common.modelkit.warmup import DEMO_WARMUP, encode_answer, encode_prompt, sft_warmup
+from demo.modelkit.tokenizer import build_char_tokenizer
+from demo.modelkit.warmup import DEMO_WARMUP, encode_answer, encode_prompt, sft_warmup
 
 __all__ = [
     "DEMO_MODEL",

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from services.common.modelkit.arithmetic import encode_answer, encode_prompt
-from services.common.modelkit.evaluate import greedy_accuracy
+from demo.modelkit.arithmetic import encode_answer, encode_prompt
+from demo.modelkit.evaluate import greedy_accuracy
 
 __all__ = [
     "DEMO_WARMUP",

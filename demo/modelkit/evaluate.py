@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from services.common.modelkit.arithmetic import encode_prompt, is_correct
+from demo.modelkit.arithmetic import encode_prompt, is_correct
 
 
 @dataclass(frozen=True)

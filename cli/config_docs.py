@@ -1,7 +1,7 @@
 """Generate the run-config reference from the config's own field descriptions.
 
 It lives in docs/config-reference.md and, between the same marker lines, in README.md.
-`python -m orchestrator.docs` rewrites both; `python -m orchestrator.docs --check` exits 1 when
+`python -m cli.config_docs` rewrites both; `python -m cli.config_docs --check` exits 1 when
 either is out of date (a unit test runs the same check), so the documentation cannot drift from the code.
 """
 
@@ -20,7 +20,7 @@ from orchestrator.config import RunConfig
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
 README = Path(__file__).resolve().parents[1] / "README.md"
-BEGIN = "<!-- BEGIN GENERATED: run config reference (python -m orchestrator.docs) -->"
+BEGIN = "<!-- BEGIN GENERATED: run config reference (python -m cli.config_docs) -->"
 END = "<!-- END GENERATED: run config reference -->"
 
 
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
         stale = [p for p, ok in ((REFERENCE, REFERENCE.is_file() and REFERENCE.read_text() == text),
                                  (README, spliced_readme(text, readme) == readme)) if not ok]
         for path in stale:
-            print(f"{path} is out of date: run `python -m orchestrator.docs`", file=sys.stderr)
+            print(f"{path} is out of date: run `python -m cli.config_docs`", file=sys.stderr)
         return 1 if stale else 0
     REFERENCE.parent.mkdir(parents=True, exist_ok=True)
     REFERENCE.write_text(text)

@@ -33,7 +33,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from services.common.modelkit.tokenizer import build_char_tokenizer
+from demo.modelkit.tokenizer import build_char_tokenizer
 
 Arch = Literal["qwen2", "llama"]
 

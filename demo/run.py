@@ -87,11 +87,11 @@ def prepare(run_dir: Path, *, seed: int, log: Callable[[str], None]) -> Prepared
     """Task files and the warm-up checkpoint in `run_dir` (reused when made with the same settings)."""
     import torch
 
-    from services.common.modelkit.arithmetic import load_jsonl, make_arithmetic_task
-    from services.common.modelkit.evaluate import greedy_accuracy
-    from services.common.modelkit.model import DEMO_MODEL, build_tiny_model, count_parameters, save_checkpoint
-    from services.common.modelkit.tokenizer import build_char_tokenizer
-    from services.common.modelkit.warmup import DEMO_WARMUP, sft_warmup
+    from demo.modelkit.arithmetic import load_jsonl, make_arithmetic_task
+    from demo.modelkit.evaluate import greedy_accuracy
+    from demo.modelkit.model import DEMO_MODEL, build_tiny_model, count_parameters, save_checkpoint
+    from demo.modelkit.tokenizer import build_char_tokenizer
+    from demo.modelkit.warmup import DEMO_WARMUP, sft_warmup
 
     train_path, test_path = make_arithmetic_task(run_dir / "task", seed=seed, **TASK)
     dev_path = train_path.parent / "dev.jsonl"  # held out: decides when the warm-up stops
@@ -135,9 +135,9 @@ def run_demo(*, algo: str = "grpo", steps: int = 150, run_dir: str | Path = "run
     `prepared` reuses a warm-up made earlier (benchmarks run several algorithms from one);
     `max_seconds` stops the RL phase after the step that crosses it.
     """
+    from demo.modelkit.arithmetic import load_jsonl
+    from demo.modelkit.evaluate import greedy_accuracy
     from orchestrator.session import Session
-    from services.common.modelkit.arithmetic import load_jsonl
-    from services.common.modelkit.evaluate import greedy_accuracy
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,13 +178,21 @@ def run_demo(*, algo: str = "grpo", steps: int = 150, run_dir: str | Path = "run
         curve=curve, run_dir=str(run_dir),
     )
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
-    plot(summary, run_dir / "curves.png")
+    plot(summary, run_dir / "curves.png", log=log)
     return summary
 
 
-def plot(summary: DemoSummary, path: Path) -> Path:
-    """Reward (left axis) and greedy test accuracy (right axis) over steps, as a PNG."""
-    import matplotlib
+def plot(summary: DemoSummary, path: Path, *, log: Callable[[str], None] = print) -> Path | None:
+    """Reward (left axis) and greedy test accuracy (right axis) over steps, as a PNG.
+
+    matplotlib is an optional dependency (the `plot` extra): without it the summary is still written
+    and the plot is skipped with a line saying how to get it.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        log(f"no plot: matplotlib is not installed (pip install 'quartet-rl[plot]'); the curve is in {path.parent / 'summary.json'}")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
