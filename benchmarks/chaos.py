@@ -69,7 +69,7 @@ class Killer(threading.Thread):
 
 
 def one_run(cfg, *, chaos: tuple[tuple[str, ...], float, int] | None) -> dict[str, Any]:
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
 
     out: dict[str, Any] = {"completed": False}
     t_open = time.perf_counter()

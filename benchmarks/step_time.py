@@ -48,7 +48,7 @@ def rpc_seconds(port: int) -> dict[tuple[str, str], tuple[float, float]]:
 def service_steps(policy: Path, train: Path, run_dir: Path, steps: int, warmup: int) -> tuple[list, dict[str, float]]:
     """The measured steps (after `warmup` ones) and, per RPC, the in-service seconds per step."""
     from demo.run import demo_config
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
 
     cfg = demo_config("grpo", steps=steps, run_dir=run_dir, policy=policy, dataset=train, seed=0,
                       overrides=["metrics_port=null", "prompts_per_step=8"])  # the issue's 8 x 8 workload
@@ -74,10 +74,10 @@ def local_steps(policy: Path, train: Path, steps: int) -> list[dict[str, float]]
     """The same step without services: one process, the same model sizes and trainer."""
     from demo.modelkit.arithmetic import is_correct, load_jsonl
     from demo.modelkit.evaluate import left_pad
-    from orchestrator.algo_config import AlgorithmConfig
-    from orchestrator.experience import Rollout, build_experience
-    from orchestrator.policy import sequence_logprobs  # noqa: F401  (same code path as the trainer)
-    from orchestrator.trainer import PolicyTrainer
+    from orchestrator.run.algo_config import AlgorithmConfig
+    from orchestrator.step.experience import Rollout, build_experience
+    from orchestrator.step.policy import sequence_logprobs  # noqa: F401  (same code path as the trainer)
+    from orchestrator.step.trainer import PolicyTrainer
     from services.common.hf import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(policy)
@@ -108,7 +108,7 @@ def local_steps(policy: Path, train: Path, steps: int) -> list[dict[str, float]]
         rewards = torch.tensor([float(is_correct(t, batch[k // 8]["answer"])) for k, t in enumerate(texts)])
         t2 = time.perf_counter()
         prompt_ids = [prompts[k // 8] for k in range(len(completions))]
-        from orchestrator.experience import pad_sequences
+        from orchestrator.step.experience import pad_sequences
 
         tb = pad_sequences(prompt_ids, completions, pad_token_id=tok.pad_token_id)
         with torch.no_grad():

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from orchestrator.config import RunConfig
+from orchestrator.run.config import RunConfig
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -24,7 +24,7 @@ def train(
     from rich.console import Console
     from rich.text import Text
 
-    from orchestrator.config import ConfigError, load_config
+    from orchestrator.run.config import ConfigError, load_config
 
     console = Console()
     try:
@@ -47,11 +47,11 @@ def run_with_progress(cfg, *, resume: bool, console, on_step=None, resume_comman
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
-    from orchestrator.clients import ServiceError
-    from orchestrator.config import ConfigError
-    from orchestrator.launcher import LaunchError
-    from orchestrator.loop import StepFailed
-    from orchestrator.session import Session
+    from orchestrator.remote.clients import ServiceError
+    from orchestrator.run.config import ConfigError
+    from orchestrator.run.session import Session
+    from orchestrator.step.loop import StepFailed
+    from services.launcher import LaunchError
 
     try:
         with Session(cfg, resume=resume, log=lambda m: console.print(f"[dim]{m}[/]")) as session:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import RunConfig, build_config
+from orchestrator.run.config import RunConfig, build_config
 
 # A fixed-length warm-up (docker/entrypoint.py prepares its model with it): enough supervised steps
 # that some answers are right.
@@ -137,7 +137,7 @@ def run_demo(*, algo: str = "grpo", steps: int = 150, run_dir: str | Path = "run
     """
     from demo.modelkit.arithmetic import load_jsonl
     from demo.modelkit.evaluate import greedy_accuracy
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,7 @@ def train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from cli.train import print_summary, run_with_progress
-    from orchestrator.config import ConfigError, RunConfig, load_config
+    from orchestrator.run.config import ConfigError, RunConfig, load_config
 
     console = Console()
     try:

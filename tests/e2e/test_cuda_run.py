@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 @pytest.mark.parametrize(("algo", "dtype"), [("grpo", "float32"), ("ppo", "float32"), ("trpo", "float32"),
                                              ("grpo", "bfloat16")])
 def test_run_on_cuda(algo: str, dtype: str, tiny_checkpoint, task, tmp_path: Path) -> None:  # noqa: F811
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
 
     cfg = e2e_config(algo, tiny_checkpoint, task, tmp_path / algo, "models.device=cuda", f"models.dtype={dtype}",
                      "metrics_port=null")

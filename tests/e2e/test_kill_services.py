@@ -52,7 +52,7 @@ DURING = {"Generate": ("generator", "generate", KILL_AFTER), "UpdateWeights": ("
 def run(cfg, *, kill: str | None = None, during: str | None = None) -> dict:
     """Run cfg through the embedded stack, SIGKILLing `kill` after step KILL_AFTER (or as step KILL_AFTER + 1
     calls it); what the test checks."""
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
 
     killed: list[int] = []
     with Session(cfg) as session:

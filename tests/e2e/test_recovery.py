@@ -48,7 +48,7 @@ def logged_steps(run_dir: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def baselines(tiny_checkpoint, task, tmp_path_factory):  # noqa: F811
     """Final weights of undisturbed runs, per algorithm, computed on first use."""
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
 
     done: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -68,9 +68,9 @@ def baselines(tiny_checkpoint, task, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize(("algo", "down", "call"), [("grpo", "reward", "Score"), ("ppo", "value", None)])
 def test_service_down_stops_with_a_checkpoint_and_resume_completes(algo, down, call, baselines, tiny_checkpoint,
                                                                    task, tmp_path) -> None:  # noqa: F811
-    from orchestrator import checkpoint
-    from orchestrator.loop import StepFailed
-    from orchestrator.session import Session
+    from orchestrator.run import checkpoint
+    from orchestrator.run.session import Session
+    from orchestrator.step.loop import StepFailed
 
     cfg = e2e_config(algo, tiny_checkpoint, task, tmp_path / "run", *SETS, *ALGOS[algo], *IMPATIENT)
     stopped: list[int] = []
@@ -113,10 +113,10 @@ def test_service_down_stops_with_a_checkpoint_and_resume_completes(algo, down, c
 
 @pytest.mark.slow
 def test_failed_weight_sync_checkpoints_the_completed_step(baselines, tiny_checkpoint, task, tmp_path) -> None:  # noqa: F811
-    from orchestrator import checkpoint
-    from orchestrator.clients import ServiceError
-    from orchestrator.loop import StepFailed
-    from orchestrator.session import Session
+    from orchestrator.remote.clients import ServiceError
+    from orchestrator.run import checkpoint
+    from orchestrator.run.session import Session
+    from orchestrator.step.loop import StepFailed
 
     cfg = e2e_config("grpo", tiny_checkpoint, task, tmp_path / "run", *SETS)
     with Session(cfg) as session:
@@ -151,7 +151,7 @@ def test_failed_weight_sync_checkpoints_the_completed_step(baselines, tiny_check
 
 def test_resume_restores_the_line_a_crash_kept_from_the_log(tmp_path) -> None:
     """A crash between a checkpoint and its step's log line: the line comes back from the checkpoint."""
-    from orchestrator.checkpoint import truncate_step_log
+    from orchestrator.run.checkpoint import truncate_step_log
 
     log = tmp_path / "steps.jsonl"
     line = {n: json.dumps({"step": n, "policy_loss": 0.1 * n}) for n in range(1, 5)}
@@ -165,8 +165,8 @@ def test_resume_restores_the_line_a_crash_kept_from_the_log(tmp_path) -> None:
 
 def test_the_cli_says_where_the_state_is_and_how_to_resume(tmp_path) -> None:
     from cli.train import _resume_hint
-    from orchestrator.clients import ServiceError
-    from orchestrator.loop import StepFailed
+    from orchestrator.remote.clients import ServiceError
+    from orchestrator.step.loop import StepFailed
 
     cause = ServiceError("reward at 127.0.0.1:1", "Score", "DEADLINE_EXCEEDED: late; retries exhausted",
                          code=grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -20,7 +20,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
-from orchestrator.config import RunConfig, build_config
+from orchestrator.run.config import RunConfig, build_config
 
 PLUGIN = textwrap.dedent(
     """
@@ -85,7 +85,7 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     [("grpo", ()), ("ppo", ("algorithm.advantage=gae", "algorithm.epochs=2")), ("trpo", ("algorithm.trpo_max_kl=0.05", "algorithm.trpo_cg_iters=4"))],
 )
 def test_three_steps_through_the_embedded_stack(algo, extra, tiny_checkpoint, task, tmp_path) -> None:
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
 
     cfg = e2e_config(algo, tiny_checkpoint, task, tmp_path / "run", *extra)
     before = {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict().items()}
@@ -125,8 +125,8 @@ def test_three_steps_through_the_embedded_stack(algo, extra, tiny_checkpoint, ta
 
 def test_service_that_cannot_start_stops_the_run_with_its_log(tiny_checkpoint, task, tmp_path) -> None:
     """A run whose reward plugin cannot be imported fails at start-up with the service's log tail."""
-    from orchestrator.launcher import LaunchError
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
+    from services.launcher import LaunchError
 
     cfg = e2e_config("grpo", tiny_checkpoint, task, tmp_path / "run",
                      "services.local_options.reward.plugin=no_such_module:score")

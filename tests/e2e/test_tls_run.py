@@ -37,7 +37,7 @@ def _get_info(address: str, token: str, **tls: object) -> grpc.StatusCode:
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
 def test_grpo_run_over_tls(mutual: bool, pki: Pki, tiny_checkpoint: Path, task: dict[str, Path],  # noqa: F811
                            tmp_path: Path) -> None:
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
 
     tls = {"cert": str(pki.server_cert), "key": str(pki.server_key), "ca": str(pki.ca_file)}
     if mutual:
@@ -68,7 +68,7 @@ def test_grpo_run_over_tls(mutual: bool, pki: Pki, tiny_checkpoint: Path, task: 
 
 def test_tls_config_errors_name_the_field(pki: Pki, tiny_checkpoint: Path, task: dict[str, Path],  # noqa: F811
                                           tmp_path: Path) -> None:
-    from orchestrator.config import ConfigError
+    from orchestrator.run.config import ConfigError
 
     base = [f"services.local_options.tls.cert={pki.server_cert}", f"services.local_options.tls.key={pki.server_key}"]
     cases = {
@@ -85,7 +85,7 @@ def test_tls_config_errors_name_the_field(pki: Pki, tiny_checkpoint: Path, task:
 def test_endpoint_client_certificate_settings_name_what_to_change() -> None:
     from pydantic import ValidationError
 
-    from orchestrator.config import Endpoint
+    from orchestrator.run.config import Endpoint
 
     with pytest.raises(ValidationError, match="tls_client_cert needs tls_ca"):
         Endpoint(address="h:1", tls_client_cert="c.pem", tls_client_key="c.key")

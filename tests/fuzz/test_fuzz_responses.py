@@ -1,4 +1,4 @@
-"""Fuzz the orchestrator's checks of what services answer (orchestrator/clients.py).
+"""Fuzz the orchestrator's checks of what services answer (orchestrator/remote/clients.py).
 
 Each client method is called as the run loop calls it, against a stub that returns a drawn
 response. A well-formed response is accepted and decoded exactly; a response with one hostile
@@ -24,7 +24,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.clients import (
+from orchestrator.remote.clients import (
     GeneratorClient,
     ReferenceClient,
     RewardClient,
@@ -32,7 +32,7 @@ from orchestrator.clients import (
     ServiceError,
     ValueClient,
 )
-from orchestrator.config import Endpoint
+from orchestrator.run.config import Endpoint
 from quartet.v1 import common_pb2 as pb
 from quartet.v1 import generator_pb2, reference_pb2, reward_pb2, value_pb2
 from tests.fuzz.strategies import (

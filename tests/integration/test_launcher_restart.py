@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.clients import GeneratorClient, RewardClient
-from orchestrator.config import Endpoint
-from orchestrator.launcher import LaunchedService, LocalStack, RestartPolicy, ServiceSpec
-from orchestrator.retry import RetryPolicy, ServiceError
+from orchestrator.remote.clients import GeneratorClient, RewardClient
+from orchestrator.remote.retry import RetryPolicy, ServiceError
+from orchestrator.run.config import Endpoint
 from services.common.channel import health_status, open_channel
+from services.launcher import LaunchedService, LocalStack, RestartPolicy, ServiceSpec
 from tests.e2e.test_run import e2e_config, task  # noqa: F401 (task is a fixture used by name)
 
 RULE = {"kind": "rule", "rule": "arithmetic", "workers": 1}
@@ -67,7 +67,7 @@ def test_killed_generator_comes_back_on_the_same_address(tiny_checkpoint: Path, 
         # Built before the kill: the orchestrator's channels must reconnect without a new address.
         client = GeneratorClient(_endpoint(before), deadline_s=5, weights_deadline_s=5, retry=PATIENT)
         assert client.info().weight_version == 0
-        with caplog.at_level(logging.WARNING, logger="quartet.orchestrator.launcher"):
+        with caplog.at_level(logging.WARNING, logger="quartet.launcher"):
             os.kill(before.pid, signal.SIGKILL)
             waited = _wait_for(lambda: stack.services["generator"].pid != before.pid, 30, "the generator's restart")
             info = client.info()  # through the channel opened before the kill
@@ -123,7 +123,7 @@ def test_max_restarts_is_honoured_and_a_port_in_time_wait_is_rebound(tmp_path: P
         second = stack.services["reward"]
         assert second.port == first.port
         assert health_status(open_channel(second.address), timeout=5) == "SERVING"
-        with caplog.at_level(logging.ERROR, logger="quartet.orchestrator.launcher"):
+        with caplog.at_level(logging.ERROR, logger="quartet.launcher"):
             os.kill(second.pid, signal.SIGKILL)
             _wait_for(lambda: stack.gave_up == ["reward"], 10, "the launcher to give up")
         time.sleep(1.5)  # longer than the backoff: nothing starts again
@@ -159,7 +159,7 @@ def test_stop_restarts_nothing_and_leaves_no_orphans(tmp_path: Path) -> None:
 
 def test_a_session_counts_restarts_in_its_metrics_and_runs_on(tiny_checkpoint: Path, task: dict[str, Path],  # noqa: F811
                                                               tmp_path: Path) -> None:
-    from orchestrator.session import Session
+    from orchestrator.run.session import Session
 
     cfg = e2e_config("grpo", tiny_checkpoint, task, tmp_path / "run", "steps=1", "metrics_port=null",
                      "services.local_options.restart_backoff_s=0.1", "services.retry.max_attempts=100",

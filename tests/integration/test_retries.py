@@ -16,9 +16,9 @@ import grpc
 import pytest
 import torch
 
-from orchestrator.clients import GeneratorClient, RewardClient, ServiceError, ValueClient
-from orchestrator.config import Endpoint
-from orchestrator.retry import RetryPolicy
+from orchestrator.remote.clients import GeneratorClient, RewardClient, ServiceError, ValueClient
+from orchestrator.remote.retry import RetryPolicy
+from orchestrator.run.config import Endpoint
 from quartet.v1 import reward_pb2, reward_pb2_grpc
 from services.common import hf
 from services.common.codec import decode_ragged, encode_tensor

@@ -6,9 +6,9 @@ import grpc
 import pytest
 import torch
 
-from orchestrator.clients import GeneratorClient, ServiceError, ServiceInfo, check_tokenizers
-from orchestrator.config import Endpoint
-from orchestrator.retry import RetryPolicy, call_with_retries
+from orchestrator.remote.clients import GeneratorClient, ServiceError, ServiceInfo, check_tokenizers
+from orchestrator.remote.retry import RetryPolicy, call_with_retries
+from orchestrator.run.config import Endpoint
 from quartet.v1 import generator_pb2
 from services.common.codec import encode_ragged
 

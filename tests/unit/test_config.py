@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import (
+from orchestrator.run.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
@@ -14,7 +14,7 @@ from orchestrator.config import (
     dump_config,
     load_config,
 )
-from orchestrator.data import Cursor, PromptRow, PromptStream, load_prompts
+from orchestrator.run.data import Cursor, PromptRow, PromptStream, load_prompts
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

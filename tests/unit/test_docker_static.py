@@ -122,7 +122,7 @@ def test_reward_config_chosen_by_variable_exists() -> None:
 
 
 def test_run_configs_validate() -> None:
-    from orchestrator.config import load_config
+    from orchestrator.run.config import load_config
 
     for name in ("train-cpu.yaml", "train-gpu.yaml"):
         cfg = load_config(DOCKER / "config" / name)
@@ -232,7 +232,7 @@ def test_dashboard_metric_names_exist_in_the_code() -> None:
     """Every quartet_* series a panel reads is exported by the orchestrator, the runtime or a role."""
     from prometheus_client import CollectorRegistry
 
-    from orchestrator.metrics import RunMetrics
+    from orchestrator.run.metrics import RunMetrics
     from services.common.metrics import RuntimeMetrics
     from services.generator.metrics import GeneratorMetrics
 

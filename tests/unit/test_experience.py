@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from orchestrator.algo_config import AlgorithmConfig
-from orchestrator.experience import Rollout, build_experience, pad_sequences, trainer_logprobs
-from orchestrator.policy import sequence_logprobs
+from orchestrator.run.algo_config import AlgorithmConfig
+from orchestrator.step.experience import Rollout, build_experience, pad_sequences, trainer_logprobs
+from orchestrator.step.policy import sequence_logprobs
 from rl.advantages import group_advantages
 from rl.kl import kl_estimate
 

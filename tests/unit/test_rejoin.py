@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from orchestrator.clients import ServiceError, ValueTrainResult
-from orchestrator.rejoin import CriticKeeper, CriticState, Rejoined, ValueSave, resend_version
+from orchestrator.remote.clients import ServiceError, ValueTrainResult
+from orchestrator.remote.rejoin import CriticKeeper, CriticState, Rejoined, ValueSave, resend_version
 
 
 @dataclass

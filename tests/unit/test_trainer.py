@@ -12,10 +12,10 @@ import torch
 from pydantic import ValidationError
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from orchestrator.algo_config import ALGORITHM_DEFAULTS, AlgorithmConfig
-from orchestrator.experience import Experience, Rollout, build_experience
-from orchestrator.policy import response_logits, sequence_logprobs
-from orchestrator.trainer import PolicyTrainer, UpdateStats, value_train_inputs
+from orchestrator.run.algo_config import ALGORITHM_DEFAULTS, AlgorithmConfig
+from orchestrator.step.experience import Experience, Rollout, build_experience
+from orchestrator.step.policy import response_logits, sequence_logprobs
+from orchestrator.step.trainer import PolicyTrainer, UpdateStats, value_train_inputs
 from rl.trpo import mean_categorical_kl
 
 PAD = 0

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import grpc
 
-from orchestrator.config import RetryConfig
+from orchestrator.run.config import RetryConfig
 
 log = logging.getLogger("quartet.orchestrator.retry")
 

@@ -37,7 +37,7 @@ GAUGES: dict[str, tuple[str, str]] = {
 }
 REWARD_STATS = ("mean", "std", "min", "max")
 
-# Rejoin action (orchestrator/rejoin.py; key of a step-log line's "recovery") -> (counter name, help).
+# Rejoin action (orchestrator/remote/rejoin.py; key of a step-log line's "recovery") -> (counter name, help).
 REJOINS: dict[str, tuple[str, str]] = {
     "weight_resends": ("quartet_weight_resends_total", "Policy weights re-sent to a generator that came back serving "
                        "other weights (it restarted)."),

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator import checkpoint
-from orchestrator.clients import (
+from orchestrator.remote.clients import (
     GeneratorClient,
     ReferenceClient,
     RewardClient,
@@ -23,12 +22,12 @@ from orchestrator.clients import (
     ValueClient,
     check_tokenizers,
 )
-from orchestrator.config import Endpoint, RewardEndpoint, RunConfig, dump_config
-from orchestrator.data import PromptStream, load_prompts
-from orchestrator.launcher import LocalStack, RestartPolicy, ServiceSpec, TlsFiles
-from orchestrator.loop import Orchestrator, RunState, Services
-from orchestrator.metrics import RunMetrics
-from orchestrator.retry import RetryPolicy
+from orchestrator.remote.retry import RetryPolicy
+from orchestrator.run import checkpoint
+from orchestrator.run.config import Endpoint, RewardEndpoint, RunConfig, dump_config
+from orchestrator.run.data import PromptStream, load_prompts
+from orchestrator.run.metrics import RunMetrics
+from orchestrator.step.loop import Orchestrator, RunState, Services
 from services.common.hf import (
     load_causal_lm,
     load_tokenizer,
@@ -36,6 +35,7 @@ from services.common.hf import (
     resolve_dtype,
     tokenizer_fingerprint,
 )
+from services.launcher import LocalStack, RestartPolicy, ServiceSpec, TlsFiles
 
 
 def local_specs(cfg: RunConfig) -> list[ServiceSpec]:
@@ -148,7 +148,7 @@ class Session:
         attn = "eager" if cfg.algorithm.name == "trpo" else None
         policy_path = restored.path / "policy" if restored else cfg.models.policy
         policy = load_causal_lm(policy_path, dtype=dtype, device=device, attn_implementation=attn)
-        from orchestrator.trainer import PolicyTrainer
+        from orchestrator.step.trainer import PolicyTrainer
 
         trainer = PolicyTrainer(policy, cfg.algorithm, seed=cfg.seed)
         prompts = PromptStream(load_prompts(cfg.dataset), seed=cfg.seed, shuffle=cfg.dataset.shuffle)

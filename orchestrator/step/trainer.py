@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from orchestrator.algo_config import AlgorithmConfig
-from orchestrator.experience import Experience, ValueTrainInputs, value_train_inputs
-from orchestrator.policy import (
+from orchestrator.run.algo_config import AlgorithmConfig
+from orchestrator.step.experience import Experience, ValueTrainInputs, value_train_inputs
+from orchestrator.step.policy import (
     DEFAULT_MICRO_BATCH_TOKENS,
     TokenBatch,
     TokenLogProbs,
@@ -258,7 +258,7 @@ class PolicyTrainer:
         return self.max_len if self.max_len is not None else exp.mask.shape[1]
 
     def value_train_inputs(self, exp: Experience) -> ValueTrainInputs:
-        """See ``orchestrator.experience.value_train_inputs``."""
+        """See ``orchestrator.step.experience.value_train_inputs``."""
         return value_train_inputs(exp)
 
     def _forward(self, mb: _Minibatch) -> TokenLogProbs:

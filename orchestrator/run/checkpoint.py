@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from orchestrator.config import dump_config
-from orchestrator.data import Cursor
+from orchestrator.run.config import dump_config
+from orchestrator.run.data import Cursor
 
 MARKER = "COMPLETE"
 PREFIX = "step-"

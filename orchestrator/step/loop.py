@@ -3,11 +3,11 @@
 rollout (Generate) -> score, reference logprobs and values in parallel -> experience (KL,
 advantages) -> critic TrainStep -> policy update -> weight broadcast -> metrics, step log,
 checkpoint. Every formula lives in orchestrator/algorithms (through build_experience and
-PolicyTrainer); every RPC in orchestrator/clients.
+PolicyTrainer); every RPC in orchestrator/remote/clients.
 
 Failures (issue 7). Everything up to the policy update can be redone: Generate is seeded, Score,
 LogProbs and Values are pure, and the critic is reloaded from its last save when it restarted
-(orchestrator/rejoin.py). So a service that comes back is brought up to date and the rollout is
+(orchestrator/remote/rejoin.py). So a service that comes back is brought up to date and the rollout is
 redone, giving the same samples. The critic trains before the policy update (its inputs come from
 the experience computed before the update, so the math is the same), which leaves only the weight
 sync after the update. When a service stays down past its retry budget, `step` leaves a checkpoint
@@ -32,8 +32,7 @@ from typing import Any
 
 import torch
 
-from orchestrator import checkpoint as ckpt
-from orchestrator.clients import (
+from orchestrator.remote.clients import (
     GeneratorClient,
     ReferenceClient,
     RewardClient,
@@ -43,11 +42,12 @@ from orchestrator.clients import (
     ValueTrainResult,
     WeightSync,
 )
-from orchestrator.config import RunConfig
-from orchestrator.data import Cursor, PromptStream
-from orchestrator.experience import Experience, Rollout, build_experience, trainer_logprobs
-from orchestrator.metrics import RunMetrics
-from orchestrator.rejoin import MAX_REJOINS, CriticKeeper, Rejoined, ValueSave, resend_version
+from orchestrator.remote.rejoin import MAX_REJOINS, CriticKeeper, Rejoined, ValueSave, resend_version
+from orchestrator.run import checkpoint as ckpt
+from orchestrator.run.config import RunConfig
+from orchestrator.run.data import Cursor, PromptStream
+from orchestrator.run.metrics import RunMetrics
+from orchestrator.step.experience import Experience, Rollout, build_experience, trainer_logprobs
 
 log = logging.getLogger("quartet.orchestrator")
 

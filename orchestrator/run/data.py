@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config import ConfigError, DatasetConfig
+from orchestrator.run.config import ConfigError, DatasetConfig
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from orchestrator.algo_config import AlgorithmConfig
+from orchestrator.run.algo_config import AlgorithmConfig
 
 
 class ConfigError(ValueError):

@@ -3,7 +3,7 @@
 Each wrapper encodes plain Python/torch inputs, calls with the role's deadline, and checks what
 comes back before anything reaches the update: wrong counts, wrong shapes, non-finite numbers and
 token ids outside the vocabulary raise `ServiceError` naming the service and the call. Calls that are
-safe to repeat are retried by `orchestrator.retry.call_with_retries` (every method goes through
+safe to repeat are retried by `orchestrator.remote.retry.call_with_retries` (every method goes through
 `_Client._call`; Save and Load are not retried).
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from orchestrator.config import Endpoint
-from orchestrator.retry import RetryPolicy, ServiceError, call_with_retries
+from orchestrator.remote.retry import RetryPolicy, ServiceError, call_with_retries
+from orchestrator.run.config import Endpoint
 from quartet.v1 import (
     common_pb2,
     generator_pb2,

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from orchestrator.clients import ServiceError, ValueClient, ValueTrainResult
-from orchestrator.retry import RETRYABLE
+from orchestrator.remote.clients import ServiceError, ValueClient, ValueTrainResult
+from orchestrator.remote.retry import RETRYABLE
 
 log = logging.getLogger("quartet.orchestrator.rejoin")
 

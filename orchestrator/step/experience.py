@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from orchestrator.algo_config import AlgorithmConfig
-from orchestrator.policy import DEFAULT_MICRO_BATCH_TOKENS, TokenBatch, sequence_logprobs
+from orchestrator.run.algo_config import AlgorithmConfig
+from orchestrator.step.policy import DEFAULT_MICRO_BATCH_TOKENS, TokenBatch, sequence_logprobs
 from rl.advantages import gae, group_advantages, kl_penalised_scores, masked_whiten, token_rewards
 from rl.kl import kl_estimate
 from rl.masked import lookup, zero_padding

@@ -48,7 +48,7 @@ ADMIN_TOKEN_ENV = "QUARTET_ADMIN_TOKEN"
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.1
 
-log = logging.getLogger("quartet.orchestrator.launcher")
+log = logging.getLogger("quartet.launcher")
 
 
 class LaunchError(RuntimeError):
