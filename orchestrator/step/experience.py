@@ -19,6 +19,7 @@ from orchestrator.step.policy import DEFAULT_MICRO_BATCH_TOKENS, TokenBatch, seq
 from rl.advantages import gae, group_advantages, kl_penalised_scores, masked_whiten, token_rewards
 from rl.kl import kl_estimate
 from rl.masked import lookup, zero_padding
+from services.common.batching import right_pad
 
 
 @dataclass(frozen=True)
@@ -139,20 +140,14 @@ def pad_rows(
 def pad_sequences(
     prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], *, pad_token_id: int
 ) -> TokenBatch:
-    """Prompt ++ completion rows, right-padded to the longest with ``pad_token_id``."""
-    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.int64)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
-        attention_mask[i, : len(r)] = 1
-    # 0..len-1 on real tokens; pads repeat the last position (they are never attended to by real ones).
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    """Prompt ++ completion rows, right-padded to the longest with ``pad_token_id`` (``right_pad``:
+    the layout of the reference and value services)."""
+    rows = [torch.as_tensor([*p, *c], dtype=torch.int64) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    padded = right_pad(rows, pad_id=pad_token_id)
     return TokenBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
+        input_ids=padded.input_ids,
+        attention_mask=padded.attention_mask,
+        position_ids=padded.position_ids,
         response_start=torch.as_tensor([len(p) for p in prompt_ids], dtype=torch.int64),
         response_length=max(len(c) for c in completion_ids),
     )

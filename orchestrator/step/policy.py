@@ -1,6 +1,6 @@
 """Per-token log-probs and entropy of a causal LM on right-padded prompt ++ response rows.
 
-Layout (the one the reference and value services use too, services/common/batching.py): row i is
+Layout (the one the reference and value services use too: ``services.common.batching.right_pad``): row i is
 ``prompt_i ++ response_i`` right-padded to L; response token k of row i sits at position
 ``response_start[i] + k`` and is predicted by the logits at the position before it. Right padding
 keeps every real token at its unbatched position and a causal model never lets a real position see
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from rl.masked import zero_padding
+from services.common.batching import plan_micro_batches
 
 # Default token budget of one forward pass (rows x padded length); logits take rows x L x V floats.
 DEFAULT_MICRO_BATCH_TOKENS = 16384
@@ -30,7 +31,7 @@ class TokenBatch:
 
     input_ids: Tensor  # [B, L] int64 prompt ++ response, right-padded with the pad id
     attention_mask: Tensor  # [B, L] int64 1 on real tokens (prompt and response)
-    position_ids: Tensor  # [B, L] int64 0..len-1 on real tokens (pads repeat the last)
+    position_ids: Tensor  # [B, L] int64 0..len-1 on real tokens, 0 on padding
     response_start: Tensor  # [B] int64 index of the first response token (= prompt length >= 1)
     response_length: int  # T, the longest response
 
@@ -127,12 +128,13 @@ def logprobs_from_logits(logits: Tensor, batch: TokenBatch, *, with_entropy: boo
     return TokenLogProbs(logprobs=zero_padding(token_logp, real), entropy=entropy)
 
 
-def micro_batch_slices(batch: TokenBatch, micro_batch_tokens: int) -> list[slice]:
-    """Contiguous row slices, each holding at most ``micro_batch_tokens`` padded tokens (>= 1 row)."""
-    rows = batch.input_ids.shape[0]
-    width = max(1, int(batch.attention_mask.sum(dim=1).max()))
-    per_slice = max(1, micro_batch_tokens // width)
-    return [slice(start, min(start + per_slice, rows)) for start in range(0, rows, per_slice)]
+def micro_batch_rows(batch: TokenBatch, micro_batch_tokens: int) -> list[Tensor]:
+    """Row indices of each micro-batch: at most ``micro_batch_tokens`` padded tokens per forward pass
+    (rows x widest row), longest rows first, as the reference and value services plan theirs
+    (``plan_micro_batches``). A row longer than the budget gets a pass of its own."""
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    budget = max(micro_batch_tokens, max(lengths, default=1))
+    return [torch.as_tensor(g, dtype=torch.int64) for g in plan_micro_batches(lengths, budget)]
 
 
 def sequence_logprobs(
@@ -149,10 +151,19 @@ def sequence_logprobs(
     every micro-batch's graph is kept until the caller's backward; a trainer that needs to bound
     memory calls this per micro-batch and backpropagates each (see trainer.py).
     """
+    groups = micro_batch_rows(batch, micro_batch_tokens)
     pieces = [
-        logprobs_from_logits(response_logits(model, batch.rows(s)), batch.rows(s), with_entropy=with_entropy)
-        for s in micro_batch_slices(batch, micro_batch_tokens)
+        logprobs_from_logits(response_logits(model, batch.rows(g)), batch.rows(g), with_entropy=with_entropy)
+        for g in groups
     ]
-    logprobs = torch.cat([p.logprobs for p in pieces])
-    entropy = torch.cat([p.entropy for p in pieces]) if with_entropy else None  # type: ignore[misc]
+    order = torch.cat(groups).to(batch.input_ids.device)
+    # Back to the batch's row order: row order[k] is the k-th row of the concatenated pieces.
+    logprobs = _unpermute(torch.cat([p.logprobs for p in pieces]), order)
+    entropy = _unpermute(torch.cat([p.entropy for p in pieces]), order) if with_entropy else None  # type: ignore[misc]
     return TokenLogProbs(logprobs=logprobs, entropy=entropy)
+
+
+def _unpermute(stacked: Tensor, order: Tensor) -> Tensor:
+    out = torch.empty_like(stacked)
+    out[order] = stacked
+    return out

@@ -29,7 +29,7 @@ from orchestrator.step.policy import (
     TokenBatch,
     TokenLogProbs,
     logprobs_from_logits,
-    micro_batch_slices,
+    micro_batch_rows,
     response_logits,
 )
 from rl.kl import kl_estimate
@@ -81,7 +81,7 @@ class _Minibatch:
             advantages=exp.advantages[rows].to(device),
         )
 
-    def rows(self, index: slice) -> _Minibatch:
+    def rows(self, index: Tensor | slice) -> _Minibatch:
         return _Minibatch(
             batch=self.batch.rows(index),
             mask=self.mask[index],
@@ -274,7 +274,7 @@ class PolicyTrainer:
         tokens = max(float(mb.mask.sum()), 1.0)
         sums = dict.fromkeys(("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_ref"), 0.0)
         self.optimizer.zero_grad(set_to_none=True)
-        for piece in micro_batch_slices(mb.batch, self.micro_batch_tokens):
+        for piece in micro_batch_rows(mb.batch, self.micro_batch_tokens):
             part = mb.rows(piece)
             out = self._forward(part)
             parts = loss_fn(out.logprobs, part, cfg, norm)

@@ -7,7 +7,9 @@ of different lengths and answer one number per response token. They share this m
    InvalidArgument / OutOfRange that name the field and the limit.
 2. `plan_micro_batches`: group rows so that each forward pass holds at most `max_tokens` *padded*
    tokens (rows x widest row), longest rows first so that rows of similar length share a pass.
-3. `pad_micro_batch`: right-pad one group to [b, W] with attention mask and position ids 0..len-1.
+3. `pad_micro_batch`: right-pad one group to [b, W] with attention mask and position ids 0..len-1
+   (`right_pad`, the layout the orchestrator's trainer uses too, so that its log-probs and the
+   reference's agree and the KL at step 0 is 0).
    Right padding keeps real tokens at the positions they have unbatched, and a causal model never
    lets a real position see the padding after it, so the real positions' outputs are the unbatched
    ones (up to float reassociation in batched matmuls).
@@ -174,27 +176,49 @@ class MicroBatch:
         return out
 
 
-def pad_micro_batch(rows: Sequence[Tensor], response_start: Sequence[int], index: Sequence[int], *,
-                    pad_id: int = 0) -> MicroBatch:
-    """Right-pad rows[index] into one MicroBatch (see the module doc for the alignment)."""
-    picked = [rows[i] for i in index]
-    lengths = torch.tensor([r.numel() for r in picked], dtype=torch.int64)
-    starts = torch.tensor([int(response_start[i]) for i in index], dtype=torch.int64)
-    width = max(int(lengths.max()), 1)
-    input_ids = torch.full((len(picked), width), pad_id, dtype=torch.int64)
-    for j, r in enumerate(picked):
+@dataclass(frozen=True)
+class RightPadded:
+    """Rows right-padded to the widest: the one padding layout of every forward pass over sequences
+    (the reference and value services here, the orchestrator's trainer through `right_pad`)."""
+
+    input_ids: Tensor  # [b, W] int64, pad_id after each row's end
+    attention_mask: Tensor  # [b, W] int64, 1 on real tokens
+    position_ids: Tensor  # [b, W] int64, 0..len-1 on real tokens, 0 on padding
+    lengths: Tensor  # [b] int64 row lengths
+
+
+def right_pad(rows: Sequence[Tensor], *, pad_id: int = 0) -> RightPadded:
+    """Right-pad 1-d int64 rows into [b, W] (W = the longest row, at least 1).
+
+    Real tokens keep their unbatched positions 0..len-1; padding gets position 0 and attention 0,
+    and a causal model never lets a real position see the padding after it.
+    """
+    lengths = torch.tensor([r.numel() for r in rows], dtype=torch.int64)
+    width = max(int(lengths.max()) if len(rows) else 0, 1)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    for j, r in enumerate(rows):
         input_ids[j, : r.numel()] = r
     arange = torch.arange(width).unsqueeze(0)
     real = arange < lengths.unsqueeze(1)
+    return RightPadded(input_ids=input_ids, attention_mask=real.to(torch.int64),
+                       position_ids=torch.where(real, arange, 0), lengths=lengths)
+
+
+def pad_micro_batch(rows: Sequence[Tensor], response_start: Sequence[int], index: Sequence[int], *,
+                    pad_id: int = 0) -> MicroBatch:
+    """Right-pad rows[index] into one MicroBatch (see the module doc for the alignment)."""
+    padded = right_pad([rows[i] for i in index], pad_id=pad_id)
+    lengths, width = padded.lengths, padded.input_ids.shape[1]
+    starts = torch.tensor([int(response_start[i]) for i in index], dtype=torch.int64)
     n_resp = lengths - starts
     t = max(int(n_resp.max()), 0)
     t_range = torch.arange(t).unsqueeze(0)
     positions = (starts.unsqueeze(1) - 1 + t_range).clamp(0, width - 1)
     return MicroBatch(
         index=torch.tensor(list(index), dtype=torch.int64),
-        input_ids=input_ids,
-        attention_mask=real.to(torch.int64),
-        position_ids=torch.where(real, arange, 0),
+        input_ids=padded.input_ids,
+        attention_mask=padded.attention_mask,
+        position_ids=padded.position_ids,
         lengths=lengths,
         response_start=starts,
         response_positions=positions,

@@ -88,6 +88,21 @@ def test_padding_layout_right_pads_prompt_plus_completion():
         assert batch.response_mask[i].tolist() == [True] * len(c) + [False] * (4 - len(c))
 
 
+def test_trainer_and_services_share_one_padding_layout():
+    """The reference and value services pad with pad_micro_batch; the trainer's batch must be the same
+    tensors, or the step-0 KL between trainer and reference would not be 0."""
+    from services.common.batching import pad_micro_batch
+
+    batch = pad_sequences(PROMPTS, COMPLETIONS, pad_token_id=PAD)
+    rows = [torch.tensor(p + c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    mb = pad_micro_batch(rows, [len(p) for p in PROMPTS], range(len(rows)), pad_id=PAD)
+    assert torch.equal(batch.input_ids, mb.input_ids)
+    assert torch.equal(batch.attention_mask, mb.attention_mask)
+    assert torch.equal(batch.position_ids, mb.position_ids)
+    assert torch.equal(batch.response_start, mb.response_start)
+    assert torch.equal(batch.response_mask, mb.response_mask.bool())
+
+
 def test_experience_fields_are_padded_and_zero_past_each_completion(model):
     exp = build_experience(make_rollout(), model, AlgorithmConfig(name="grpo", kl_coef=0.0), pad_token_id=PAD)
     assert exp.mask.tolist()[1] == [1.0, 0.0, 0.0, 0.0]  # a one-token completion
