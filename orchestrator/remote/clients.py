@@ -4,7 +4,7 @@ Each wrapper encodes plain Python/torch inputs, calls with the role's deadline, 
 comes back before anything reaches the update: wrong counts, wrong shapes, non-finite numbers and
 token ids outside the vocabulary raise `ServiceError` naming the service and the call. Calls that are
 safe to repeat are retried by `orchestrator.remote.retry.call_with_retries` (every method goes through
-`_Client._call`; Save and Load are not retried).
+`RoleClient._call`, in client_base.py; Save and Load are not retried).
 """
 
 from __future__ import annotations
@@ -12,13 +12,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import torch
 
-from orchestrator.remote.retry import RetryPolicy, ServiceError, call_with_retries
+from orchestrator.remote.client_base import (
+    LOGPROB_SLACK,
+    RECONNECT_OPTIONS,
+    RoleClient,
+    Samples,
+    Scores,
+    ServiceInfo,
+    ValueTrainResult,
+    WeightSync,
+    check_tokenizers,
+)
+from orchestrator.remote.retry import ServiceError
 from orchestrator.run.config import Endpoint
 from quartet.v1 import (
     common_pb2,
@@ -31,140 +40,28 @@ from quartet.v1 import (
     value_pb2,
     value_pb2_grpc,
 )
-from services.common.channel import open_channel
-from services.common.codec import RaggedTensor, decode_ragged, decode_tensor, encode_ragged
+from services.common.codec import decode_ragged, decode_tensor, encode_ragged
 from services.common.errors import QuartetError
 
-# A log-probability is <= 0; this much above it is float error of a log-softmax, not a bad answer.
-LOGPROB_SLACK = 1e-4
 _STOP, _LENGTH = generator_pb2.FINISH_REASON_STOP, generator_pb2.FINISH_REASON_LENGTH
 _FINISH_REASONS = frozenset({_STOP, _LENGTH})
 
-
-@dataclass(frozen=True)
-class ServiceInfo:
-    """What GetInfo reported."""
-
-    role: str
-    identity: str
-    model_path: str
-    backend: str
-    tokenizer_fingerprint: str
-    weight_version: int
-    vocab_size: int
-    last_step_id: int
-
-
-@dataclass(frozen=True)
-class Samples:
-    """Generate's answer, prompt-major: sample k = i * n + j is sample j of prompt i."""
-
-    completion_ids: list[list[int]]  # [P * n] rows of sampled token ids
-    logprobs: list[list[float]]  # [P * n] raw-policy logprobs aligned with completion_ids
-    finished: list[bool]  # [P * n] True if the sample stopped on EOS / a stop token
-    texts: list[str]  # [P * n] decoded completions
-    weight_version: int
-
-
-@dataclass(frozen=True)
-class Scores:
-    rewards: torch.Tensor  # [B] float32, finite
-    failed: list[bool]  # [B] verifier failures (scored with the failure reward)
-    identity: str
-
-
-@dataclass(frozen=True)
-class ValueTrainResult:
-    loss: float
-    clipfrac: float
-    explained_variance: float
-    grad_norm: float
-    duplicate: bool
-    steps_trained: int
-    last_step_id: int
-
-
-@dataclass(frozen=True)
-class WeightSync:
-    version: int
-    tensors: int
-    bytes: int
-    seconds: float
-
-
-# A restarted service comes back on the same address: cap gRPC's reconnect backoff (default: up to
-# 120 s) so the channel finds it within a couple of seconds rather than after the retry budget.
-RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000))
-
-
-def _channel(ep: Endpoint, *, admin: bool) -> grpc.Channel:
-    token = ep.admin_call_token() if admin else ep.call_token()
-    root = Path(ep.tls_ca).read_bytes() if ep.tls_ca else None
-    cert = Path(ep.tls_client_cert).read_bytes() if ep.tls_client_cert else None
-    key = Path(ep.tls_client_key).read_bytes() if ep.tls_client_key else None
-    return open_channel(ep.address, token=token, root_cert=root, client_cert=cert, client_key=key,
-                        options=RECONNECT_OPTIONS)
-
-
-class _Client:
-    role = "service"
-
-    def __init__(self, ep: Endpoint, *, deadline_s: float, info_deadline_s: float = 10.0, name: str | None = None,
-                 retry: RetryPolicy | None = None):
-        self.endpoint = ep
-        self.retry = retry or RetryPolicy()
-        self.name = name or f"{self.role} at {ep.address}"
-        self.deadline_s = deadline_s
-        self.info_deadline_s = info_deadline_s
-        self._channel = _channel(ep, admin=False)
-        separate_admin = ep.admin_call_token() != ep.call_token()
-        self._admin_channel = _channel(ep, admin=True) if separate_admin else self._channel
-
-    def _call(self, method, request, *, call: str, timeout: float | None = None, retry: bool = True):
-        """One unary RPC with its deadline, retried per the policy when `retry` (the call is safe to repeat)."""
-        return self._retrying(lambda: method(request, timeout=timeout or self.deadline_s), call=call, retry=retry)
-
-    def _retrying(self, attempt, *, call: str, retry: bool = True, recover=None):
-        policy = self.retry if retry else RetryPolicy(max_attempts=1)
-        return call_with_retries(attempt, policy=policy, service=self.name, call=call, recover=recover)
-
-    def _fail(self, call: str, problem: str) -> ServiceError:
-        return ServiceError(self.name, call, problem)
-
-    def _info(self, stub) -> ServiceInfo:
-        m = self._call(stub.GetInfo, common_pb2.GetInfoRequest(), call="GetInfo", timeout=self.info_deadline_s)
-        if m.vocab_size < 0:
-            raise self._fail("GetInfo", f"vocab_size {m.vocab_size} is negative")
-        if m.last_step_id < -1:
-            raise self._fail("GetInfo", f"last_step_id {m.last_step_id} is below -1 (-1: no step applied)")
-        return ServiceInfo(
-            role=m.role, identity=m.identity or f"{m.role}/{m.backend}@{self.endpoint.address}", model_path=m.model_path,
-            backend=m.backend, tokenizer_fingerprint=m.tokenizer_fingerprint, weight_version=int(m.weight_version),
-            vocab_size=int(m.vocab_size), last_step_id=int(m.last_step_id),
-        )
-
-    def _rows(self, msg, *, call: str, field: str, lengths: Sequence[int], logprobs: bool = False) -> list[torch.Tensor]:
-        """Decode a float32 Ragged and check one finite row per sequence of the expected length
-        (with `logprobs`, every value also <= 0 up to float error)."""
-        try:
-            ragged = decode_ragged(msg, field=field, dtypes=(torch.float32,), rows=len(lengths))
-        except QuartetError as e:
-            raise self._fail(call, f"malformed {field}: {e}") from None
-        got = ragged.lengths.tolist()
-        if got != list(lengths):
-            bad = next(i for i, (a, b) in enumerate(zip(got, lengths, strict=True)) if a != b)
-            raise self._fail(call, f"{field} row {bad} has {got[bad]} entries, expected {lengths[bad]} (one per response token)")
-        values = ragged.values
-        if not bool(torch.isfinite(values).all()):
-            raise self._fail(call, f"{field} holds non-finite values")
-        if logprobs and bool((values > LOGPROB_SLACK).any()):
-            raise self._fail(call, f"{field} holds values above 0 (max {float(values.max()):.3g}; a log-probability is <= 0)")
-        return [r.clone() for r in RaggedTensor(values, ragged.offsets).rows()]
-
-    def close(self) -> None:
-        self._channel.close()
-        if self._admin_channel is not self._channel:
-            self._admin_channel.close()
+__all__ = [
+    "LOGPROB_SLACK",
+    "RECONNECT_OPTIONS",
+    "GeneratorClient",
+    "ReferenceClient",
+    "RewardClient",
+    "RoleClient",
+    "Samples",
+    "Scores",
+    "ServiceError",
+    "ServiceInfo",
+    "ValueClient",
+    "ValueTrainResult",
+    "WeightSync",
+    "check_tokenizers",
+]
 
 
 def _sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> common_pb2.SequenceBatch:
@@ -172,7 +69,7 @@ def _sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Seq
     return common_pb2.SequenceBatch(token_ids=encode_ragged(rows, torch.int64), response_start=[len(p) for p in prompt_ids])
 
 
-class GeneratorClient(_Client):
+class GeneratorClient(RoleClient):
     role = "generator"
 
     def __init__(self, ep: Endpoint, *, deadline_s: float, weights_deadline_s: float, **kw) -> None:
@@ -266,7 +163,7 @@ class GeneratorClient(_Client):
         return WeightSync(int(resp.version), int(resp.tensors_updated), int(resp.bytes_received), time.perf_counter() - start)
 
 
-class RewardClient(_Client):
+class RewardClient(RoleClient):
     role = "reward"
 
     def __init__(self, ep: Endpoint, *, deadline_s: float, weight: float = 1.0, **kw) -> None:
@@ -306,7 +203,7 @@ class RewardClient(_Client):
         return Scores(rewards, failed, resp.identity)
 
 
-class ReferenceClient(_Client):
+class ReferenceClient(RoleClient):
     role = "reference"
 
     def __init__(self, ep: Endpoint, *, deadline_s: float, **kw) -> None:
@@ -324,7 +221,7 @@ class ReferenceClient(_Client):
                           logprobs=True)
 
 
-class ValueClient(_Client):
+class ValueClient(RoleClient):
     role = "value"
 
     def __init__(self, ep: Endpoint, *, deadline_s: float, train_deadline_s: float, checkpoint_deadline_s: float, **kw):
@@ -387,17 +284,3 @@ class ValueClient(_Client):
         r = self._call(self._admin.Load, value_pb2.LoadRequest(name=name), call="Load", timeout=self.checkpoint_deadline_s,
                        retry=False)
         return int(r.last_step_id)
-
-
-def check_tokenizers(infos: Mapping[str, ServiceInfo], *, trainer_fingerprint: str | None = None) -> None:
-    """Refuse a run whose generator, reference, value (and trainer) disagree on what token ids mean."""
-    prints = {name: i.tokenizer_fingerprint for name, i in infos.items() if i.tokenizer_fingerprint}
-    if trainer_fingerprint:
-        prints["trainer (models.policy)"] = trainer_fingerprint
-    if len(set(prints.values())) > 1:
-        listing = ", ".join(f"{k}={v[:12]}" for k, v in prints.items())
-        raise ServiceError(
-            "run", "GetInfo",
-            f"tokenizer fingerprints disagree ({listing}): serve the same tokenizer in every role "
-            "(models.policy, models.reference and models.value must share one tokenizer)",
-        )

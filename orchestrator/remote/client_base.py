@@ -1,0 +1,165 @@
+"""What every role client shares: the answer types, the channel (auth, TLS, reconnect), one
+retried unary call with its deadline, GetInfo, and the check of a ragged float answer.
+
+`orchestrator.remote.clients` builds the four role clients on `RoleClient`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from orchestrator.remote.retry import RetryPolicy, ServiceError, call_with_retries
+from orchestrator.run.config import Endpoint
+from quartet.v1 import common_pb2
+from services.common.channel import open_channel
+from services.common.codec import RaggedTensor, decode_ragged
+from services.common.errors import QuartetError
+
+# A log-probability is <= 0; this much above it is float error of a log-softmax, not a bad answer.
+LOGPROB_SLACK = 1e-4
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What GetInfo reported."""
+
+    role: str
+    identity: str
+    model_path: str
+    backend: str
+    tokenizer_fingerprint: str
+    weight_version: int
+    vocab_size: int
+    last_step_id: int
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Generate's answer, prompt-major: sample k = i * n + j is sample j of prompt i."""
+
+    completion_ids: list[list[int]]  # [P * n] rows of sampled token ids
+    logprobs: list[list[float]]  # [P * n] raw-policy logprobs aligned with completion_ids
+    finished: list[bool]  # [P * n] True if the sample stopped on EOS / a stop token
+    texts: list[str]  # [P * n] decoded completions
+    weight_version: int
+
+
+@dataclass(frozen=True)
+class Scores:
+    rewards: torch.Tensor  # [B] float32, finite
+    failed: list[bool]  # [B] verifier failures (scored with the failure reward)
+    identity: str
+
+
+@dataclass(frozen=True)
+class ValueTrainResult:
+    loss: float
+    clipfrac: float
+    explained_variance: float
+    grad_norm: float
+    duplicate: bool
+    steps_trained: int
+    last_step_id: int
+
+
+@dataclass(frozen=True)
+class WeightSync:
+    version: int
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+# A restarted service comes back on the same address: cap gRPC's reconnect backoff (default: up to
+# 120 s) so the channel finds it within a couple of seconds rather than after the retry budget.
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000))
+
+
+def _channel(ep: Endpoint, *, admin: bool) -> grpc.Channel:
+    token = ep.admin_call_token() if admin else ep.call_token()
+    root = Path(ep.tls_ca).read_bytes() if ep.tls_ca else None
+    cert = Path(ep.tls_client_cert).read_bytes() if ep.tls_client_cert else None
+    key = Path(ep.tls_client_key).read_bytes() if ep.tls_client_key else None
+    return open_channel(ep.address, token=token, root_cert=root, client_cert=cert, client_key=key,
+                        options=RECONNECT_OPTIONS)
+
+
+class RoleClient:
+    role = "service"
+
+    def __init__(self, ep: Endpoint, *, deadline_s: float, info_deadline_s: float = 10.0, name: str | None = None,
+                 retry: RetryPolicy | None = None):
+        self.endpoint = ep
+        self.retry = retry or RetryPolicy()
+        self.name = name or f"{self.role} at {ep.address}"
+        self.deadline_s = deadline_s
+        self.info_deadline_s = info_deadline_s
+        self._channel = _channel(ep, admin=False)
+        separate_admin = ep.admin_call_token() != ep.call_token()
+        self._admin_channel = _channel(ep, admin=True) if separate_admin else self._channel
+
+    def _call(self, method, request, *, call: str, timeout: float | None = None, retry: bool = True):
+        """One unary RPC with its deadline, retried per the policy when `retry` (the call is safe to repeat)."""
+        return self._retrying(lambda: method(request, timeout=timeout or self.deadline_s), call=call, retry=retry)
+
+    def _retrying(self, attempt, *, call: str, retry: bool = True, recover=None):
+        policy = self.retry if retry else RetryPolicy(max_attempts=1)
+        return call_with_retries(attempt, policy=policy, service=self.name, call=call, recover=recover)
+
+    def _fail(self, call: str, problem: str) -> ServiceError:
+        return ServiceError(self.name, call, problem)
+
+    def _info(self, stub) -> ServiceInfo:
+        m = self._call(stub.GetInfo, common_pb2.GetInfoRequest(), call="GetInfo", timeout=self.info_deadline_s)
+        if m.vocab_size < 0:
+            raise self._fail("GetInfo", f"vocab_size {m.vocab_size} is negative")
+        if m.last_step_id < -1:
+            raise self._fail("GetInfo", f"last_step_id {m.last_step_id} is below -1 (-1: no step applied)")
+        return ServiceInfo(
+            role=m.role, identity=m.identity or f"{m.role}/{m.backend}@{self.endpoint.address}", model_path=m.model_path,
+            backend=m.backend, tokenizer_fingerprint=m.tokenizer_fingerprint, weight_version=int(m.weight_version),
+            vocab_size=int(m.vocab_size), last_step_id=int(m.last_step_id),
+        )
+
+    def _rows(self, msg, *, call: str, field: str, lengths: Sequence[int], logprobs: bool = False) -> list[torch.Tensor]:
+        """Decode a float32 Ragged and check one finite row per sequence of the expected length
+        (with `logprobs`, every value also <= 0 up to float error)."""
+        try:
+            ragged = decode_ragged(msg, field=field, dtypes=(torch.float32,), rows=len(lengths))
+        except QuartetError as e:
+            raise self._fail(call, f"malformed {field}: {e}") from None
+        got = ragged.lengths.tolist()
+        if got != list(lengths):
+            bad = next(i for i, (a, b) in enumerate(zip(got, lengths, strict=True)) if a != b)
+            raise self._fail(call, f"{field} row {bad} has {got[bad]} entries, expected {lengths[bad]} (one per response token)")
+        values = ragged.values
+        if not bool(torch.isfinite(values).all()):
+            raise self._fail(call, f"{field} holds non-finite values")
+        if logprobs and bool((values > LOGPROB_SLACK).any()):
+            raise self._fail(call, f"{field} holds values above 0 (max {float(values.max()):.3g}; a log-probability is <= 0)")
+        return [r.clone() for r in RaggedTensor(values, ragged.offsets).rows()]
+
+    def close(self) -> None:
+        self._channel.close()
+        if self._admin_channel is not self._channel:
+            self._admin_channel.close()
+
+
+
+def check_tokenizers(infos: Mapping[str, ServiceInfo], *, trainer_fingerprint: str | None = None) -> None:
+    """Refuse a run whose generator, reference, value (and trainer) disagree on what token ids mean."""
+    prints = {name: i.tokenizer_fingerprint for name, i in infos.items() if i.tokenizer_fingerprint}
+    if trainer_fingerprint:
+        prints["trainer (models.policy)"] = trainer_fingerprint
+    if len(set(prints.values())) > 1:
+        listing = ", ".join(f"{k}={v[:12]}" for k, v in prints.items())
+        raise ServiceError(
+            "run", "GetInfo",
+            f"tokenizer fingerprints disagree ({listing}): serve the same tokenizer in every role "
+            "(models.policy, models.reference and models.value must share one tokenizer)",
+        )
