@@ -3,7 +3,7 @@
 Why processes, and why not `concurrent.futures.ProcessPoolExecutor`:
 - Verifiers (sympy, math-verify, a user's regex or plugin) can hang or crash on a pathological
   answer. Threads cannot be stopped, and math-verify's own timeout uses SIGALRM, which works only
-  in a process's main thread (NOTES.md). A worker process can be killed.
+  in a process's main thread (elsewhere it times out silently or hangs). A worker process can be killed.
 - ProcessPoolExecutor cannot kill one stuck worker: terminating one breaks the whole executor and
   every future in flight, and it has no way to report progress inside a task. So one task per
   sample (costly round trips) would be the only way to get per-sample timeouts from it.

@@ -82,7 +82,7 @@ def test_fvp_over_several_parameters_in_flat_order() -> None:
 
 
 def test_fvp_through_sdpa_attention_needs_no_caller_setup() -> None:
-    """CPU sdpa picks a flash kernel without double backward (NOTES.md); the FVP switches to math."""
+    """CPU sdpa picks a flash kernel without double backward; the FVP switches to math."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, generator=gen)
     proj = torch.randn(8, 8, generator=gen, requires_grad=True)
