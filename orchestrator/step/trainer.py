@@ -1,7 +1,7 @@
 """The orchestrator's policy update: PPO, GRPO or TRPO on one Experience.
 
 ``PolicyTrainer.update`` picks the update from a table keyed by ``cfg.name``; each update reads like
-its paper and takes every formula from orchestrator.algorithms:
+its paper and takes every formula from ``rl`` (through ``objectives``):
 
 - PPO / GRPO: ``epochs`` passes over the batch in shuffled minibatches (a seeded generator, part of
   the checkpointed state), each minibatch split into micro-batches under a token budget whose
@@ -24,16 +24,24 @@ from torch import Tensor
 
 from orchestrator.run.algo_config import AlgorithmConfig
 from orchestrator.step.experience import Experience, ValueTrainInputs, value_train_inputs
+from orchestrator.step.objectives import (
+    NUM_ITEMS,
+    LossFn,
+    Minibatch,
+    Norm,
+    aggregate_like,
+    grpo_objective,
+    kl_ref,
+    ppo_objective,
+    trpo_objective,
+)
 from orchestrator.step.policy import (
     DEFAULT_MICRO_BATCH_TOKENS,
-    TokenBatch,
     TokenLogProbs,
     logprobs_from_logits,
     micro_batch_rows,
     response_logits,
 )
-from rl.kl import kl_estimate
-from rl.losses import aggregate, grpo_loss, policy_loss, trpo_surrogate
 from rl.masked import lookup, masked_mean
 from rl.trpo import mean_categorical_kl, trpo_step
 
@@ -59,124 +67,6 @@ class UpdateStats:
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
-
-
-@dataclass(frozen=True)
-class _Minibatch:
-    """Rows of an Experience on the model's device."""
-
-    batch: TokenBatch
-    mask: Tensor  # [b, T] float
-    old_logprobs: Tensor  # [b, T]
-    ref_logprobs: Tensor | None  # [b, T]
-    advantages: Tensor  # [b, T]
-
-    @classmethod
-    def take(cls, exp: Experience, rows: Tensor | slice, device: torch.device) -> _Minibatch:
-        return cls(
-            batch=exp.batch.rows(rows).to(device),
-            mask=exp.mask[rows].to(device),
-            old_logprobs=exp.old_logprobs[rows].to(device),
-            ref_logprobs=None if exp.ref_logprobs is None else exp.ref_logprobs[rows].to(device),
-            advantages=exp.advantages[rows].to(device),
-        )
-
-    def rows(self, index: Tensor | slice) -> _Minibatch:
-        return _Minibatch(
-            batch=self.batch.rows(index),
-            mask=self.mask[index],
-            old_logprobs=self.old_logprobs[index],
-            ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[index],
-            advantages=self.advantages[index],
-        )
-
-
-@dataclass(frozen=True)
-class _Norm:
-    """Loss normalisation shared by every micro-batch of one optimizer step."""
-
-    num_items: Tensor | int | None  # global tokens (token_mean) or sequences (the per-sequence modes)
-    max_len: int  # Dr. GRPO's constant normaliser: the trainer's max_len, else the experience's T
-
-
-@dataclass(frozen=True)
-class _LossParts:
-    loss: Tensor  # [] to minimise, KL-in-loss term included
-    policy_loss: Tensor  # [] surrogate part
-    clipfrac: Tensor  # []
-    approx_kl: Tensor  # []
-
-
-LossFn = Callable[[Tensor, _Minibatch, AlgorithmConfig, _Norm], _LossParts]
-
-# The aggregation literal -> what `num_items` counts in a minibatch (mask [b, T]).
-_NUM_ITEMS: dict[str, Callable[[Tensor], Tensor | int]] = {
-    "token_mean": lambda mask: mask.sum(),
-    "seq_mean_token_mean": lambda mask: mask.shape[0],
-    "seq_mean_token_sum_norm": lambda mask: mask.shape[0],
-}
-
-
-def _aggregate(per_token: Tensor, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> Tensor:
-    return aggregate(per_token, mb.mask, cfg.aggregation, max_len=norm.max_len, num_items=norm.num_items)
-
-
-def _kl_loss_term(logprobs: Tensor, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> Tensor:
-    """kl_coef x aggregated KL(π || π_ref) when the KL is placed in the loss, else 0."""
-    if cfg.kl_placement != "loss" or cfg.kl_coef == 0 or mb.ref_logprobs is None:
-        return logprobs.new_zeros(())
-    kl = kl_estimate(logprobs, mb.ref_logprobs, mb.mask, cfg.kl_estimator).per_token
-    return cfg.kl_coef * _aggregate(kl, mb, cfg, norm)
-
-
-def _ppo_loss(logprobs: Tensor, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> _LossParts:
-    out = policy_loss(
-        logprobs,
-        mb.old_logprobs,
-        mb.advantages,
-        mb.mask,
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        aggregation=cfg.aggregation,
-        max_len=norm.max_len,
-        num_items=norm.num_items,
-        dual_clip=cfg.dual_clip,
-    )
-    loss = out.loss + _kl_loss_term(logprobs, mb, cfg, norm)
-    return _LossParts(loss=loss, policy_loss=out.loss, clipfrac=out.clipfrac, approx_kl=out.approx_kl)
-
-
-def _grpo_loss(logprobs: Tensor, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> _LossParts:
-    beta = cfg.kl_coef if cfg.kl_placement == "loss" else 0.0
-    # Without a reference (kl_coef = 0) the k3 term against the policy itself is exactly 0.
-    ref = logprobs.detach() if mb.ref_logprobs is None else mb.ref_logprobs
-    out = grpo_loss(
-        logprobs,
-        mb.old_logprobs,
-        ref,
-        mb.advantages,
-        mb.mask,
-        beta=beta,
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        aggregation=cfg.aggregation,
-        max_len=norm.max_len,
-        num_items=norm.num_items,
-    )
-    return _LossParts(
-        loss=out.loss, policy_loss=out.policy_loss, clipfrac=out.clipfrac, approx_kl=out.approx_kl
-    )
-
-
-def _trpo_surrogate(out: TokenLogProbs, mb: _Minibatch, cfg: AlgorithmConfig, norm: _Norm) -> _LossParts:
-    """-E[r A] (Schulman et al. 2015, eq. 14), unclipped: the trust region does the clipping's job."""
-    surrogate = trpo_surrogate(out.logprobs, mb.old_logprobs, mb.advantages, mb.mask, aggregation=cfg.aggregation,
-                               max_len=norm.max_len, num_items=norm.num_items)
-    loss = surrogate + _kl_loss_term(out.logprobs, mb, cfg, norm)
-    if cfg.entropy_coef > 0 and out.entropy is not None:
-        loss = loss - cfg.entropy_coef * _aggregate(out.entropy, mb, cfg, norm)
-    zero = surrogate.new_zeros(())
-    return _LossParts(loss=loss, policy_loss=surrogate, clipfrac=zero, approx_kl=zero)
 
 
 @dataclass
@@ -261,15 +151,15 @@ class PolicyTrainer:
         """See ``orchestrator.step.experience.value_train_inputs``."""
         return value_train_inputs(exp)
 
-    def _forward(self, mb: _Minibatch) -> TokenLogProbs:
+    def _forward(self, mb: Minibatch) -> TokenLogProbs:
         return logprobs_from_logits(response_logits(self.model, mb.batch), mb.batch, with_entropy=True)
 
     def _minibatch_step(self, exp: Experience, rows: Tensor, loss_fn: LossFn, totals: _Totals) -> None:
         """Accumulate gradients over micro-batches of ``rows``, clip, take one optimizer step."""
         cfg = self.cfg
-        mb = _Minibatch.take(exp, rows, self.device)
-        norm = _Norm(
-            num_items=lookup(_NUM_ITEMS, cfg.aggregation, "aggregation")(mb.mask), max_len=self._max_len(exp)
+        mb = Minibatch.take(exp, rows, self.device)
+        norm = Norm(
+            num_items=lookup(NUM_ITEMS, cfg.aggregation, "aggregation")(mb.mask), max_len=self._max_len(exp)
         )
         tokens = max(float(mb.mask.sum()), 1.0)
         sums = dict.fromkeys(("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_ref"), 0.0)
@@ -280,7 +170,7 @@ class PolicyTrainer:
             parts = loss_fn(out.logprobs, part, cfg, norm)
             loss = parts.loss
             if cfg.entropy_coef > 0:  # else the entropy stays out of the graph's backward
-                loss = loss - cfg.entropy_coef * _aggregate(out.entropy, part, cfg, norm)
+                loss = loss - cfg.entropy_coef * aggregate_like(out.entropy, part, cfg, norm)
             loss.backward()
             # The loss pieces already carry the global normaliser, so they add up; the per-token
             # means are re-weighted by each piece's share of the real tokens.
@@ -289,16 +179,10 @@ class PolicyTrainer:
             sums["clipfrac"] += float(parts.clipfrac) * share
             sums["approx_kl"] += float(parts.approx_kl) * share
             sums["entropy"] += float(masked_mean(out.entropy.detach(), part.mask.bool())) * share
-            sums["kl_ref"] += _kl_ref(out.logprobs.detach(), part, cfg) * share
+            sums["kl_ref"] += kl_ref(out.logprobs.detach(), part, cfg) * share
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         totals.add(**sums, grad_norm=float(grad_norm))
-
-
-def _kl_ref(logprobs: Tensor, mb: _Minibatch, cfg: AlgorithmConfig) -> float:
-    if mb.ref_logprobs is None:
-        return 0.0
-    return float(kl_estimate(logprobs, mb.ref_logprobs, mb.mask, cfg.kl_estimator).mean)
 
 
 def _clipped_update(trainer: PolicyTrainer, exp: Experience, loss_fn: LossFn) -> UpdateStats:
@@ -324,11 +208,11 @@ def _clipped_update(trainer: PolicyTrainer, exp: Experience, loss_fn: LossFn) ->
 
 
 def _ppo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
-    return _clipped_update(trainer, exp, _ppo_loss)
+    return _clipped_update(trainer, exp, ppo_objective)
 
 
 def _grpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
-    return _clipped_update(trainer, exp, _grpo_loss)
+    return _clipped_update(trainer, exp, grpo_objective)
 
 
 def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
@@ -340,8 +224,8 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
     micro-batching: the Fisher-vector products need one graph over the batch).
     """
     cfg, model = trainer.cfg, trainer.model
-    mb = _Minibatch.take(exp, slice(None), trainer.device)
-    norm = _Norm(num_items=None, max_len=trainer._max_len(exp))
+    mb = Minibatch.take(exp, slice(None), trainer.device)
+    norm = Norm(num_items=None, max_len=trainer._max_len(exp))
     with torch.no_grad():
         start_logits = response_logits(model, mb.batch)
         start = logprobs_from_logits(start_logits, mb.batch, with_entropy=True)
@@ -351,7 +235,7 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         out = logprobs_from_logits(
             response_logits(model, mb.batch), mb.batch, with_entropy=cfg.entropy_coef > 0
         )
-        return _trpo_surrogate(out, mb, cfg, norm).loss
+        return trpo_objective(out, mb, cfg, norm).loss
 
     def kl_fn() -> Tensor:
         return mean_categorical_kl(response_logits(model, mb.batch), old_distribution, mb.mask)
@@ -380,7 +264,7 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
     final_kl = result.trial_kls[index] if index is not None else 0.0
     return UpdateStats(
         policy_loss=result.trial_losses[index] if index is not None else result.loss_before,
-        kl_ref=_kl_ref(start.logprobs, mb, cfg),
+        kl_ref=kl_ref(start.logprobs, mb, cfg),
         clipfrac=0.0,
         approx_kl=final_kl,
         entropy=float(masked_mean(start.entropy, mb.mask.bool())),
