@@ -74,12 +74,27 @@ def encode_result(result: BatchResult, backend: GeneratorBackend, *, return_text
     )
 
 
-def _call_alive(context: grpc.ServicerContext) -> bool:
-    """False once the client cancelled or the deadline passed. When a stream stalls until its deadline,
-    gRPC may end the request iterator quietly a moment before is_active() turns False: the stream then
-    looks merely short (no `last` chunk), and only the spent deadline tells the two apart."""
-    remaining = context.time_remaining()
-    return context.is_active() and (remaining is None or remaining > 0)
+# How long a stream that ended without its `last` chunk waits for gRPC to report the call dead.
+_SETTLE_S = 0.25
+
+
+def _call_alive(context: grpc.ServicerContext, *, settle_s: float = 0.0) -> bool:
+    """False once the client cancelled or the deadline passed.
+
+    When a stream stalls until its deadline, gRPC may end the request iterator quietly a moment
+    before is_active() turns False or the deadline is spent: the stream then looks merely short (no
+    `last` chunk). With `settle_s` the answer waits that long for the call to be reported dead, and
+    past that, while the deadline is nearer than `settle_s`, until it is spent: a stalled stream is
+    then always told apart from a client that half-closed early, whose call stays alive.
+    """
+    end = time.monotonic() + settle_s
+    while True:
+        remaining = context.time_remaining()
+        if not context.is_active() or (remaining is not None and remaining <= 0):
+            return False
+        if time.monotonic() >= end and (remaining is None or remaining > settle_s):
+            return True
+        time.sleep(0.005)
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
@@ -207,7 +222,8 @@ class GeneratorRole:
                 staged = self.assembler.assemble(chunks, current_version=self.backend.version,
                                                  is_active=context.is_active)
             except QuartetError as e:
-                if not _call_alive(context):
+                short = isinstance(e, InvalidArgument) and e.field == "last"
+                if not _call_alive(context, settle_s=_SETTLE_S if short else 0.0):
                     raise self._broke_off() from e
                 self.metrics.weight_update_failures.labels(reason=type(e).__name__).inc()
                 log.warning("UpdateWeights refused, version %d keeps serving: %s", self.backend.version, e)

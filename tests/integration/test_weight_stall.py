@@ -104,3 +104,31 @@ def test_stalled_stream_ends_at_its_deadline_and_changes_nothing(server: Running
     finally:
         release.set()
         admin.close()
+
+
+class _Context:
+    """The two things _call_alive reads of a grpc.ServicerContext, on a fake clock-driven deadline."""
+
+    def __init__(self, deadline_in_s: float | None, *, active: bool = True) -> None:
+        self.deadline = None if deadline_in_s is None else time.monotonic() + deadline_in_s
+        self.active = active
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+@pytest.mark.parametrize(("deadline_in_s", "alive"), [(0.05, False), (None, True), (30.0, True)])
+def test_a_short_stream_waits_out_a_near_deadline(deadline_in_s: float | None, alive: bool) -> None:
+    """The race the stall test used to lose now and then: the iterator ended quietly just before the
+    deadline. With settling, a deadline nearer than the settle time is waited out (cancelled); a
+    client that half-closed early with time to spare is still alive (a malformed stream)."""
+    from services.generator.servicer import _call_alive
+
+    t0 = time.monotonic()
+    assert _call_alive(_Context(deadline_in_s), settle_s=0.2) is alive
+    assert time.monotonic() - t0 < 0.5
+    assert _call_alive(_Context(30.0, active=False), settle_s=0.2) is False
+    assert _call_alive(_Context(0.05)) is True  # no settling: the answer of this instant
