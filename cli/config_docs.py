@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from orchestrator.run.config import RunConfig
+from services.common.settings import models_in
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -38,13 +39,6 @@ def _type_name(ann: Any) -> str:
     return getattr(ann, "__name__", str(ann))
 
 
-def _nested(ann: Any) -> list[type[BaseModel]]:
-    """Pydantic models inside an annotation (X, X | None, list[X])."""
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return [ann]
-    return [m for a in typing.get_args(ann) for m in _nested(a)]
-
-
 def _default(field: Any) -> str:
     if field.default_factory is not None:
         value = field.default_factory()
@@ -62,7 +56,7 @@ def _section(model: type[BaseModel], prefix: str, out: list[str], seen: set[str]
         key = f"{prefix}{name}"
         doc = (field.description or "").replace("|", "\\|")
         rows.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {doc} |")
-        for child in _nested(field.annotation):
+        for child in models_in(field.annotation):
             suffix = "[i]." if typing.get_origin(field.annotation) is list else "."
             children.append((child, f"{key}{suffix}"))
     title = prefix.rstrip(".") or "top level"

@@ -1,6 +1,6 @@
 """The embedded stack: the four roles as child processes on free loopback ports, supervised.
 
-Each service is `quartet serve --config FILE` run by this interpreter, on port 0, with a ready file
+Each service is `python -m services serve --config FILE` run by this interpreter, on port 0, with a ready file
 (address, ports, pid) written once it is SERVING, fresh random tokens passed in environment
 variables (never on the command line, where `ps` would show them), and its output in a log file in
 the run directory. With `TlsFiles` every child serves TLS (mTLS when a client certificate is given)
@@ -183,7 +183,7 @@ class LocalStack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUARTET_")}
         env.update({TOKEN_ENV: token, ADMIN_TOKEN_ENV: admin})
         env.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [sys.executable, "-m", "cli.main", "serve", "--config", str(cfg_path)]
+        cmd = [sys.executable, "-m", "services", "serve", "--config", str(cfg_path)]
         with (self.dir / f"{label}.log").open("ab") as out:
             return subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -7,30 +7,30 @@ A service config file looks like
     server: {host: 127.0.0.1, port: 50051, metrics_port: 9091, token_file: /run/secrets/token}
     options: {kind: rule, rule: arithmetic}
 
-Layers, lowest first: defaults < file < environment (QUARTET_*) < flags < `--set`. The CLI folds
-environment and flags together (click reads both) and passes only what was given, so "not given"
-never overwrites a value from the file.
+It is loaded by the same loader as the run config (services.common.settings): defaults < file <
+environment (the QUARTET_* names in EXPOSED) < flags < `--set`. Every error names the offending
+field as a dotted path, e.g. `options.max_queue: Input should be greater than 0 (got 0)`.
 
-Every error names the offending field as a dotted path, e.g.
-`options.max_queue: Input should be greater than 0`, so the fix is obvious from the message.
+Each field's description is its only help text: `quartet serve --help` (and `python -m services
+--help`) build their flags from these models and EXPOSED.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.role import ModelConfig
+from services.common.settings import ConfigError, load, parse_set
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "ENV", "EXPOSED", "ConfigError", "Exposed", "ServerConfig",
+           "ServiceConfig", "load_service_config", "parse_set"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the field(s) and says what is wrong."""
 
 
 class ServerConfig(BaseModel):
@@ -39,9 +39,9 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = Field("127.0.0.1", description="Address to bind. Non-loopback addresses should use TLS and a token.")
-    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free port (see --ready-file).")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free port (see ready_file).")
     metrics_port: int | None = Field(
-        0, description="Prometheus HTTP port; 0 picks a free port, null (or a negative number) turns metrics off."
+        0, description="Prometheus HTTP port; 0 picks a free port, null or a negative number (-1) turns metrics off."
     )
     metrics_host: str | None = Field(None, description="Address for the metrics HTTP server; default: same as host.")
     max_message_bytes: int = Field(
@@ -58,7 +58,8 @@ class ServerConfig(BaseModel):
     grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM/SIGINT: how long in-flight calls may run before they are cancelled."
     )
-    token: str | None = Field(None, repr=False, description="Call-scope bearer token; unset (with admin_token) = auth off.")
+    token: str | None = Field(None, repr=False, description="Call-scope bearer token; unset (with admin_token) = auth off. "
+                                 "Prefer token_file or the environment to a command-line flag.")
     token_file: Path | None = Field(None, description="File holding the call token (read at start, whitespace stripped).")
     admin_token: str | None = Field(
         None, repr=False,
@@ -126,7 +127,9 @@ class ServiceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    role: str | None = Field(None, description="Built-in role name or a dotted module path of a custom role.")
+    role: str | None = Field(
+        None, description="generator | reward | reference | value, or the dotted module path of a custom role."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Checkpoint, dtype and device.")
     server: ServerConfig = Field(default_factory=ServerConfig, description="Address, auth, TLS, metrics, shutdown.")
     checkpoint_dir: str | None = Field(None, description="Directory where Save/Load may write/read (value role).")
@@ -136,108 +139,54 @@ class ServiceConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="Role-specific options (validated by the role).")
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each starting with the dotted field path."""
-    lines = []
-    for item in err.errors():
-        path = [str(p) for p in (prefix, *item["loc"]) if p != ""]
-        msg = item["msg"].removeprefix("Value error, ")
-        # Model-level validators name the field they reject as "field: problem"; fold it into the path.
-        head, sep, rest = msg.partition(": ")
-        if sep and head.isidentifier():
-            path, msg = [*path, head], rest
-        lines.append(f"{'.'.join(path) or 'config'}: {msg}")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Exposed:
+    """A ServiceConfig field that may also be set by an environment variable and a `quartet serve` flag."""
+
+    path: str    # dotted field path, e.g. "server.port"
+    flag: str    # e.g. "--port"
+    env: str     # e.g. "QUARTET_PORT"
+    panel: str   # help panel of the flag
 
 
-def validate_model(model: type[BaseModel], data: Any, *, prefix: str) -> BaseModel:
-    """model.model_validate(data) with errors rewritten as ConfigError naming `prefix.field`."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, prefix)) from None
+_AUTH = {"token", "token_file", "admin_token", "admin_token_file", "tls_cert", "tls_key", "tls_client_ca"}
+_RUNTIME = {"workers", "max_concurrent_rpcs", "grace_seconds", "checkpoint_dir", "ready_file"}
+#: Short names kept from the first CLI; every other field is --field-name and QUARTET_FIELD_NAME.
+_SHORT = {"model.path": "model", "server.grace_seconds": "grace"}
 
 
-def parse_set(items: Iterable[str]) -> dict[str, Any]:
-    """`["server.port=5000", "options.kind=rule"]` -> nested dict; values parsed as YAML scalars.
-
-    YAML parsing makes `5000` an int, `true` a bool, `[1, 2]` a list and `null` None, while a plain
-    word stays a string.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set {item!r}: expected key=value with a dotted key, e.g. server.port=5000")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        set_path(out, key.split("."), value)
-    return out
+def _exposed(path: str) -> Exposed:
+    field = path.rsplit(".", 1)[-1]
+    name = _SHORT.get(path, field)
+    panel = ("Model" if path.startswith("model.") else "Auth and TLS" if field in _AUTH
+             else "Runtime" if field in _RUNTIME else "Network")
+    return Exposed(path, "--" + name.replace("_", "-"), "QUARTET_" + name.upper(), panel)
 
 
-def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[path[-1]] = value
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Dicts merge key by key; anything else in `override` replaces the value in `base`."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    p = Path(path).expanduser()
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"config file {str(p)!r}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping (role, model, server, options)")
-    return data
+_PANELS = ("Model", "Network", "Auth and TLS", "Runtime")
+#: Every model and server field, and the two top-level paths, in help-panel order; role and options
+#: are set by the ROLE argument, the file or --set.
+EXPOSED: tuple[Exposed, ...] = tuple(sorted(
+    (_exposed(path) for path in (*(f"model.{name}" for name in ModelConfig.model_fields),
+                                 *(f"server.{name}" for name in ServerConfig.model_fields),
+                                 "checkpoint_dir", "ready_file")),
+    key=lambda e: _PANELS.index(e.panel),
+))
+#: Environment variable -> dotted field path.
+ENV: dict[str, str] = {e.env: e.path for e in EXPOSED}
 
 
 def load_service_config(
     *,
     file: str | Path | None = None,
-    given: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
     sets: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> ServiceConfig:
-    """Build a ServiceConfig from the layers: defaults < file < given (env and flags) < --set.
+    """A ServiceConfig from the layers: defaults < file < environ (ENV names) < flags < --set.
 
     Args:
-        given: nested dict of values the user actually gave as flags or env vars (None = not given).
+        flags: dotted field path -> value given on the command line (None: not given).
+        environ: usually os.environ; None reads no environment.
     """
-    data: dict[str, Any] = read_config_file(file) if file is not None else {}
-    data = deep_merge(data, _drop_none(given or {}))
-    data = deep_merge(data, parse_set(sets))
-    return validate_model(ServiceConfig, data, prefix="")  # type: ignore[return-value]
-
-
-def _drop_none(tree: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            sub = _drop_none(value)
-            if sub:
-                out[key] = sub
-        elif value is not None:
-            out[key] = value
-    return out
+    return load(ServiceConfig, file=file, env=ENV, environ=environ, flags=flags, sets=sets, what="service config")

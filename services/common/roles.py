@@ -19,8 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from services.common.config import ConfigError, validate_model
 from services.common.role import Role, RoleContext
+from services.common.settings import ConfigError, validate
 
 BUILTIN_ROLES: dict[str, str] = {
     "generator": "services.generator",
@@ -52,7 +52,7 @@ class RoleSpec:
             return options
         if isinstance(options, BaseModel):
             options = options.model_dump()
-        return validate_model(self.options_model, options or {}, prefix="options")
+        return validate(self.options_model, options or {}, prefix="options")
 
     def create(self, ctx: RoleContext, options: BaseModel) -> Role:
         return self.module.create(ctx, options)

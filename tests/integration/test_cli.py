@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,8 +18,11 @@ import typer
 from typer.testing import CliRunner
 
 import cli.serve
+import services.common.command
 from cli.main import app
-from services.common.config import ConfigError, ServerConfig, load_service_config, parse_set
+from services.common.command import field_at
+from services.common.config import EXPOSED, ConfigError, ServerConfig, load_service_config, parse_set
+from services.common.role import ModelConfig
 from services.common.server import RunningServer, start_server
 from tests.integration.echo_role import ROLE
 
@@ -58,6 +66,57 @@ def test_serve_help_explains_roles_and_precedence() -> None:
     for text in ("generator, reward, reference, value", "dotted module path", "--config", "--set",
                  "flags < --set", "QUARTET_TOKEN", "--ready-file", "--grace", "SIGTERM"):
         assert text in out, text
+
+
+def _plain(help_text: str) -> str:
+    """Help output without the panel borders and line wrapping."""
+    return " ".join(help_text.replace("│", " ").split())
+
+
+def test_serve_help_lists_every_config_field_with_its_description() -> None:
+    out = _plain(runner.invoke(app, ["serve", "--help"], env=WIDE).output)
+    model_fields = {f"model.{name}" for name in ModelConfig.model_fields}
+    server_fields = {f"server.{name}" for name in ServerConfig.model_fields}
+    assert model_fields | server_fields | {"checkpoint_dir", "ready_file"} == {e.path for e in EXPOSED}
+    for e in EXPOSED:
+        help_text = _plain(field_at(e.path).description or "")
+        assert help_text and f"{e.flag} " in out and f"{help_text} ({e.path}, ${e.env}" in out, e.path
+    for panel in ("Model", "Network", "Auth and TLS", "Runtime"):
+        assert f"╭─ {panel} ─" in runner.invoke(app, ["serve", "--help"], env=WIDE).output
+
+
+def test_serve_help_texts_are_written_once() -> None:
+    """The flags' help comes from the config models' descriptions, not from a second copy in the CLI."""
+    sources = [Path(cli.serve.__file__).read_text(), Path(services.common.command.__file__).read_text()]
+    assert "help=" not in sources[0]
+    for e in EXPOSED:
+        description = field_at(e.path).description or ""
+        assert all(description[:40] not in source for source in sources), e.path
+
+
+def test_python_m_services_serves_a_config_file_without_the_cli(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    config = tmp_path / "svc.yaml"
+    config.write_text(f"role: tests.integration.echo_role\nready_file: {ready}\n"
+                      "server: {metrics_port: null, grace_seconds: 1}\n")
+    probe = ("import sys, services.__main__; "
+             "assert not [m for m in sys.modules if m.split('.')[0] in ('cli', 'orchestrator')], 'imports the CLI'")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUARTET_")}
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, check=True, timeout=120)
+    proc = subprocess.Popen([sys.executable, "-m", "services", "serve", "--config", str(config)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.communicate(timeout=10)[0].decode()
+        address = json.loads(ready.read_text())["address"]
+        assert runner.invoke(app, ["health", address]).exit_code == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, output
 
 
 def test_version_prints_package_versions() -> None:
@@ -155,7 +214,9 @@ def test_serve_precedence(tmp_path: Path, captured: dict[str, Any]) -> None:
     [
         (["--set", "options.max_queue=0"], "options.max_queue: Input should be greater than 0"),
         (["--set", "server.port=abc"], "server.port: Input should be a valid integer"),
-        (["--set", "server.bogus=1"], "server.bogus: Extra inputs are not permitted"),
+        (["--set", "server.bogus=1"], "server.bogus: unknown field. Valid fields here: admin_token,"),
+        (["--set", "server.prot=1"], "server.prot: unknown field; did you mean 'port'?"),
+        (["--port", "1", "--set", "server.port=abc"], "server.port: Input should be a valid integer, unable to parse string as an integer (got 'abc')"),
         (["--set", "port"], "expected key=value"),
         (["--tls-cert", "x.pem"], "tls_cert and tls_key must be given together"),
         (["--token-file", "/nonexistent/token"], "server.token_file: cannot read"),
@@ -184,5 +245,5 @@ def test_parse_set_reads_yaml_scalars() -> None:
 def test_token_and_token_file_are_exclusive(tmp_path: Path) -> None:
     (tmp_path / "t").write_text("x")
     with pytest.raises(ConfigError, match="server: set only one of token and token_file"):
-        load_service_config(given={"server": {"token": "y", "token_file": str(tmp_path / "t")}})
+        load_service_config(flags={"server.token": "y", "server.token_file": tmp_path / "t"})
     assert repr(ServerConfig(token="hidden-value")).count("hidden-value") == 0

@@ -1,0 +1,227 @@
+"""The `services:` section of the run config: endpoints, local services, deadlines, retries, TLS.
+
+Part of the run config (orchestrator.run.config), in its own file to keep both short. Every field
+carries its own description (docs/config-reference.md is generated from them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from services.common.settings import ConfigError
+
+
+class Strict(BaseModel):
+    """A config section that rejects unknown keys (the error names the closest valid one)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Endpoint(Strict):
+    """Where a running service listens, and how to reach it.
+
+    Tokens are secrets: they come inline, from a file (`token_file`) or from an environment variable
+    (`token_env`), are never written by `dump_config` (run dir, checkpoints) and print as `**********`.
+    """
+
+    # Assignments are validated so a token set after loading (docker/entrypoint.py) is still a SecretStr.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+    address: str = Field(..., description="host:port of the service, e.g. 127.0.0.1:50051.")
+    token: SecretStr | None = Field(
+        None, exclude=True,
+        description="Call-scope bearer token inline (never written to config dumps); prefer token_file or token_env. "
+        "None with no token_file / token_env: auth off.",
+    )
+    token_file: str | None = Field(None, description="File holding the call-scope token (used when `token` is not set).")
+    token_env: str | None = Field(
+        None, description="Environment variable holding the call-scope token, e.g. QUARTET_TOKEN "
+        "(used when neither `token` nor `token_file` is set).",
+    )
+    admin_token: SecretStr | None = Field(
+        None, exclude=True,
+        description="Admin-scope token inline for UpdateWeights / TrainStep / Save / Load (never written to config "
+        "dumps); default: the call token.",
+    )
+    admin_token_file: str | None = Field(None, description="File holding the admin-scope token (used when `admin_token` is not set).")
+    admin_token_env: str | None = Field(
+        None, description="Environment variable holding the admin-scope token, e.g. QUARTET_ADMIN_TOKEN "
+        "(used when neither `admin_token` nor `admin_token_file` is set).",
+    )
+    tls_ca: str | None = Field(None, description="PEM file of the CA that signed the server's certificate (None: plaintext).")
+    tls_client_cert: str | None = Field(
+        None, description="PEM client certificate presented to a service that requires mutual TLS (with tls_client_key "
+        "and tls_ca).",
+    )
+    tls_client_key: str | None = Field(None, description="PEM private key of tls_client_cert.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Endpoint:
+        if (self.tls_client_cert is None) != (self.tls_client_key is None):
+            raise ValueError(f"endpoint {self.address}: tls_client_cert and tls_client_key go together: set both, or neither")
+        if self.tls_client_cert is not None and self.tls_ca is None:
+            raise ValueError(f"endpoint {self.address}: tls_client_cert needs tls_ca (mutual TLS runs over TLS)")
+        return self
+
+    def call_token(self) -> str | None:
+        """The call-scope token: inline, else from token_file, else from token_env; None = auth off."""
+        return _resolve_secret(self.token, self.token_file, self.token_env, field="token", address=self.address)
+
+    def admin_call_token(self) -> str | None:
+        """The admin-scope token (inline, file, env), falling back to the call token."""
+        admin = _resolve_secret(self.admin_token, self.admin_token_file, self.admin_token_env,
+                                field="admin_token", address=self.address)
+        return admin or self.call_token()
+
+
+def _resolve_secret(
+    inline: SecretStr | str | None, file: str | None, env: str | None, *, field: str, address: str
+) -> str | None:
+    """A secret from the first source that is set; errors name the source, never the value."""
+    if inline is not None:
+        value = inline.get_secret_value() if isinstance(inline, SecretStr) else str(inline)
+        return value or None
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"endpoint {address}: {field}_file {file!r} does not exist; fix the path or give {field} another way")
+        text = path.read_text(encoding="utf-8").strip()
+        if not text:
+            raise ConfigError(f"endpoint {address}: {field}_file {file!r} is empty; write the token into it")
+        return text
+    if env:
+        value = os.environ.get(env, "").strip()
+        if not value:
+            raise ConfigError(f"endpoint {address}: {field}_env names {env}, which is unset or empty; export it or remove {field}_env")
+        return value
+    return None
+
+
+class RewardEndpoint(Endpoint):
+    """A reward service and the weight of its score in the total reward."""
+
+    weight: float = Field(1.0, description="Weight of this service's reward in the weighted sum over reward services.")
+
+
+class LocalTls(Strict):
+    """PEM files that put the local services behind TLS (mutual TLS with a client certificate)."""
+
+    cert: str = Field(..., description="Server certificate every local service presents; it must name 127.0.0.1 "
+                      "(an IP subjectAltName), the address the orchestrator dials.")
+    key: str = Field(..., description="Private key of cert.")
+    ca: str = Field(..., description="CA certificate that signed cert; the orchestrator trusts only it.")
+    client_cert: str | None = Field(
+        None, description="Client certificate the orchestrator presents (with client_key): turns on mutual TLS, "
+        "and the services then refuse clients without a certificate signed by client_ca.",
+    )
+    client_key: str | None = Field(None, description="Private key of client_cert.")
+    client_ca: str | None = Field(None, description="CA the services accept client certificates from (mTLS); default: ca.")
+
+    @model_validator(mode="after")
+    def _files(self) -> LocalTls:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together: set both for mutual TLS, or neither")
+        if self.client_ca is not None and self.client_cert is None:
+            raise ValueError("client_ca is used only with mutual TLS: set client_cert and client_key, or remove client_ca")
+        for name in ("cert", "key", "ca", "client_cert", "client_key", "client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"tls.{name}: file {path!r} does not exist; give the path of a PEM file")
+        return self
+
+
+class LocalServices(Strict):
+    """Options of the services that `local: true` starts as child processes."""
+
+    reward: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "rule", "rule": "arithmetic"},
+        description="Options of the local reward service (the reward role's Options, e.g. kind: rule, rule: arithmetic).",
+    )
+    generator: dict[str, Any] = Field(default_factory=dict, description="Options of the local generator role.")
+    reference: dict[str, Any] = Field(default_factory=dict, description="Options of the local reference role.")
+    value: dict[str, Any] = Field(default_factory=dict, description="Options of the local value role (e.g. its learning rate).")
+    startup_timeout_s: float = Field(180.0, gt=0, description="Seconds to wait for every local service to report SERVING.")
+    max_restarts: int = Field(
+        5, ge=0, description="Restarts of one local service that exited on its own, over the whole run (0: never "
+        "restart). A service that used them all is left stopped, and the run fails when its retry budget runs out.",
+    )
+    restart_backoff_s: float = Field(
+        0.5, gt=0, description="Delay before a crashed local service's first restart; it doubles with each further "
+        "restart of that service, up to restart_backoff_max_s. The service comes back on the same port and tokens.",
+    )
+    restart_backoff_max_s: float = Field(10.0, gt=0, description="Largest delay before restarting a local service.")
+    tls: LocalTls | None = Field(
+        None, description="TLS between the orchestrator and the local services (null: plaintext on loopback); "
+        "with client_cert and client_key, mutual TLS.",
+    )
+
+    @model_validator(mode="after")
+    def _restart_order(self) -> LocalServices:
+        if self.restart_backoff_max_s < self.restart_backoff_s:
+            raise ValueError(
+                f"restart_backoff_max_s={self.restart_backoff_max_s} is below restart_backoff_s={self.restart_backoff_s}: "
+                "raise restart_backoff_max_s or lower restart_backoff_s"
+            )
+        return self
+
+
+class Deadlines(Strict):
+    """Per-call deadlines in seconds."""
+
+    generate_s: float = Field(120.0, gt=0, description="Generator.Generate deadline.")
+    score_s: float = Field(60.0, gt=0, description="Reward.Score deadline.")
+    logprobs_s: float = Field(60.0, gt=0, description="Reference.LogProbs deadline.")
+    values_s: float = Field(60.0, gt=0, description="Value.Values deadline.")
+    train_step_s: float = Field(300.0, gt=0, description="Value.TrainStep deadline.")
+    weights_s: float = Field(300.0, gt=0, description="Generator.UpdateWeights deadline (the whole stream).")
+    checkpoint_s: float = Field(300.0, gt=0, description="Value.Save / Value.Load deadline.")
+    info_s: float = Field(10.0, gt=0, description="GetInfo deadline.")
+
+
+class RetryConfig(Strict):
+    """Retries of calls that failed with UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED."""
+
+    max_attempts: int = Field(
+        100, ge=1, description="Most attempts of one call, the first included (1: no retries). High by default so "
+        "that budget_s is what ends the retries: a restarting service refuses connections at once, and 8 "
+        "attempts (about 18 s of sleeps on average) can run out before a SIGKILLed local service is back on a busy 2-core box."
+    )
+    initial_backoff_s: float = Field(
+        0.5, gt=0, description="Backoff cap before the first retry; each retry sleeps a uniform random time in "
+        "[0, cap] (full jitter) and the cap doubles per retry."
+    )
+    max_backoff_s: float = Field(10.0, gt=0, description="Largest backoff cap between two attempts.")
+    budget_s: float = Field(
+        120.0, gt=0, description="Seconds one call may spend retrying (attempts and sleeps, counted from the first "
+        "attempt); when it runs out the run stops with an error naming the service, the call and the last status."
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> RetryConfig:
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(
+                f"max_backoff_s={self.max_backoff_s} is below initial_backoff_s={self.initial_backoff_s}: "
+                "raise max_backoff_s or lower initial_backoff_s"
+            )
+        return self
+
+
+class ServicesConfig(Strict):
+    """The four roles: endpoints of running services, or `local: true` to start them here."""
+
+    local: bool = Field(False, description="Start all services as child processes on free loopback ports with fresh tokens.")
+    generator: Endpoint | None = Field(None, description="Generator endpoint (required unless local).")
+    reference: Endpoint | None = Field(None, description="Reference endpoint (required unless local, when the KL coefficient > 0).")
+    value: Endpoint | None = Field(None, description="Value endpoint (required unless local, when the advantage is gae).")
+    rewards: list[RewardEndpoint] = Field(default_factory=list, description="Reward endpoints; the reward is their weighted sum.")
+    local_options: LocalServices = Field(default_factory=LocalServices, description="Options of the local services.")
+    deadlines: Deadlines = Field(default_factory=Deadlines, description="Per-call deadlines.")
+    retry: RetryConfig = Field(
+        default_factory=RetryConfig,
+        description="Retries with exponential backoff and full jitter: idempotent calls (Generate with its seed, Score, "
+        "LogProbs, Values, GetInfo), TrainStep with its step id, UpdateWeights as a whole stream with its version.",
+    )
