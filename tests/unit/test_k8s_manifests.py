@@ -6,8 +6,10 @@ each test skips with the reason when one is missing. There is no cluster here, s
 applied: `kubectl apply --dry-run=client` needs an API server in kubectl 1.37 (it downloads the
 OpenAPI document and the API group list), hence schema validation by kubernetes-validate instead.
 The Prometheus Operator kinds (PodMonitor, PrometheusRule) have no schema there and are skipped by
-name; their structure is asserted below and the rules themselves are checked by promtool
-(tests/unit/test_docker_static.py).
+name; they are checked instead against the pydantic models that `cloudcoil-models-prometheus-operator`
+generates from the operator's CRD schemas (types, enums, patterns; unknown fields by a round trip,
+as those models ignore extra keys), their wiring is asserted below, and the rules themselves are
+checked by promtool (tests/unit/test_docker_static.py). Not checked: the CRDs' server-side rules.
 """
 
 from __future__ import annotations
@@ -110,6 +112,45 @@ def test_every_object_validates_against_the_kubernetes_schemas(name: str) -> Non
         validated += 1
     assert skipped == CRD_KINDS
     assert validated == len(render(name)) - len(CRD_KINDS) >= 20
+
+
+def unknown_fields(given: object, parsed: object, path: str = "") -> list[str]:
+    """Paths of `given` that `parsed` (the model's dump: given + defaults) lacks or holds otherwise."""
+    if isinstance(given, dict) and isinstance(parsed, dict):
+        return [p for k, v in given.items()
+                for p in (unknown_fields(v, parsed[k], f"{path}.{k}") if k in parsed else [f"{path}.{k}"])]
+    if isinstance(given, list) and isinstance(parsed, list) and len(given) == len(parsed):
+        return [p for i, (g, q) in enumerate(zip(given, parsed, strict=True)) for p in unknown_fields(g, q, f"{path}[{i}]")]
+    return [] if given == parsed else [f"{path}: {given!r} became {parsed!r}"]
+
+
+def crd_problems(obj: dict) -> list[str]:
+    """The Prometheus Operator object against its CRD's generated model: errors, else unknown fields."""
+    try:
+        from cloudcoil.models.prometheus_operator import v1
+    except ImportError:
+        pytest.skip("cloudcoil-models-prometheus-operator not installed")
+    from pydantic import ValidationError
+
+    try:
+        model = getattr(v1, obj["kind"]).model_validate(obj)
+    except ValidationError as e:
+        return [str(e)]
+    return unknown_fields(obj, model.model_dump(by_alias=True, exclude_none=True, mode="json"))
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_prometheus_operator_objects_match_their_crds(name: str) -> None:
+    crds = [o for o in render(name) if o["kind"] in CRD_KINDS]
+    assert {o["kind"] for o in crds} == CRD_KINDS
+    for obj in crds:
+        assert crd_problems(obj) == [], obj["kind"]
+    broken = copy.deepcopy(objects(name, "PodMonitor")["quartet"])
+    endpoint = broken["spec"]["podMetricsEndpoints"][0]
+    endpoint["relabelings"][0]["targtLabel"] = endpoint["relabelings"][0].pop("targetLabel")
+    assert crd_problems(broken) == [".spec.podMetricsEndpoints[0].relabelings[0].targtLabel"]
+    endpoint["interval"] = "15 seconds"
+    assert "interval" in crd_problems(broken)[0]
 
 
 def test_schema_validation_rejects_broken_objects() -> None:
