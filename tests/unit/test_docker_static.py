@@ -203,6 +203,31 @@ def test_prometheus_scrapes_every_service_and_the_orchestrator() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_prometheus_rules_are_per_replica_and_pass_promtool() -> None:
+    """The recording rules and alerts keep `replica`; promtool checks them and runs their unit tests."""
+    rules = yaml.safe_load((DOCKER / "prometheus" / "quartet-rules.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            name = rule.get("record") or rule["alert"]
+            if name.startswith("service:"):
+                continue  # the per-service roll-ups of the per-replica series
+            # Every aggregation keeps `replica` (an expression without one keeps every label).
+            for labels in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", rule["expr"]):
+                kept = {label.strip() for label in labels.split(",")}
+                assert "replica" in kept, f"{name} drops the replica label: {rule['expr']}"
+    cfg = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    assert cfg["rule_files"] == ["quartet-rules.yml"]
+    mounts = yaml.safe_load(COMPOSE.read_text())["services"]["prometheus"]["volumes"]
+    assert "./prometheus/quartet-rules.yml:/etc/prometheus/quartet-rules.yml:ro" in mounts
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install --no-install-recommends prometheus)")
+    out = run([promtool, "check", "rules", str(DOCKER / "prometheus" / "quartet-rules.yml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = run([promtool, "test", "rules", str(DOCKER / "prometheus" / "quartet-rules.test.yml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 # --- Grafana ------------------------------------------------------------------------------------
 
 
