@@ -312,7 +312,7 @@ def test_configmap_holds_every_config_the_pods_name(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
 def test_run_config_is_the_compose_run_with_service_names(name: str, tmp_path: Path) -> None:
-    from orchestrator.config import load_config
+    from orchestrator.run.config import load_config
 
     (configmap,) = objects(name, "ConfigMap").values()
     path = tmp_path / "train.yaml"
