@@ -12,6 +12,20 @@ import typer
 _TLS = "TLS"
 
 
+def _tls_ca(of: str) -> Any:
+    return typer.Option("--tls-ca", envvar="QUARTET_TLS_CA", rich_help_panel=_TLS, show_default=False,
+                        help=f"PEM CA of {of}; turns TLS on.")
+
+
+# The client's TLS options, the same for every command that dials a service.
+_TlsCert = Annotated[Path | None, typer.Option("--tls-cert", rich_help_panel=_TLS, show_default=False,
+                                               help="Client certificate for mTLS.")]
+_TlsKey = Annotated[Path | None, typer.Option("--tls-key", rich_help_panel=_TLS, show_default=False,
+                                              help="Key of --tls-cert.")]
+_ServerName = Annotated[str | None, typer.Option("--server-name", rich_help_panel=_TLS, show_default=False,
+                                                 help="Name to check the server certificate against.")]
+
+
 @dataclass(frozen=True)
 class EndpointStatus:
     """What one endpoint reported; `error` says why a field is missing."""
@@ -90,14 +104,10 @@ def status(
     addresses: Annotated[list[str], typer.Argument(help="host:port of each service.", show_default=False)],
     token: Annotated[str | None, typer.Option("--token", envvar="QUARTET_TOKEN", show_default=False,
                                               help="Call token (GetInfo needs it when auth is on).")] = None,
-    tls_ca: Annotated[Path | None, typer.Option("--tls-ca", envvar="QUARTET_TLS_CA", rich_help_panel=_TLS,
-                                                show_default=False, help="PEM CA of the servers; turns TLS on.")] = None,
-    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", rich_help_panel=_TLS, show_default=False,
-                                                  help="Client certificate for mTLS.")] = None,
-    tls_key: Annotated[Path | None, typer.Option("--tls-key", rich_help_panel=_TLS, show_default=False,
-                                                 help="Key of --tls-cert.")] = None,
-    server_name: Annotated[str | None, typer.Option("--server-name", rich_help_panel=_TLS, show_default=False,
-                                                    help="Name to check the server certificate against.")] = None,
+    tls_ca: Annotated[Path | None, _tls_ca("the servers")] = None,
+    tls_cert: _TlsCert = None,
+    tls_key: _TlsKey = None,
+    server_name: _ServerName = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of each call, seconds.")] = 3.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -121,14 +131,10 @@ def status(
 def health(
     address: Annotated[str, typer.Argument(help="host:port of the service.", show_default=False)],
     service: Annotated[str, typer.Option("--service", help="Health service name; empty = the whole server.")] = "",
-    tls_ca: Annotated[Path | None, typer.Option("--tls-ca", envvar="QUARTET_TLS_CA", rich_help_panel=_TLS,
-                                                show_default=False, help="PEM CA of the server; turns TLS on.")] = None,
-    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", rich_help_panel=_TLS, show_default=False,
-                                                  help="Client certificate for mTLS.")] = None,
-    tls_key: Annotated[Path | None, typer.Option("--tls-key", rich_help_panel=_TLS, show_default=False,
-                                                 help="Key of --tls-cert.")] = None,
-    server_name: Annotated[str | None, typer.Option("--server-name", rich_help_panel=_TLS, show_default=False,
-                                                    help="Name to check the server certificate against.")] = None,
+    tls_ca: Annotated[Path | None, _tls_ca("the server")] = None,
+    tls_cert: _TlsCert = None,
+    tls_key: _TlsKey = None,
+    server_name: _ServerName = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline, seconds.")] = 2.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print the status.")] = False,
 ) -> None:

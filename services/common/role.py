@@ -55,6 +55,41 @@ class ModelConfig(BaseModel):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto: CUDA when present).")
 
 
+def model_limits(calls: str, *, trains: bool = False) -> type[BaseModel]:
+    """The base of the Options of a role that runs one model over whole prompt ++ response rows,
+    micro-batched under a token budget (reference, value): its batching and admission limits.
+
+    Args:
+        calls: the RPCs the limits count, as the help texts name them ("LogProbs", "Values or TrainStep").
+        trains: the role also changes its weights (TrainStep): passes run backward too, scoring and
+            training calls are admitted apart, and admitted calls take turns on the weights.
+    """
+    passes = "forward (and backward) pass" if trains else "forward pass"
+    apart = ", each method counted apart" if trains else ""
+    turns = " Admitted calls still take turns on the weights." if trains else ""
+
+    class ModelLimits(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        max_batch_tokens: int = Field(
+            4096, ge=1,
+            description=f"Token budget of one {passes}, padding included (rows x longest row); lower it if "
+                        f"{calls} runs out of memory. Also the longest sequence accepted.")
+        max_batch_sequences: int = Field(
+            1024, ge=1, description=f"Most sequences in one {calls} call; more is INVALID_ARGUMENT.")
+        max_tokens_per_call: int = Field(
+            262144, ge=1,
+            description=f"Most tokens (prompt + response, all rows) in one {calls} call; more is INVALID_ARGUMENT.")
+        max_concurrent: int = Field(
+            4, ge=1,
+            description=f"{calls} calls admitted at once{apart}; one more gets "
+                        f"RESOURCE_EXHAUSTED (retry with backoff).{turns}")
+        attn_implementation: str | None = Field(
+            None, description="transformers attention kernel (e.g. 'eager', 'sdpa'); unset = the model's default.")
+
+    return ModelLimits
+
+
 @dataclass
 class RoleContext:
     """What the runtime hands a role when creating it."""

@@ -9,7 +9,6 @@ orchestrator's KL term compares them with the policy's own fp32 log-probabilitie
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,8 +16,9 @@ from prometheus_client import CollectorRegistry, Counter
 from torch import Tensor
 
 from services.common import hf
-from services.common.batching import CallGate, SequencesLike, check_sequences, micro_batches, unbatch
+from services.common.batching import CallGate, SequencesLike, micro_batches, unbatch
 from services.common.errors import NotReady
+from services.common.model_role import ModelBackend
 from services.common.role import ModelConfig
 
 if TYPE_CHECKING:
@@ -27,36 +27,14 @@ if TYPE_CHECKING:
     from services.reference import Options
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """What `load()` found, for GetInfo."""
-
-    path: str
-    dtype: torch.dtype
-    device: torch.device
-    vocab_size: int  # rows of the input embedding = width of the logits
-    tokenizer_fingerprint: str
-    max_positions: int | None  # config.max_position_embeddings, the longest row accepted
-
-
-def load_model_facts(model_cfg: ModelConfig) -> tuple[torch.device, torch.dtype, str]:
-    """(device, dtype, path) from the role's model config; ValueError naming what to set."""
-    if not model_cfg.path:
-        raise ValueError("model.path is not set; pass the checkpoint directory (--model PATH)")
-    device = hf.resolve_device(model_cfg.device, field="model.device")
-    dtype = hf.resolve_dtype(model_cfg.dtype, device=device, field="model.dtype")
-    return device, dtype, model_cfg.path
-
-
-class ReferenceBackend:
+class ReferenceBackend(ModelBackend):
     """Scores response tokens under a frozen causal LM, micro-batched under a token budget."""
 
+    options: Options
+
     def __init__(self, model_cfg: ModelConfig, options: Options, registry: CollectorRegistry) -> None:
-        self.model_cfg = model_cfg
-        self.options = options
-        self.info: LoadedModel | None = None
+        super().__init__(model_cfg, options)
         self._model: PreTrainedModel | None = None
-        self._pad_id = 0
         self.gate = CallGate(options.max_concurrent, "reference")
         self.sequences_total = Counter(
             "quartet_reference_sequences", "Sequences scored by LogProbs.", registry=registry)
@@ -73,17 +51,11 @@ class ReferenceBackend:
 
     def load(self) -> None:
         """Load tokenizer and model (slow). Until it returns, logprobs raises NotReady."""
-        device, dtype, path = load_model_facts(self.model_cfg)
+        path, device, dtype = self._placement()
         tokenizer = hf.load_tokenizer(path)
         model = hf.load_causal_lm(path, dtype=dtype, device=device, attn_implementation=self.options.attn_implementation)
         model.requires_grad_(False)
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.info = LoadedModel(
-            path=str(path), dtype=dtype, device=device,
-            vocab_size=int(model.get_input_embeddings().weight.shape[0]),
-            tokenizer_fingerprint=hf.tokenizer_fingerprint(tokenizer),
-            max_positions=getattr(model.config, "max_position_embeddings", None),
-        )
+        self._loaded(path, dtype, device, model, tokenizer)
         self._model = model
 
     def logprobs(self, sequences: SequencesLike, response_start: Sequence[int] | Tensor) -> list[Tensor]:
@@ -105,11 +77,7 @@ class ReferenceBackend:
         if model is None or info is None:
             raise NotReady("reference model is still loading")
         with self.gate.enter():
-            rows, starts = check_sequences(
-                sequences, response_start, vocab_size=info.vocab_size,
-                max_sequences=self.options.max_batch_sequences, max_tokens=self.options.max_tokens_per_call,
-                max_row_tokens=min(self.options.max_batch_tokens, info.max_positions or self.options.max_batch_tokens),
-            )
+            rows, starts = self._check(sequences, response_start, info)
             pieces = []
             with torch.inference_mode():
                 for mb in micro_batches(rows, starts, self.options.max_batch_tokens, pad_id=self._pad_id):

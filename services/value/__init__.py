@@ -8,17 +8,15 @@ locks, servicer.py is the wire.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from services.common.role import RoleContext
+from services.common.role import RoleContext, model_limits
 
 NAME = "value"
 
 
-class Options(BaseModel):
-    """Options of the value role (`--set options.<field>=...`)."""
-
-    model_config = ConfigDict(extra="forbid")
+class Options(model_limits("Values or TrainStep", trains=True)):
+    """Options of the value role (`--set options.<field>=...`): AdamW, the head, and the batching limits."""
 
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate of the critic.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
@@ -30,19 +28,6 @@ class Options(BaseModel):
         0.0, ge=0, description="Std of the value head's initial weight; 0 = zeros (a fresh critic predicts V = 0).")
     seed: int = Field(0, description="Seed of the head initialisation (when head_init_std > 0) and of minibatch shuffling.")
     max_epochs: int = Field(32, ge=1, description="Largest TrainStep.epochs accepted; more is INVALID_ARGUMENT.")
-    max_batch_tokens: int = Field(
-        4096, ge=1,
-        description="Token budget of one forward (and backward) pass, padding included (rows x longest row); "
-                    "lower it if TrainStep runs out of memory. Also the longest sequence accepted.")
-    max_batch_sequences: int = Field(1024, ge=1, description="Most sequences in one Values or TrainStep call; more is INVALID_ARGUMENT.")
-    max_tokens_per_call: int = Field(
-        262144, ge=1, description="Most tokens (prompt + response, all rows) in one call; more is INVALID_ARGUMENT.")
-    max_concurrent: int = Field(
-        4, ge=1,
-        description="Values calls (and, separately, TrainStep calls) admitted at once; one more gets "
-                    "RESOURCE_EXHAUSTED. Admitted calls still take turns on the weights.")
-    attn_implementation: str | None = Field(
-        None, description="transformers attention kernel of the trunk (e.g. 'eager', 'sdpa'); unset = the model's default.")
 
     @field_validator("betas")
     @classmethod

@@ -25,8 +25,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from torch import Tensor
 
 from services.common import hf
-from services.common.batching import CallGate, SequencesLike, check_sequences, micro_batches, unbatch
+from services.common.batching import CallGate, SequencesLike, micro_batches, unbatch
 from services.common.errors import FailedPrecondition, InvalidArgument, NotReady
+from services.common.model_role import LoadedModel, ModelBackend
 from services.common.role import ModelConfig
 from services.value import checkpoint as ckpt
 from services.value.model import Critic, load_critic
@@ -62,32 +63,19 @@ class CheckpointResult:
     last_step_id: int
 
 
-@dataclass(frozen=True)
-class LoadedCritic:
-    """What `load()` found, for GetInfo."""
-
-    path: str
-    dtype: torch.dtype
-    device: torch.device
-    vocab_size: int
-    tokenizer_fingerprint: str
-    max_positions: int | None
-
-
-class ValueBackend:
+class ValueBackend(ModelBackend):
     """Critic = AutoModel trunk + scalar head, trained by its own AdamW on the clipped value loss."""
+
+    options: Options
 
     def __init__(self, model_cfg: ModelConfig, options: Options, registry: CollectorRegistry,
                  checkpoint_dir: Path | None) -> None:
-        self.model_cfg = model_cfg
-        self.options = options
+        super().__init__(model_cfg, options)
         self.checkpoint_dir = checkpoint_dir
-        self.info: LoadedCritic | None = None
         self.steps_trained = 0
         self.last_step_id = -1
         self._critic: Critic | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._pad_id = 0
         self._lock = threading.Lock()
         self.values_gate = CallGate(options.max_concurrent, "value Values")
         self.train_gate = CallGate(options.max_concurrent, "value TrainStep")
@@ -119,40 +107,21 @@ class ValueBackend:
 
     def load(self) -> None:
         """Load tokenizer, trunk and a fresh head (slow); build AdamW. Until then calls raise NotReady."""
-        if not self.model_cfg.path:
-            raise ValueError("model.path is not set; pass the checkpoint directory (--model PATH)")
-        path = self.model_cfg.path
-        device = hf.resolve_device(self.model_cfg.device, field="model.device")
-        dtype = hf.resolve_dtype(self.model_cfg.dtype, device=device, field="model.dtype")
+        path, device, dtype = self._placement()
         tokenizer = hf.load_tokenizer(path)
         o = self.options
         critic = load_critic(path, dtype=dtype, device=device, head_init_std=o.head_init_std, seed=o.seed,
                              attn_implementation=o.attn_implementation)
         self._optimizer = torch.optim.AdamW(
             critic.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.info = LoadedCritic(
-            path=str(path), dtype=dtype, device=device,
-            vocab_size=int(critic.trunk.get_input_embeddings().weight.shape[0]),
-            tokenizer_fingerprint=hf.tokenizer_fingerprint(tokenizer),
-            max_positions=getattr(critic.trunk.config, "max_position_embeddings", None),
-        )
+        self._loaded(path, dtype, device, critic.trunk, tokenizer)
         self._critic = critic
         self.m_steps.set(0)
 
-    def _ready(self) -> tuple[Critic, torch.optim.Optimizer, LoadedCritic]:
+    def _ready(self) -> tuple[Critic, torch.optim.Optimizer, LoadedModel]:
         if self._critic is None or self._optimizer is None or self.info is None:
             raise NotReady("value model is still loading")
         return self._critic, self._optimizer, self.info
-
-    def _check(self, sequences: SequencesLike, response_start: Sequence[int] | Tensor,
-               info: LoadedCritic) -> tuple[list[Tensor], list[int]]:
-        o = self.options
-        return check_sequences(
-            sequences, response_start, vocab_size=info.vocab_size, max_sequences=o.max_batch_sequences,
-            max_tokens=o.max_tokens_per_call,
-            max_row_tokens=min(o.max_batch_tokens, info.max_positions or o.max_batch_tokens),
-        )
 
     # ---- Values --------------------------------------------------------------------------------
 
@@ -223,7 +192,7 @@ class ValueBackend:
                 return self._train_locked(critic, optimizer, info, rows, starts, targets, step_id=step_id,
                                           clip_range=clip_range, epochs=epochs, minibatch_size=minibatch_size)
 
-    def _train_locked(self, critic: Critic, optimizer: torch.optim.Optimizer, info: LoadedCritic,
+    def _train_locked(self, critic: Critic, optimizer: torch.optim.Optimizer, info: LoadedModel,
                       rows: list[Tensor], starts: list[int], targets, *, step_id: int, clip_range: float | None,
                       epochs: int, minibatch_size: int) -> TrainStepResult:
         """The training loop (caller holds the lock): epochs x minibatches of optimizer steps."""

@@ -5,7 +5,7 @@ tokens and logprobs it returned before any fuzzing, from weight version 0."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,12 +16,9 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-from services.common.channel import open_channel
 from services.common.codec import decode_ragged
-from services.common.config import ServerConfig
-from services.common.role import ModelConfig
-from services.common.server import RunningServer, start_server
 from services.common.weights import iter_weight_chunks
+from tests.fuzz.served import Served
 from tests.fuzz.strategies import (
     DEADLINE_S,
     FUZZ,
@@ -36,7 +33,6 @@ from tests.fuzz.strategies import (
     token_rows,
 )
 
-CALL, ADMIN = "fuzz-call", "fuzz-admin"
 OPTIONS = {"max_queue": 4, "max_prompts": 8, "max_samples_per_prompt": 4, "max_new_tokens": 16,
            "max_batch_sequences": 16, "max_batch_tokens": 512, "update_wait_seconds": 5.0}
 GOOD_PROMPTS = [[5, 6, 7], [9, 10], [11, 3, 4, 8]]
@@ -54,14 +50,12 @@ def _request(prompts: list[list[int]], **kw) -> generator_pb2.GenerateRequest:
 class Generator:
     """The served generator, stubs, a valid weight stream (other weights) and the pre-fuzzing answer."""
 
-    def __init__(self, server: RunningServer, other_weights: dict[str, torch.Tensor]) -> None:
-        self.server = server
-        self.channels = (open_channel(server.address, token=CALL), open_channel(server.address, token=ADMIN))
-        self.stub = generator_pb2_grpc.GeneratorStub(self.channels[0])
-        self.admin = generator_pb2_grpc.GeneratorStub(self.channels[1])
+    def __init__(self, served: Served, other_weights: dict[str, torch.Tensor]) -> None:
+        self.stub = generator_pb2_grpc.GeneratorStub(served.call)
+        self.admin = generator_pb2_grpc.GeneratorStub(served.admin)
         info = self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=DEADLINE_S)
         self.vocab = int(info.vocab_size)
-        self.max_positions = server.role.backend.info.max_positions  # not in GetInfo; 128 for the tiny model
+        self.max_positions = served.server.role.backend.info.max_positions  # not in GetInfo; 128 for the tiny model
         # Valid except for the defect each example adds; the weights differ from the served ones, so a
         # stream accepted by mistake would show in the answers.
         self.chunks = list(iter_weight_chunks(other_weights.items(), version=1, chunk_bytes=64 << 10))
@@ -85,15 +79,9 @@ class Generator:
 
 
 @pytest.fixture(scope="module")
-def gen(tiny_checkpoint: Path, tiny_checkpoint_other: Path) -> Iterator[Generator]:
+def gen(serve: Callable[..., Served], tiny_checkpoint_other: Path) -> Generator:
     other = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint_other), dtype=torch.float32).state_dict()
-    srv = start_server("generator", model=ModelConfig(path=str(tiny_checkpoint), dtype="float32", device="cpu"),
-                       options=OPTIONS, server=ServerConfig(token=CALL, admin_token=ADMIN, metrics_port=None))
-    g = Generator(srv, other)
-    yield g
-    for c in g.channels:
-        c.close()
-    srv.stop(grace=0)
+    return Generator(serve("generator", OPTIONS), other)
 
 
 # ---- Generate ----
@@ -250,21 +238,17 @@ def test_update_weights_refuses_hostile_streams(gen: Generator, data: st.DataObj
 @pytest.mark.parametrize(("name", "value"), [("model.norm.weight", float("nan")),
                                            ("model.embed_tokens.weight", float("inf")),
                                            ("model.layers.1.mlp.down_proj.weight", float("-inf"))])
-def test_update_weights_refuses_non_finite_values(tiny_checkpoint: Path, name: str, value: float) -> None:
+def test_update_weights_refuses_non_finite_values(serve: Callable[..., Served], tiny_checkpoint: Path, name: str,
+                                                  value: float) -> None:
     """One non-finite weight anywhere: refused naming the tensor, the old weights keep serving."""
     state = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).state_dict()
-    srv = start_server("generator", model=ModelConfig(path=str(tiny_checkpoint), dtype="float32", device="cpu"),
-                       options=OPTIONS, server=ServerConfig(token=CALL, admin_token=ADMIN, metrics_port=None))
-    g = Generator(srv, state)  # its own server: an accepted NaN update must not reach the other tests
-    try:
+    # Its own server: an accepted NaN update must not reach the other tests.
+    with serve("generator", OPTIONS) as served:
+        g = Generator(served, state)
         state[name] = state[name].clone()
         state[name].view(-1)[-3] = value
         chunks = list(iter_weight_chunks(state.items(), version=1, chunk_bytes=16 << 10))
         g.reject_then_unchanged(g.update, Hostile(chunks, f"weights[{name}]", f"{value} in {name}"))
-    finally:
-        for c in g.channels:
-            c.close()
-        srv.stop(grace=0)
 
 
 # ---- within the contract, however extreme ----

@@ -5,8 +5,7 @@ after returns bit-for-bit the log-probabilities it returned before any fuzzing."
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -15,11 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quartet.v1 import common_pb2, reference_pb2, reference_pb2_grpc
-from services.common.channel import open_channel
 from services.common.codec import decode_ragged
-from services.common.config import ServerConfig
-from services.common.role import ModelConfig
-from services.common.server import RunningServer, start_server
+from tests.fuzz.served import Served
 from tests.fuzz.strategies import (
     DEADLINE_S,
     FUZZ,
@@ -50,9 +46,8 @@ def _request(rows: list[list[int]], starts: list[int]) -> reference_pb2.LogProbs
 class Reference:
     """The served reference role, a stub, and its answer to a fixed good batch before any fuzzing."""
 
-    def __init__(self, server: RunningServer) -> None:
-        self.server = server
-        self.channel = open_channel(server.address, token="fuzz-call")
+    def __init__(self, served: Served) -> None:
+        self.channel = served.call
         self.stub = reference_pb2_grpc.ReferenceStub(self.channel)
         self.vocab = int(self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=DEADLINE_S).vocab_size)
         self.baseline = self.good().logprobs.values.data
@@ -69,13 +64,8 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def ref(tiny_checkpoint: Path) -> Iterator[Reference]:
-    srv = start_server("reference", model=ModelConfig(path=str(tiny_checkpoint), dtype="float32", device="cpu"),
-                       options=LIMITS, server=ServerConfig(token="fuzz-call", metrics_port=None))
-    r = Reference(srv)
-    yield r
-    r.channel.close()
-    srv.stop(grace=0)
+def ref(serve: Callable[..., Served]) -> Reference:
+    return Reference(serve("reference", LIMITS))
 
 
 @FUZZ

@@ -6,7 +6,7 @@ INTERNAL); and a good call right after returns bit-for-bit the rewards it return
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -15,10 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quartet.v1 import reward_pb2, reward_pb2_grpc
-from services.common.channel import open_channel
 from services.common.codec import decode_tensor
-from services.common.config import ServerConfig
-from services.common.server import RunningServer, start_server
+from tests.fuzz.served import Served
 from tests.fuzz.strategies import (
     DEADLINE_S,
     FUZZ,
@@ -29,7 +27,6 @@ from tests.fuzz.strategies import (
     ragged,
 )
 
-CALL = "fuzz-call"
 MAX_BATCH = 16
 OPTIONS = {"kind": "rule", "rule": "arithmetic", "workers": 1, "max_batch": MAX_BATCH, "timeout_seconds": 5.0}
 _LIST_FIELDS = ("prompt_text", "completion_text", "metadata", "prompt_ids", "completion_ids")
@@ -47,10 +44,8 @@ GOOD = _score(["71<eos>", "3", "-12 apples", "abc"], ["71", "71", "-12", "0"])
 
 
 class Reward:
-    def __init__(self, server: RunningServer) -> None:
-        self.server = server
-        self.channel = open_channel(server.address, token=CALL)
-        self.stub = reward_pb2_grpc.RewardStub(self.channel)
+    def __init__(self, served: Served) -> None:
+        self.stub = reward_pb2_grpc.RewardStub(served.call)
         self.baseline = self.good()
         assert decode_tensor(self.call(GOOD).rewards).tolist() == [1.0, 0.0, 1.0, 0.0]
 
@@ -67,12 +62,8 @@ class Reward:
 
 
 @pytest.fixture(scope="module")
-def rew() -> Iterator[Reward]:
-    srv = start_server("reward", options=OPTIONS, server=ServerConfig(token=CALL, metrics_port=None))
-    r = Reward(srv)
-    yield r
-    r.channel.close()
-    srv.stop(grace=0)
+def rew(serve: Callable[..., Served]) -> Reward:
+    return Reward(serve("reward", OPTIONS, model=None))
 
 
 @st.composite

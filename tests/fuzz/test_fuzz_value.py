@@ -6,7 +6,7 @@ here they are drawn at random."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,11 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quartet.v1 import common_pb2, value_pb2, value_pb2_grpc
-from services.common.channel import open_channel
 from services.common.codec import decode_ragged
-from services.common.config import ServerConfig
-from services.common.role import ModelConfig
-from services.common.server import RunningServer, start_server
+from tests.fuzz.served import Served
 from tests.fuzz.strategies import (
     DEADLINE_S,
     FLOAT_DTYPES,
@@ -37,7 +34,6 @@ from tests.fuzz.strategies import (
     token_rows,
 )
 
-CALL, ADMIN = "fuzz-call", "fuzz-admin"
 TOKENS = "sequences.token_ids"
 OPTIONS = {"lr": 1e-2, "max_batch_tokens": 64, "max_batch_sequences": 8, "max_tokens_per_call": 200,
            "max_epochs": 4, "max_concurrent": 2}
@@ -52,11 +48,9 @@ def _batch(rows: list[list[int]], starts: list[int]) -> common_pb2.SequenceBatch
 class Value:
     """The served critic, admin and call stubs, and its Values on a fixed batch before any fuzzing."""
 
-    def __init__(self, server: RunningServer) -> None:
-        self.server = server
-        self.channels = (open_channel(server.address, token=ADMIN), open_channel(server.address, token=CALL))
-        self.admin = value_pb2_grpc.ValueStub(self.channels[0])
-        self.stub = value_pb2_grpc.ValueStub(self.channels[1])
+    def __init__(self, served: Served) -> None:
+        self.admin = value_pb2_grpc.ValueStub(served.admin)
+        self.stub = value_pb2_grpc.ValueStub(served.call)
         self.vocab = int(self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=DEADLINE_S).vocab_size)
         self.baseline = self.good()
 
@@ -80,24 +74,9 @@ class Value:
         self.assert_unchanged(case.why)
 
 
-def _serve(checkpoint: Path, checkpoint_dir: Path) -> Value:
-    srv = start_server("value", model=ModelConfig(path=str(checkpoint), dtype="float32", device="cpu"),
-                       options=OPTIONS, server=ServerConfig(token=CALL, admin_token=ADMIN, metrics_port=None),
-                       checkpoint_dir=checkpoint_dir)
-    return Value(srv)
-
-
-def _close(v: Value) -> None:
-    for c in v.channels:
-        c.close()
-    v.server.stop(grace=0)
-
-
 @pytest.fixture(scope="module")
-def val(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Value]:
-    v = _serve(tiny_checkpoint, tmp_path_factory.mktemp("value-fuzz") / "ckpts")
-    yield v
-    _close(v)
+def val(serve: Callable[..., Served], tmp_path_factory: pytest.TempPathFactory) -> Value:
+    return Value(serve("value", OPTIONS, checkpoint_dir=tmp_path_factory.mktemp("value-fuzz") / "ckpts"))
 
 
 # ---- Values ----
@@ -243,10 +222,10 @@ def test_unwritable_checkpoint_names_are_refused_not_internal(val: Value, name: 
 
 # ---- accepted but extreme ----
 
-def test_extreme_finite_returns_leave_the_critic_finite(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_extreme_finite_returns_leave_the_critic_finite(serve: Callable[..., Served], tmp_path: Path) -> None:
     """Returns near the float32 maximum are legal; the step is applied or skipped, never NaN weights."""
-    v = _serve(tiny_checkpoint, tmp_path / "ckpts")
-    try:
+    with serve("value", OPTIONS, checkpoint_dir=tmp_path / "ckpts") as served:
+        v = Value(served)
         counts = [len(r) - s for r, s in zip(GOOD_ROWS, GOOD_STARTS, strict=True)]
         for step, big in enumerate((3e38, -3e38, 1e30)):
             returns = [[big] * n for n in counts]
@@ -254,5 +233,3 @@ def test_extreme_finite_returns_leave_the_critic_finite(tiny_checkpoint: Path, t
                                                returns=ragged(returns, common_pb2.DTYPE_FLOAT32)))
         out = v.values(value_pb2.ValuesRequest(sequences=_batch(GOOD_ROWS, GOOD_STARTS)))
         assert bool(torch.isfinite(decode_ragged(out.values).values).all())
-    finally:
-        _close(v)

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from orchestrator.run.algo_config import AlgorithmConfig
 from orchestrator.step.experience import Rollout, build_experience, pad_sequences, trainer_logprobs
@@ -18,37 +17,8 @@ PAD = 0
 PROMPTS = [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5], [6, 7, 8, 9], [6, 7, 8, 9]]
 COMPLETIONS = [[10, 11], [12], [13, 14, 15, 16], [17], [18, 19, 20], [21, 22]]
 G = 2
-
-
-def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
-    """A random Qwen2 (hidden 64, 2 layers, GQA 4/2 heads, vocab 32), fp32, eval mode."""
-    config = Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=32,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module: a 100k-parameter model gains nothing from a second one,
-    and on a loaded 2-core machine two threads ran these forwards 20-100x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> Qwen2ForCausalLM:
-    return tiny_model()
+# The tiny model (tests/unit/conftest.py) with one torch thread for the whole module.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_rollout(**overrides) -> Rollout:
@@ -103,8 +73,8 @@ def test_trainer_and_services_share_one_padding_layout():
     assert torch.equal(batch.response_mask, mb.response_mask.bool())
 
 
-def test_experience_fields_are_padded_and_zero_past_each_completion(model):
-    exp = build_experience(make_rollout(), model, AlgorithmConfig(name="grpo", kl_coef=0.0), pad_token_id=PAD)
+def test_experience_fields_are_padded_and_zero_past_each_completion(tiny_qwen):
+    exp = build_experience(make_rollout(), tiny_qwen, AlgorithmConfig(name="grpo", kl_coef=0.0), pad_token_id=PAD)
     assert exp.mask.tolist()[1] == [1.0, 0.0, 0.0, 0.0]  # a one-token completion
     assert exp.mask.sum().item() == sum(len(c) for c in COMPLETIONS) == exp.num_tokens
     for name in ("old_logprobs", "generator_logprobs", "token_rewards", "advantages", "kl"):
@@ -132,35 +102,35 @@ def test_malformed_rollouts_are_rejected(overrides, message):
 
 
 @pytest.mark.parametrize("micro_batch_tokens", [1, 10_000])
-def test_trainer_logprobs_equal_a_direct_per_sequence_forward(model, micro_batch_tokens):
+def test_trainer_logprobs_equal_a_direct_per_sequence_forward(tiny_qwen, micro_batch_tokens):
     batch = pad_sequences(PROMPTS, COMPLETIONS, pad_token_id=PAD)
     with torch.no_grad():
-        out = sequence_logprobs(model, batch, micro_batch_tokens=micro_batch_tokens)
+        out = sequence_logprobs(tiny_qwen, batch, micro_batch_tokens=micro_batch_tokens)
     for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS, strict=True)):
-        want_logp, want_entropy = direct_logprobs(model, p, c)
+        want_logp, want_entropy = direct_logprobs(tiny_qwen, p, c)
         torch.testing.assert_close(out.logprobs[i, : len(c)], want_logp, atol=1e-5, rtol=0)
         torch.testing.assert_close(out.entropy[i, : len(c)], want_entropy, atol=1e-5, rtol=0)
         assert out.logprobs[i, len(c) :].eq(0).all() and out.entropy[i, len(c) :].eq(0).all()
 
 
-def test_logprob_gap_is_zero_when_the_generator_reports_the_trainers_logprobs(model):
+def test_logprob_gap_is_zero_when_the_generator_reports_the_trainers_logprobs(tiny_qwen):
     with torch.no_grad():
-        trainer = sequence_logprobs(model, pad_sequences(PROMPTS, COMPLETIONS, pad_token_id=PAD)).logprobs
+        trainer = sequence_logprobs(tiny_qwen, pad_sequences(PROMPTS, COMPLETIONS, pad_token_id=PAD)).logprobs
     rows = [trainer[i, : len(c)].tolist() for i, c in enumerate(COMPLETIONS)]
     cfg = AlgorithmConfig(kl_coef=0.0)
-    exp = build_experience(make_rollout(generator_logprobs=rows), model, cfg, pad_token_id=PAD)
+    exp = build_experience(make_rollout(generator_logprobs=rows), tiny_qwen, cfg, pad_token_id=PAD)
     assert exp.logprob_gap.mean < 1e-6 and exp.logprob_gap.max < 1e-6
     rows[2][3] += 0.5  # one token off by 0.5 out of 13
-    exp = build_experience(make_rollout(generator_logprobs=rows), model, cfg, pad_token_id=PAD)
+    exp = build_experience(make_rollout(generator_logprobs=rows), tiny_qwen, cfg, pad_token_id=PAD)
     assert exp.logprob_gap.max == pytest.approx(0.5, abs=1e-6)
     assert exp.logprob_gap.mean == pytest.approx(0.5 / 13, abs=1e-6)
 
 
-def test_old_logprobs_come_from_the_trainer_or_the_generator(model):
+def test_old_logprobs_come_from_the_trainer_or_the_generator(tiny_qwen):
     rollout = make_rollout()
-    trainer = build_experience(rollout, model, AlgorithmConfig(kl_coef=0.0), pad_token_id=PAD)
+    trainer = build_experience(rollout, tiny_qwen, AlgorithmConfig(kl_coef=0.0), pad_token_id=PAD)
     generator = build_experience(
-        rollout, model, AlgorithmConfig(kl_coef=0.0, old_logprobs="generator"), pad_token_id=PAD
+        rollout, tiny_qwen, AlgorithmConfig(kl_coef=0.0, old_logprobs="generator"), pad_token_id=PAD
     )
     assert torch.equal(generator.old_logprobs, generator.generator_logprobs)
     assert torch.equal(generator.old_logprobs, -generator.mask)
@@ -168,9 +138,9 @@ def test_old_logprobs_come_from_the_trainer_or_the_generator(model):
     assert trainer.logprob_gap == generator.logprob_gap  # the gap is measured either way
 
 
-def test_group_advantages_are_broadcast_over_each_completions_tokens(model):
+def test_group_advantages_are_broadcast_over_each_completions_tokens(tiny_qwen):
     cfg = AlgorithmConfig(name="grpo", kl_coef=0.0)
-    exp = build_experience(make_rollout(), model, cfg, pad_token_id=PAD)
+    exp = build_experience(make_rollout(), tiny_qwen, cfg, pad_token_id=PAD)
     per_sequence = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 2.0]), G)
     assert per_sequence[2] == 0 and per_sequence[3] == 0  # equal rewards in a group: exactly 0
     assert torch.equal(exp.advantages, torch.where(exp.mask.bool(), per_sequence[:, None], 0.0))
@@ -179,11 +149,11 @@ def test_group_advantages_are_broadcast_over_each_completions_tokens(model):
     assert exp.token_rewards[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # reward 0 on the one-token answer
 
 
-def test_gae_with_values_gives_monte_carlo_advantages_at_gamma_lambda_one(model):
+def test_gae_with_values_gives_monte_carlo_advantages_at_gamma_lambda_one(tiny_qwen):
     values = [torch.linspace(0.1, 0.4, len(c)) for c in COMPLETIONS]
     cfg = AlgorithmConfig(name="ppo", kl_coef=0.0, gamma=1.0, lam=1.0, whiten_advantages=False)
     rollout = make_rollout(values=values)
-    exp = build_experience(rollout, model, cfg, pad_token_id=PAD)
+    exp = build_experience(rollout, tiny_qwen, cfg, pad_token_id=PAD)
     for i, c in enumerate(COMPLETIONS):
         # λ = γ = 1: A_t = score - V(s_t), returns = score on every real token.
         torch.testing.assert_close(
@@ -194,17 +164,17 @@ def test_gae_with_values_gives_monte_carlo_advantages_at_gamma_lambda_one(model)
         )
     assert exp.returns[exp.mask == 0].eq(0).all()
     whitened = build_experience(
-        rollout, model, cfg.model_copy(update={"whiten_advantages": True}), pad_token_id=PAD
+        rollout, tiny_qwen, cfg.model_copy(update={"whiten_advantages": True}), pad_token_id=PAD
     )
     real = whitened.advantages[whitened.mask.bool()]
     assert abs(float(real.mean())) < 1e-6 and float(real.std()) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_gae_without_values_and_kl_without_reference_say_what_to_change(model):
+def test_gae_without_values_and_kl_without_reference_say_what_to_change(tiny_qwen):
     with pytest.raises(ValueError, match="value service"):
-        build_experience(make_rollout(), model, AlgorithmConfig(name="ppo", kl_coef=0.0), pad_token_id=PAD)
+        build_experience(make_rollout(), tiny_qwen, AlgorithmConfig(name="ppo", kl_coef=0.0), pad_token_id=PAD)
     with pytest.raises(ValueError, match="reference service"):
-        build_experience(make_rollout(), model, AlgorithmConfig(name="grpo"), pad_token_id=PAD)
+        build_experience(make_rollout(), tiny_qwen, AlgorithmConfig(name="grpo"), pad_token_id=PAD)
 
 
 def _ref_rows(exp_old: torch.Tensor) -> list[torch.Tensor]:
@@ -213,16 +183,16 @@ def _ref_rows(exp_old: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("advantage", ["gae", "group_zscore"])
-def test_kl_placement_reward_shapes_rewards_and_loss_placement_does_not(model, advantage):
+def test_kl_placement_reward_shapes_rewards_and_loss_placement_does_not(tiny_qwen, advantage):
     values = [torch.zeros(len(c)) for c in COMPLETIONS]
     base = AlgorithmConfig(name="ppo", advantage=advantage, whiten_advantages=False, gamma=1.0, lam=1.0)
     probe = build_experience(
-        make_rollout(values=values), model, base.model_copy(update={"kl_coef": 0.0}), pad_token_id=PAD
+        make_rollout(values=values), tiny_qwen, base.model_copy(update={"kl_coef": 0.0}), pad_token_id=PAD
     )
     rollout = make_rollout(values=values, ref_logprobs=_ref_rows(probe.old_logprobs))
-    in_reward = build_experience(rollout, model, base.model_copy(update={"kl_coef": 0.5}), pad_token_id=PAD)
+    in_reward = build_experience(rollout, tiny_qwen, base.model_copy(update={"kl_coef": 0.5}), pad_token_id=PAD)
     in_loss = build_experience(
-        rollout, model, base.model_copy(update={"kl_coef": 0.5, "kl_placement": "loss"}), pad_token_id=PAD
+        rollout, tiny_qwen, base.model_copy(update={"kl_coef": 0.5, "kl_placement": "loss"}), pad_token_id=PAD
     )
     want_kl = kl_estimate(probe.old_logprobs, in_reward.ref_logprobs, probe.mask, "k1").per_token
     torch.testing.assert_close(in_reward.kl, want_kl)
@@ -240,22 +210,22 @@ def test_kl_placement_reward_shapes_rewards_and_loss_placement_does_not(model, a
         torch.testing.assert_close(in_reward.advantages, want)
 
 
-def test_experience_is_frozen(model):
-    exp = build_experience(make_rollout(), model, AlgorithmConfig(kl_coef=0.0), pad_token_id=PAD)
+def test_experience_is_frozen(tiny_qwen):
+    exp = build_experience(make_rollout(), tiny_qwen, AlgorithmConfig(kl_coef=0.0), pad_token_id=PAD)
     with pytest.raises(dataclasses.FrozenInstanceError):
         exp.advantages = exp.mask  # type: ignore[misc]
 
 
-def test_policy_logprobs_computed_ahead_give_the_same_experience(model):
+def test_policy_logprobs_computed_ahead_give_the_same_experience(tiny_qwen):
     # The loop computes the trainer's log-probs while the services score the samples; passing them
     # in must change nothing, and log-probs of other samples must be refused, not silently used.
     rollout = make_rollout()
     cfg = AlgorithmConfig(name="grpo", kl_coef=0.0)
-    ahead = trainer_logprobs(rollout.prompt_ids, rollout.completion_ids, model, pad_token_id=PAD)
-    inline = build_experience(rollout, model, cfg, pad_token_id=PAD)
-    passed = build_experience(rollout, model, cfg, pad_token_id=PAD, policy_logprobs=ahead)
+    ahead = trainer_logprobs(rollout.prompt_ids, rollout.completion_ids, tiny_qwen, pad_token_id=PAD)
+    inline = build_experience(rollout, tiny_qwen, cfg, pad_token_id=PAD)
+    passed = build_experience(rollout, tiny_qwen, cfg, pad_token_id=PAD, policy_logprobs=ahead)
     assert torch.equal(inline.old_logprobs, passed.old_logprobs)
     assert torch.equal(inline.advantages, passed.advantages)
     assert inline.logprob_gap == passed.logprob_gap
     with pytest.raises(ValueError, match="policy_logprobs has shape"):
-        build_experience(rollout, model, cfg, pad_token_id=PAD, policy_logprobs=ahead[:, :-1])
+        build_experience(rollout, tiny_qwen, cfg, pad_token_id=PAD, policy_logprobs=ahead[:, :-1])

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from orchestrator.run.algo_config import ALGORITHM_DEFAULTS, AlgorithmConfig
 from orchestrator.step.experience import Experience, Rollout, build_experience
@@ -22,38 +21,8 @@ PAD = 0
 PROMPTS = [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5]]
 COMPLETIONS = [[10, 11, 12], [13], [14, 15], [16, 17, 18, 19]]
 G = 2
-
-
-def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
-    """A random Qwen2 (hidden 64, 2 layers, GQA 4/2 heads, vocab 32) with transformers' default
-    attention (sdpa): TRPO's double backprop must work on it."""
-    config = Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=32,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-    )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for this module: a 100k-parameter model gains nothing from a second one,
-    and on a loaded 2-core machine two threads ran these updates 20-100x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_model() -> Qwen2ForCausalLM:
-    return tiny_model()
+# The tiny model (tests/unit/conftest.py) with one torch thread for the whole module.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def experience(model, cfg: AlgorithmConfig, *, rewards=(1.0, 0.0, 0.0, 1.0), ref_shift=0.0) -> Experience:
@@ -103,8 +72,8 @@ UPDATE_CASES = {
 
 
 @pytest.mark.parametrize("name", ["ppo", "grpo", "trpo"])
-def test_positive_advantages_raise_the_sampled_tokens_logprob_and_train_every_parameter(base_model, name):
-    model = copy.deepcopy(base_model)
+def test_positive_advantages_raise_the_sampled_tokens_logprob_and_train_every_parameter(tiny_qwen, name):
+    model = copy.deepcopy(tiny_qwen)
     cfg = AlgorithmConfig.defaults_for(name, **UPDATE_CASES[name])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     exp = positive_advantages(experience(model, cfg))
@@ -122,8 +91,8 @@ def test_positive_advantages_raise_the_sampled_tokens_logprob_and_train_every_pa
         assert stats.optimizer_steps == cfg.epochs and stats.lr == cfg.lr
 
 
-def test_grpo_moves_probability_towards_the_rewarded_sample_of_each_group(base_model):
-    model = copy.deepcopy(base_model)
+def test_grpo_moves_probability_towards_the_rewarded_sample_of_each_group(tiny_qwen):
+    model = copy.deepcopy(tiny_qwen)
     cfg = AlgorithmConfig(name="grpo", lr=1e-3, kl_coef=0.0)
     exp = experience(model, cfg, rewards=(1.0, 0.0, 0.0, 1.0))
     trainer = PolicyTrainer(model, cfg, seed=0)
@@ -134,23 +103,23 @@ def test_grpo_moves_probability_towards_the_rewarded_sample_of_each_group(base_m
     assert gain[0] > gain[1] and gain[3] > gain[2]  # the rewarded sample beats its group mate
 
 
-def test_kl_in_the_loss_pulls_the_policy_towards_the_reference(base_model):
+def test_kl_in_the_loss_pulls_the_policy_towards_the_reference(tiny_qwen):
     # Zero advantages: only the k3 term moves the policy, towards a reference 0.5 nats above it.
     cfg = AlgorithmConfig(name="grpo", lr=1e-3, kl_coef=0.5)
-    model = copy.deepcopy(base_model)
+    model = copy.deepcopy(tiny_qwen)
     exp = dataclasses.replace(experience(model, cfg, ref_shift=0.5), advantages=torch.zeros(4, 4))
     start = mean_logprob(model, exp)
     stats = PolicyTrainer(model, cfg, seed=0).update(exp)
     assert mean_logprob(model, exp) > start and stats.kl_ref > 0
     # With kl_coef = 0 the same batch gives a zero loss and AdamW (no weight decay) leaves the weights.
-    still = copy.deepcopy(base_model)
+    still = copy.deepcopy(tiny_qwen)
     no_kl = cfg.model_copy(update={"kl_coef": 0.0})
     PolicyTrainer(still, no_kl, seed=0).update(dataclasses.replace(exp, ref_logprobs=None))
-    assert all(torch.equal(p, q) for p, q in zip(still.parameters(), base_model.parameters(), strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(still.parameters(), tiny_qwen.parameters(), strict=True))
 
 
-def test_trpo_accepted_step_stays_within_the_trust_region(base_model):
-    model = copy.deepcopy(base_model)
+def test_trpo_accepted_step_stays_within_the_trust_region(tiny_qwen):
+    model = copy.deepcopy(tiny_qwen)
     cfg = AlgorithmConfig(name="trpo", trpo_max_kl=0.002, kl_coef=0.0)
     exp = experience(model, cfg)
     with torch.no_grad():
@@ -164,31 +133,31 @@ def test_trpo_accepted_step_stays_within_the_trust_region(base_model):
     assert stats.policy_loss < 0  # -E[r A] with A = 0 on average per group: the step made it negative
 
 
-def test_trpo_without_a_usable_direction_leaves_the_policy_unchanged(base_model):
+def test_trpo_without_a_usable_direction_leaves_the_policy_unchanged(tiny_qwen):
     # Every group's rewards equal: zero advantages, zero gradient, nothing to step along.
-    model = copy.deepcopy(base_model)
+    model = copy.deepcopy(tiny_qwen)
     cfg = AlgorithmConfig(name="trpo", kl_coef=0.0)
     exp = experience(model, cfg, rewards=(1.0, 1.0, 0.0, 0.0))
     assert exp.advantages.eq(0).all()
     stats = PolicyTrainer(model, cfg, seed=0).update(exp)
     assert_finite(stats)
     assert stats.trpo_accepted == 0.0 and stats.optimizer_steps == 0 and stats.grad_norm == 0.0
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base_model.parameters(), strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), tiny_qwen.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(("name", "advantage"), [("grpo", "gae"), ("trpo", "gae"), ("ppo", "group_zscore")])
-def test_algorithm_and_advantage_combine_freely(base_model, name, advantage):
-    model = copy.deepcopy(base_model)
+def test_algorithm_and_advantage_combine_freely(tiny_qwen, name, advantage):
+    model = copy.deepcopy(tiny_qwen)
     cfg = AlgorithmConfig(name=name, advantage=advantage, lr=1e-3)
     stats = PolicyTrainer(model, cfg, seed=0).update(experience(model, cfg))
     assert_finite(stats)
     assert any(
-        not torch.equal(p, q) for p, q in zip(model.parameters(), base_model.parameters(), strict=True)
+        not torch.equal(p, q) for p, q in zip(model.parameters(), tiny_qwen.parameters(), strict=True)
     )
 
 
-def test_entropy_bonus_raises_the_entropy(base_model):
-    model = copy.deepcopy(base_model)
+def test_entropy_bonus_raises_the_entropy(tiny_qwen):
+    model = copy.deepcopy(tiny_qwen)
     cfg = AlgorithmConfig(name="ppo", lr=1e-3, kl_coef=0.0, entropy_coef=1.0, epochs=1)
     exp = dataclasses.replace(experience(model, cfg), advantages=torch.zeros(4, 4))
     trainer = PolicyTrainer(model, cfg, seed=0)
@@ -198,11 +167,11 @@ def test_entropy_bonus_raises_the_entropy(base_model):
     assert last > first
 
 
-def test_dr_grpo_normaliser_uses_the_generation_budget_when_given(base_model):
+def test_dr_grpo_normaliser_uses_the_generation_budget_when_given(tiny_qwen):
     cfg = AlgorithmConfig(name="grpo", kl_coef=0.0, aggregation="seq_mean_token_sum_norm")
-    exp = positive_advantages(experience(base_model, cfg))
-    batch_t = PolicyTrainer(copy.deepcopy(base_model), cfg, seed=0).update(exp)
-    budget = PolicyTrainer(copy.deepcopy(base_model), cfg, seed=0, max_len=8).update(exp)
+    exp = positive_advantages(experience(tiny_qwen, cfg))
+    batch_t = PolicyTrainer(copy.deepcopy(tiny_qwen), cfg, seed=0).update(exp)
+    budget = PolicyTrainer(copy.deepcopy(tiny_qwen), cfg, seed=0, max_len=8).update(exp)
     # On-policy ratio 1 and A = 1: loss = -(real tokens) / (B x max_len), max_len = T = 4 or 8.
     assert batch_t.policy_loss == pytest.approx(-10 / (4 * 4), abs=1e-6)
     assert budget.policy_loss == pytest.approx(-10 / (4 * 8), abs=1e-6)
@@ -216,10 +185,10 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
-def test_same_seed_and_inputs_give_bit_identical_updates(base_model, case):
+def test_same_seed_and_inputs_give_bit_identical_updates(tiny_qwen, case):
     cfg = AlgorithmConfig(**CONFIGS[case])
-    models = [copy.deepcopy(base_model) for _ in range(2)]
-    exp = experience(base_model, cfg)
+    models = [copy.deepcopy(tiny_qwen) for _ in range(2)]
+    exp = experience(tiny_qwen, cfg)
     for m in models:
         trainer = PolicyTrainer(m, cfg, seed=7)
         trainer.update(exp)
@@ -228,14 +197,14 @@ def test_same_seed_and_inputs_give_bit_identical_updates(base_model, case):
         assert torch.equal(p, q)
 
 
-def test_resuming_from_state_dict_continues_bit_identically(base_model):
+def test_resuming_from_state_dict_continues_bit_identically(tiny_qwen):
     cfg = AlgorithmConfig(name="ppo", lr=1e-3, epochs=2, minibatch_size=2)
-    exp = experience(base_model, cfg)
-    straight = copy.deepcopy(base_model)
+    exp = experience(tiny_qwen, cfg)
+    straight = copy.deepcopy(tiny_qwen)
     trainer = PolicyTrainer(straight, cfg, seed=3)
     trainer.update(exp)
     trainer.update(exp)
-    first = copy.deepcopy(base_model)
+    first = copy.deepcopy(tiny_qwen)
     half = PolicyTrainer(first, cfg, seed=3)
     half.update(exp)
     state = copy.deepcopy(half.state_dict())
@@ -249,10 +218,10 @@ def test_resuming_from_state_dict_continues_bit_identically(base_model):
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
-def test_micro_batching_does_not_change_the_update(base_model, aggregation):
+def test_micro_batching_does_not_change_the_update(tiny_qwen, aggregation):
     cfg = AlgorithmConfig(name="ppo", lr=1e-3, epochs=1, aggregation=aggregation)
-    exp = experience(base_model, cfg)
-    whole, split = copy.deepcopy(base_model), copy.deepcopy(base_model)
+    exp = experience(tiny_qwen, cfg)
+    whole, split = copy.deepcopy(tiny_qwen), copy.deepcopy(tiny_qwen)
     a = PolicyTrainer(whole, cfg, seed=0).update(exp)
     b = PolicyTrainer(split, cfg, seed=0, micro_batch_tokens=1).update(exp)  # one row per micro-batch
     assert a.policy_loss == pytest.approx(b.policy_loss, abs=1e-6)
@@ -263,19 +232,19 @@ def test_micro_batching_does_not_change_the_update(base_model, aggregation):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_value_train_inputs_are_the_gae_targets_trimmed_to_each_completion(base_model):
+def test_value_train_inputs_are_the_gae_targets_trimmed_to_each_completion(tiny_qwen):
     cfg = AlgorithmConfig(name="ppo")
-    exp = experience(base_model, cfg)
+    exp = experience(tiny_qwen, cfg)
     rows = value_train_inputs(exp)
     assert [len(r) for r in rows.returns] == [len(c) for c in COMPLETIONS]
     for i, c in enumerate(COMPLETIONS):
         assert torch.equal(rows.returns[i], exp.returns[i, : len(c)])
         assert torch.equal(rows.old_values[i], torch.zeros(len(c)))
         assert torch.equal(rows.mask[i], torch.ones(len(c)))
-    returns, old_values, mask = PolicyTrainer(copy.deepcopy(base_model), cfg, seed=0).value_train_inputs(exp)
+    returns, old_values, mask = PolicyTrainer(copy.deepcopy(tiny_qwen), cfg, seed=0).value_train_inputs(exp)
     assert returns is not None and old_values is not None and mask is not None
     with pytest.raises(ValueError, match="advantage: gae"):
-        value_train_inputs(experience(base_model, AlgorithmConfig(name="grpo")))
+        value_train_inputs(experience(tiny_qwen, AlgorithmConfig(name="grpo")))
 
 
 @pytest.mark.parametrize("name", ["ppo", "grpo", "trpo"])
@@ -298,13 +267,13 @@ def test_config_errors_say_what_to_change():
     assert all(f.description for f in AlgorithmConfig.model_fields.values())
 
 
-def test_trpo_fisher_on_a_subsample_still_keeps_the_whole_batch_in_the_trust_region(base_model):
-    model = copy.deepcopy(base_model)
+def test_trpo_fisher_on_a_subsample_still_keeps_the_whole_batch_in_the_trust_region(tiny_qwen):
+    model = copy.deepcopy(tiny_qwen)
     cfg = AlgorithmConfig(name="trpo", trpo_max_kl=0.002, kl_coef=0.0, trpo_fisher_fraction=0.5)
     exp = experience(model, cfg)
     with torch.no_grad():
         old = torch.log_softmax(response_logits(model, exp.batch), dim=-1)
-    full = PolicyTrainer(copy.deepcopy(base_model), cfg.model_copy(update={"trpo_fisher_fraction": 1.0}),
+    full = PolicyTrainer(copy.deepcopy(tiny_qwen), cfg.model_copy(update={"trpo_fisher_fraction": 1.0}),
                          seed=0).update(exp)
     stats = PolicyTrainer(model, cfg, seed=0).update(exp)
     assert stats.trpo_accepted == 1.0 and stats.trpo_step_size != full.trpo_step_size
