@@ -1,49 +1,101 @@
-"""`quartet train CONFIG [--set key=value]... [--resume]`: one RL run with a progress bar and a summary."""
+"""`quartet train CONFIG [--set key=value]... [--resume] [--retries N]`: one RL run with a progress bar and a summary.
+
+A wrapper of the command (the container entrypoint, docker/entrypoint.py) passes `TrainHooks` as the
+Typer context object: a change to the loaded config and a callback after each step.
+"""
 
 from __future__ import annotations
 
 import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 TRAIN_HELP = (
     "Run RL fine-tuning (PPO, GRPO or TRPO) from a YAML run config (see examples/). Services are reached "
     "at their endpoints, or started here with services.local: true. --resume continues from the last "
-    "complete checkpoint."
+    "complete checkpoint; --retries N does so by itself after a service error."
 )
+RETRY_BACKOFF_S, RETRY_BACKOFF_MAX_S = 5.0, 60.0  # first wait before a resume, doubling up to the cap
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """What a wrapper of `quartet train` adds, passed as the Typer context object (`app(..., obj=hooks)`)."""
+
+    configure: Callable[[Any], None] | None = None  # called with the loaded RunConfig, before the run
+    on_step: Callable[[Any], None] | None = None  # called with each StepResult, after the progress bar
 
 
 def train(
+    ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="YAML run config (examples/grpo.yaml, ppo.yaml, trpo.yaml).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override, repeatable, e.g. "
                                                    "--set algorithm.lr=1e-5 --set steps=50.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+    retries: Annotated[int, typer.Option(
+        "--retries", envvar="QUARTET_TRAIN_RETRIES", min=0,
+        help="After a service error stops the run, resume from the last complete checkpoint up to N times, "
+        f"after a backoff ({RETRY_BACKOFF_S:g} s, doubling up to {RETRY_BACKOFF_MAX_S:g} s). A safety net for an "
+        "outage longer than services.retry's budget: checkpoint every step (checkpoint.interval: 1) so nothing "
+        "is redone.")] = 0,
 ) -> None:
     from rich.console import Console
     from rich.text import Text
 
     from orchestrator.run.config import ConfigError, load_config
 
+    hooks = ctx.obj if isinstance(ctx.obj, TrainHooks) else TrainHooks()
     console = Console()
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
         console.print(Text.assemble(("config error: ", "bold red"), str(e)))
         raise typer.Exit(2) from None
+    if hooks.configure is not None:
+        hooks.configure(cfg)
     overrides = [arg for item in set_ or [] for arg in ("--set", item)]
     command = shlex.join(["quartet", "train", str(config), *overrides, "--resume"])
-    results = run_with_progress(cfg, resume=resume, console=console, resume_command=command)
+    results = run_with_progress(cfg, resume=resume, console=console, on_step=hooks.on_step, resume_command=command,
+                                retries=retries)
     print_summary(console, cfg, results)
 
 
-def run_with_progress(cfg, *, resume: bool, console, on_step=None, resume_command: str | None = None):
+def run_with_progress(cfg, *, resume: bool, console, on_step=None, resume_command: str | None = None,
+                      retries: int = 0):
     """Open the session, run every step under a rich progress bar; returns the StepResults.
 
     A service that stays down past its retry budget ends the run with exit code 1, the error (service,
-    call, last status) and where the run state was saved, with the command that continues it.
+    call, last status) and where the run state was saved, with the command that continues it. With
+    `retries`, such a run (or one whose services could not be reached or started) is first resumed from
+    its last complete checkpoint, up to `retries` times, after a growing backoff.
     """
+    from orchestrator.remote.clients import ServiceError
+    from services.launcher import LaunchError
+
+    run = partial(_run_session, cfg, console=console, on_step=on_step, resume_command=resume_command)
+    delay = RETRY_BACKOFF_S
+    for attempt in range(retries):
+        try:
+            return run(resume=resume)
+        except (ServiceError, LaunchError):  # printed by _run_session; the last checkpoint is complete
+            console.print(f"run stopped (attempt {attempt + 1} of {retries + 1}); resuming from the last "
+                          f"checkpoint in {delay:g} s", highlight=False)
+        time.sleep(delay)
+        resume, delay = True, min(RETRY_BACKOFF_MAX_S, delay * 2)
+    try:
+        return run(resume=resume)
+    except (ServiceError, LaunchError):
+        raise typer.Exit(1) from None
+
+
+def _run_session(cfg, *, resume: bool, console, on_step, resume_command: str | None):
+    """One session, start to end (or to the error, printed here and raised: run_with_progress decides)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
@@ -75,10 +127,13 @@ def run_with_progress(cfg, *, resume: bool, console, on_step=None, resume_comman
             if final is not None:
                 console.print(f"[dim]checkpoint: {final}[/]")
             return results
-    except (ConfigError, ServiceError, LaunchError) as e:
+    except (ServiceError, LaunchError) as e:
         console.print(Text.assemble(("error: ", "bold red"), str(e)))
         if isinstance(e, StepFailed):
             console.print(Text(_resume_hint(e, resume_command or "quartet train CONFIG --resume")))
+        raise
+    except ConfigError as e:
+        console.print(Text.assemble(("error: ", "bold red"), str(e)))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: services stopped; resume with --resume[/]")

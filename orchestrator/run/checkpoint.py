@@ -12,7 +12,10 @@ Everything is written into a temporary sibling directory that is renamed into pl
 complete, so a crash never leaves a directory that looks like a checkpoint; `latest` also
 requires the COMPLETE marker. The value service saves its critic under the same step name inside
 its own checkpoint directory (Value.Save); a checkpoint left after a failure may instead refer to the
-orchestrator's last verified value save (Orchestrator.value_checkpoint), recorded with its counters.
+orchestrator's last verified value save (orchestrator/step/recovery.py), recorded with its counters.
+
+The loop hands over a `Snapshot` (a frozen record of the run state) and `save` only writes files: it
+never calls back into the loop or out over the network.
 """
 
 from __future__ import annotations
@@ -23,16 +26,43 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from orchestrator.run.config import dump_config
+from orchestrator.run.config import RunConfig, dump_config
 from orchestrator.run.data import Cursor
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
+
+
+class Pretrained(Protocol):
+    """A transformers model or tokenizer: what `save_pretrained` writes loads with plain transformers."""
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The run state a checkpoint holds, built by the loop (Orchestrator.snapshot) and written by `save`.
+
+    The policy and tokenizer are the live objects, written as they are when `save` runs: build a
+    snapshot and save it before the next update.
+    """
+
+    step: int  # completed steps
+    cursor: Cursor  # data position after those steps
+    weight_version: int  # the version the generator serves
+    policy: Pretrained  # the trainer's policy (save_pretrained, safetensors)
+    tokenizer: Pretrained
+    trainer_state: Any  # PolicyTrainer.state_dict(): optimizer, minibatch shuffle RNG, update count (None: none)
+    rng: dict[str, Any]  # torch / python / numpy RNG states the resume continues from (rng_states())
+    value_checkpoint: str | None  # the value service's save of the critic of this state (None: no critic saved)
+    value_last_step_id: int | None  # TrainStep id that saved critic last applied
+    log_line: str | None  # the step-log line of `step` (restored by a resume when a crash beat the log)
+    config: RunConfig  # the resolved run config (config.yaml)
 
 
 @dataclass(frozen=True)
@@ -72,30 +102,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(ckpt_dir: Path, *, orch, keep: int = 2, log_line: str | None = None, rng: dict[str, Any] | None = None,
-         fallback: bool = False) -> Path:
-    """Write the run state of `orch` (an Orchestrator) as `<ckpt_dir>/step-N`; returns its path.
+def save(ckpt_dir: Path, snap: Snapshot, *, keep: int = 2) -> Path:
+    """Write `snap` as `<ckpt_dir>/step-N` (N = snap.step), atomically; returns its path.
 
-    `log_line`: the step-log line of step N, kept for the resume. `rng`: the RNG states to store (default:
-    now; a checkpoint left by a failed step stores those of the step's start). `fallback`: see
-    Orchestrator.value_checkpoint.
+    Only files are written here: the value service already saved the critic the snapshot names.
+    Afterwards the `keep` newest complete checkpoints are kept, never the one just written among the deleted.
     """
-    state = orch.state
-    name = step_name(state.step)
+    name = step_name(snap.step)
     final = ckpt_dir / name
     tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    orch.policy.save_pretrained(tmp / "policy", safe_serialization=True)
-    orch.tokenizer.save_pretrained(tmp / "policy")
-    trainer_state = orch.trainer.state_dict() if hasattr(orch.trainer, "state_dict") else None
-    torch.save({"trainer": trainer_state, "rng": rng if rng is not None else rng_states()}, tmp / "trainer.pt")
-    value = orch.value_checkpoint(f"{Path(orch.cfg.run_dir).name}-{name}", fallback=fallback)
-    meta = {"step": state.step, "cursor": {"epoch": state.cursor.epoch, "position": state.cursor.position},
-            "weight_version": state.weight_version, "value_checkpoint": value.name if value else None,
-            "value_last_step_id": value.state.last_step_id if value else None, "log_line": log_line}
+    snap.policy.save_pretrained(tmp / "policy", safe_serialization=True)
+    snap.tokenizer.save_pretrained(tmp / "policy")
+    torch.save({"trainer": snap.trainer_state, "rng": snap.rng}, tmp / "trainer.pt")
+    meta = {"step": snap.step, "cursor": {"epoch": snap.cursor.epoch, "position": snap.cursor.position},
+            "weight_version": snap.weight_version, "value_checkpoint": snap.value_checkpoint,
+            "value_last_step_id": snap.value_last_step_id, "log_line": snap.log_line}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    (tmp / "config.yaml").write_text(dump_config(orch.cfg))
+    (tmp / "config.yaml").write_text(dump_config(snap.config))
     with (tmp / MARKER).open("w") as f:
         f.write(name + "\n")
         f.flush()
@@ -104,15 +129,20 @@ def save(ckpt_dir: Path, *, orch, keep: int = 2, log_line: str | None = None, rn
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_dir)
-    prune(ckpt_dir, keep=keep)
+    prune(ckpt_dir, keep=keep, protect=final)
     return final
+
+
+def is_complete(path: Path) -> bool:
+    """Whether `path` is a complete checkpoint (its COMPLETE marker, written last, is there)."""
+    return (path / MARKER).is_file()
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.name.startswith(PREFIX) and (p / MARKER).is_file()]
+    found = [p for p in ckpt_dir.iterdir() if p.name.startswith(PREFIX) and is_complete(p)]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -121,10 +151,11 @@ def latest(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune(ckpt_dir: Path, *, keep: int) -> None:
-    """Keep the `keep` newest complete checkpoints; remove stale temporary directories."""
+def prune(ckpt_dir: Path, *, keep: int, protect: Path | None = None) -> None:
+    """Keep the `keep` newest complete checkpoints (and `protect`); remove stale temporary directories."""
     for old in complete_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != protect:
+            shutil.rmtree(old, ignore_errors=True)
     for tmp in ckpt_dir.glob(".tmp-*"):
         if not tmp.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +163,7 @@ def prune(ckpt_dir: Path, *, keep: int) -> None:
 
 def read(path: Path) -> Restored:
     """The run state of a complete checkpoint (the policy itself loads from `path / 'policy'`)."""
-    if not (path / MARKER).is_file():
+    if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     meta = json.loads((path / "state.json").read_text())
     blob = torch.load(path / "trainer.pt", weights_only=False)

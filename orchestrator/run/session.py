@@ -144,7 +144,7 @@ class Session:
             torch.set_num_threads(cfg.models.threads)
         device = resolve_device(cfg.models.device, field="models.device")
         dtype = resolve_dtype(cfg.models.dtype, device=device, field="models.dtype")
-        # TRPO's Fisher-vector product needs double backprop through attention: eager on CPU (NOTES.md).
+        # TRPO's Fisher-vector product needs double backprop through attention: eager on CPU (sdpa's CPU kernel has no double backward).
         attn = "eager" if cfg.algorithm.name == "trpo" else None
         policy_path = restored.path / "policy" if restored else cfg.models.policy
         policy = load_causal_lm(policy_path, dtype=dtype, device=device, attn_implementation=attn)
@@ -177,12 +177,10 @@ class Session:
         self.orchestrator = Orchestrator(
             cfg, services, policy=policy, tokenizer=tokenizer, trainer=trainer, prompts=prompts, state=state,
             metrics=self.metrics, value_save=value_save,
-            checkpoint=lambda o, **kw: checkpoint.save(cfg.checkpoint_dir, orch=o, keep=cfg.checkpoint.keep, **kw),
         )
         if restored is not None or served != 0:
             # The generator must serve exactly the trainer's policy before the first Generate.
-            sync = services.generator.update_weights(self.orchestrator.named_weights(), served + 1)
-            self.orchestrator.state = RunState(state.step, state.cursor, sync.version)
+            self.orchestrator.weights.push(served + 1)
 
     def _seed_everything(self) -> None:
         seed = self.cfg.seed
@@ -196,9 +194,9 @@ class Session:
         if o is None or o.state.step == 0:
             return None
         path = self.cfg.checkpoint_dir / checkpoint.step_name(o.state.step)
-        if (path / checkpoint.MARKER).is_file():
+        if checkpoint.is_complete(path):
             return path
-        return checkpoint.save(self.cfg.checkpoint_dir, orch=o, keep=self.cfg.checkpoint.keep, log_line=o.last_log_line)
+        return o.save_checkpoint(log_line=o.last_log_line)
 
     def close(self) -> None:
         if self.orchestrator is not None:

@@ -2,18 +2,13 @@
 
 rollout (Generate) -> score, reference logprobs and values in parallel -> experience (KL,
 advantages) -> critic TrainStep -> policy update -> weight broadcast -> metrics, step log,
-checkpoint. Every formula lives in orchestrator/algorithms (through build_experience and
-PolicyTrainer); every RPC in orchestrator/remote/clients.
+checkpoint. Every formula lives in rl/ (through build_experience and PolicyTrainer); every RPC in
+orchestrator/remote/clients.
 
-Failures (issue 7). Everything up to the policy update can be redone: Generate is seeded, Score,
-LogProbs and Values are pure, and the critic is reloaded from its last save when it restarted
-(orchestrator/remote/rejoin.py). So a service that comes back is brought up to date and the rollout is
-redone, giving the same samples. The critic trains before the policy update (its inputs come from
-the experience computed before the update, so the math is the same), which leaves only the weight
-sync after the update. When a service stays down past its retry budget, `step` leaves a checkpoint
-of the last consistent state and raises `StepFailed`: a failure before the update checkpoints the
-state the step started from; a failed sync checkpoints the completed step (a resume re-sends the
-weights first).
+What a step does when a service fails (redo the rollout, re-send the weights, leave a checkpoint of
+the last consistent state and raise StepFailed) is orchestrator/step/recovery.py. A checkpoint is a
+`checkpoint.Snapshot` the loop builds and hands to orchestrator/run/checkpoint.save, which only
+writes files.
 """
 
 from __future__ import annotations
@@ -26,7 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +38,20 @@ from orchestrator.remote.clients import (
     ValueTrainResult,
     WeightSync,
 )
-from orchestrator.remote.rejoin import MAX_REJOINS, CriticKeeper, Rejoined, ValueSave, resend_version
+from orchestrator.remote.rejoin import CriticKeeper, Rejoined
 from orchestrator.run import checkpoint as ckpt
 from orchestrator.run.config import RunConfig
-from orchestrator.run.data import Cursor, PromptStream
+from orchestrator.run.data import Cursor, PromptRow, PromptStream
 from orchestrator.run.metrics import RunMetrics
 from orchestrator.step.experience import Experience, Rollout, build_experience, trainer_logprobs
+from orchestrator.step.recovery import (
+    RecoveryLog,
+    StepFailed,
+    WeightKeeper,
+    critic_for_checkpoint,
+    redo_rollout,
+    stopped,
+)
 
 log = logging.getLogger("quartet.orchestrator")
 
@@ -96,18 +100,6 @@ class StepResult:
         return json.dumps(line, sort_keys=True)
 
 
-class StepFailed(ServiceError):
-    """A service failed past its retry budget; the run state is saved in `checkpoint` for --resume.
-
-    The message is the ServiceError's (service, call, last status). `checkpoint` is None when there was
-    nothing to save (no step completed yet) or the save itself failed (`note` says why).
-    """
-
-    def __init__(self, err: ServiceError, *, checkpoint: Path | None, completed_steps: int, note: str = "") -> None:
-        super().__init__(err.service, err.call, err.problem, code=err.code)
-        self.checkpoint, self.completed_steps, self.note = checkpoint, completed_steps, note
-
-
 def sampling_seed(run_seed: int, step: int) -> int:
     """The Generate seed of a step: sample j of prompt i is then drawn from (this seed, i, j)."""
     digest = hashlib.blake2b(f"quartet-sampling:{run_seed}:{step}".encode(), digest_size=8).digest()
@@ -131,6 +123,18 @@ def _timed(fn: Callable, *args):
     start = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """Step 3's answers, sample-major (B = prompts x G), and the policy's own log-probs computed meanwhile."""
+
+    prompt_ids: list[list[int]]  # [B] the prompt of each sample
+    rewards: torch.Tensor  # [B] weighted sum over reward services
+    identities: dict[str, float]  # reward service identity -> weight
+    ref_logprobs: list[torch.Tensor] | None  # [B] rows of log π_ref (None: no reference)
+    values: list[torch.Tensor] | None  # [B] rows of V(s_t) (None: no critic)
+    policy_logprobs: torch.Tensor  # [B, T] log π_θ of the samples
 
 
 @dataclass(frozen=True)
@@ -158,89 +162,109 @@ class _Completed:
 class Orchestrator:
     """Drives the run: owns the policy copy, the trainer, the data cursor and the step log.
 
-    `checkpoint(orch, *, log_line, rng)` writes the run state (Session passes checkpoint.save).
     `value_save` names the value checkpoint the value service was just loaded from (resume).
     """
 
     def __init__(self, cfg: RunConfig, services: Services, *, policy, tokenizer, trainer, prompts: PromptStream,
-                 state: RunState, metrics: RunMetrics | None = None,
-                 checkpoint: Callable[..., Path] | None = None, value_save: str | None = None) -> None:
+                 state: RunState, metrics: RunMetrics | None = None, value_save: str | None = None) -> None:
         self.cfg, self.services = cfg, services
         self.policy, self.tokenizer, self.trainer = policy, tokenizer, trainer
-        self.prompts, self.state, self.metrics = prompts, state, metrics
-        self.checkpoint = checkpoint
+        self.prompts, self.metrics = prompts, metrics
+        self._steps_done, self._cursor = state.step, state.cursor
         self.step_log = Path(cfg.run_dir) / "steps.jsonl"
         self.pool = ThreadPoolExecutor(max_workers=2 + len(services.rewards), thread_name_prefix="quartet-call")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.last_log_line: str | None = None  # the line of step `state.step`, when this process logged it
-        self._recovery: dict[str, int] = {}
+        self.recovery = RecoveryLog(metrics)
+        self.weights = WeightKeeper(services.generator, policy, version=state.weight_version,
+                                    recovery=self.recovery)
         self._completed: _Completed | None = None
-        self.critic = self._critic_keeper(value_save) if services.value is not None and cfg.uses_value else None
+        self.critic: CriticKeeper | None = None
+        if services.value is not None and cfg.uses_value:
+            self.critic = CriticKeeper.start(
+                services.value, slot_prefix=f"{Path(cfg.run_dir).name}-value-live", loaded=value_save,
+                value_interval=cfg.checkpoint.value_interval, on_reload=self.recovery.value_reloaded)
 
-    def _critic_keeper(self, value_save: str | None) -> CriticKeeper:
-        assert self.services.value is not None
-        return CriticKeeper.start(self.services.value, slot_prefix=f"{Path(self.cfg.run_dir).name}-value-live",
-                                  loaded=value_save, value_interval=self.cfg.checkpoint.value_interval,
-                                  on_reload=self._lost_value_steps)
+    @property
+    def state(self) -> RunState:
+        """Completed steps, the data cursor after them, and the weight version the generator serves."""
+        return RunState(self._steps_done, self._cursor, self.weights.version)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
+    def run(self, on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
+        """Steps until cfg.steps are done (a resumed run continues to the same total)."""
+        results = []
+        while self._steps_done < self.cfg.steps:
+            results.append(self.step())
+            if on_step is not None:
+                on_step(results[-1])
+        return results
+
     def step(self) -> StepResult:
         """One full RL step. Services that restarted are brought back and the step goes on; one that stays
         down past its retry budget raises StepFailed after a resumable checkpoint is left."""
-        step, start_rng = self.state.step, ckpt.rng_states()
-        self._recovery = {}
+        start_rng = ckpt.rng_states()
+        self.recovery.new_step()
         try:
             return self._step(start_rng)
         except ServiceError as err:
-            raise self._stop(err, step, start_rng) from err
+            raise self._stop(err, start_rng) from err
 
     def _step(self, start_rng: dict[str, Any]) -> StepResult:
-        cfg, timer, started = self.cfg, PhaseTimer(), time.perf_counter()
-        step = self.state.step
+        timer, started, step = PhaseTimer(), time.perf_counter(), self._steps_done
         # 1-6. Rollout, scores, experience, critic TrainStep: redone (same seed) if a service came back.
-        for redo in range(MAX_REJOINS + 1):
-            try:
-                rollout = self._rollout(step, timer)
-                break
-            except Rejoined as why:
-                if redo == MAX_REJOINS:
-                    raise ServiceError("value", "TrainStep", f"{why}; gave up after {MAX_REJOINS} reloads") from None
-                log.warning("step %d: %s; redoing the step's rollout", step + 1, why)
-                self._count("rollout_redos")
-                ckpt.set_rng_states(start_rng)  # the redo draws what the first attempt drew
+        rollout = redo_rollout(partial(self._rollout, step, timer), step=step, start_rng=start_rng,
+                               recovery=self.recovery)
         # 7. The policy update. From here the step counts as done: a failed sync still leaves step + 1.
         with timer("update"):
             stats = self.trainer.update(rollout.exp)
         self._completed = _Completed(timer, started, stats, rollout)
-        self.state = RunState(step + 1, self.prompts.cursor, self.state.weight_version)
-        # 8. Broadcast the new weights; the response confirms the generator serves the new version.
+        self._steps_done, self._cursor = step + 1, self.prompts.cursor
+        # 8. Broadcast the new weights; the answer confirms the generator serves the new version.
         with timer("sync"):
-            sync = self.services.generator.update_weights(self.named_weights(), self.state.weight_version + 1)
-        self._completed.sync = sync
-        self.state = replace(self.state, weight_version=sync.version)
-        interval = cfg.checkpoint.interval
-        return self._finish(checkpoint=bool(interval) and self.state.step % interval == 0)
+            self._completed.sync = self.weights.push(self.weights.version + 1)
+        interval = self.cfg.checkpoint.interval
+        return self._finish(checkpoint=bool(interval) and self._steps_done % interval == 0)
 
     def _rollout(self, step: int, timer: PhaseTimer) -> _StepRollout:
-        cfg, svc = self.cfg, self.services
-        g = cfg.samples_per_prompt
+        cfg = self.cfg
         if self.critic is not None:
             self.critic.ensure()  # a value service that restarted since the last step is reloaded first
 
         # 1. The next prompts (the cursor moves only when the step completes).
-        self.prompts.cursor = self.state.cursor
+        self.prompts.cursor = self._cursor
         rows = self.prompts.next_batch(cfg.prompts_per_step)
         prompts = [list(self.tokenizer(r.text)["input_ids"]) for r in rows]
 
         # 2. Generate G samples per prompt, seeded by (run seed, step): reproducible and retry-safe.
         with timer("generate"):
-            samples = self._generate(prompts, step)
-        prompt_ids = [prompts[k // g] for k in range(len(samples.completion_ids))]
-        completions = samples.completion_ids
+            samples = self.weights.generate(prompts, n=cfg.samples_per_prompt, sampling=cfg.sampling,
+                                            seed=sampling_seed(cfg.seed, step), step=step)
 
         # 3. In parallel: every reward service, reference logprobs, critic values.
+        scored = self._score(rows, prompts, samples, timer)
+
+        # 4-5. KL and advantages (build_experience) from the policy as it was sampled.
+        rollout = Rollout(
+            prompt_ids=scored.prompt_ids, completion_ids=samples.completion_ids, generator_logprobs=samples.logprobs,
+            rewards=scored.rewards, ref_logprobs=scored.ref_logprobs, values=scored.values,
+            group_size=cfg.samples_per_prompt, finished=samples.finished,
+        )
+        with timer("update"):
+            exp = build_experience(rollout, self.policy, cfg.algorithm, pad_token_id=self.pad_token_id,
+                                   policy_logprobs=scored.policy_logprobs)
+
+        # 6. The critic trains itself on the returns, once per step id, then is saved at its interval.
+        value_stats = self._train_critic(step, rollout, exp, timer)
+        return _StepRollout(samples, scored.rewards, scored.identities, exp, value_stats)
+
+    def _score(self, rows: list[PromptRow], prompts: list[list[int]], samples: Samples, timer: PhaseTimer) -> _Scored:
+        """Step 3: every reward service, reference logprobs and critic values at once, on the pool."""
+        cfg, svc, g = self.cfg, self.services, self.cfg.samples_per_prompt
+        completions = samples.completion_ids
+        prompt_ids = [prompts[k // g] for k in range(len(completions))]
         texts = [rows[k // g].text for k in range(len(completions))]
         meta = [rows[k // g].metadata for k in range(len(completions))]
         score_futures = [self.pool.submit(_timed, r.score, prompt_ids, completions, texts, samples.texts, meta)
@@ -265,117 +289,76 @@ class Orchestrator:
             ref_logprobs, timer.seconds["reference"] = ref_future.result()
         if val_future is not None:
             values, timer.seconds["values"] = val_future.result()
+        return _Scored(prompt_ids, rewards, identities, ref_logprobs, values, policy_lp)
 
-        # 4-5. KL and advantages (build_experience) from the policy as it was sampled.
-        rollout = Rollout(
-            prompt_ids=prompt_ids, completion_ids=completions, generator_logprobs=samples.logprobs,
-            rewards=rewards, ref_logprobs=ref_logprobs, values=values, group_size=g, finished=samples.finished,
-        )
-        with timer("update"):
-            exp = build_experience(rollout, self.policy, cfg.algorithm, pad_token_id=self.pad_token_id,
-                                   policy_logprobs=policy_lp)
-
-        # 6. The critic trains itself on the returns, once per step id, then is saved at its interval.
-        value_stats = None
-        if self.critic is not None and svc.value is not None:
-            with timer("value_train"):
-                returns, old_values, mask = self.trainer.value_train_inputs(exp)
-                value_stats = svc.value.train_step(
-                    prompt_ids, completions, returns=returns, old_values=old_values, mask=mask,
-                    clip_range=cfg.algorithm.value_clip, step_id=step,
-                )
-                self.critic.trained(step, value_stats)
-                every = cfg.checkpoint.value_interval
-                if every and (step + 1) % every == 0 and self.critic.save() is None:
-                    raise Rejoined("the value service restarted while the critic was being saved")
-        return _StepRollout(samples, rewards, identities, exp, value_stats)
-
-    def _generate(self, prompts: list[list[int]], step: int) -> Samples:
-        """Generate, re-sending the weights first whenever the generator serves other weights (a restart).
-
-        GetInfo before Generate catches a generator that restarted since the last step without a wasted
-        Generate; the version stamped on the answer catches one that restarted in between.
-        """
-        s, gen = self.cfg.sampling, self.services.generator
-        served = gen.info().weight_version
-        if served != self.state.weight_version:
-            self._resend_weights(served, step)
-        for attempt in range(MAX_REJOINS + 1):
-            samples = gen.generate(
-                prompts, n=self.cfg.samples_per_prompt, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                max_new_tokens=s.max_new_tokens, stop_token_ids=s.stop_token_ids,
-                seed=sampling_seed(self.cfg.seed, step), request_id=f"step-{step}",
+    def _train_critic(self, step: int, rollout: Rollout, exp: Experience, timer: PhaseTimer) -> ValueTrainResult | None:
+        """Step 6: one value TrainStep with id `step` (idempotent), and the critic's save at its interval."""
+        value = self.services.value
+        if self.critic is None or value is None:
+            return None
+        with timer("value_train"):
+            returns, old_values, mask = self.trainer.value_train_inputs(exp)
+            stats = value.train_step(
+                rollout.prompt_ids, rollout.completion_ids, returns=returns, old_values=old_values, mask=mask,
+                clip_range=self.cfg.algorithm.value_clip, step_id=step,
             )
-            if samples.weight_version == self.state.weight_version or attempt == MAX_REJOINS:
-                break
-            self._resend_weights(samples.weight_version, step)
-        if samples.weight_version != self.state.weight_version:
-            raise ServiceError(gen.name, "Generate", f"sampled with weight version {samples.weight_version}, expected "
-                               f"{self.state.weight_version}, after {MAX_REJOINS} re-sends of the weights")
-        return samples
-
-    def _resend_weights(self, served: int, step: int) -> None:
-        """Push the trainer's policy again: before the update it is exactly what the generator should serve."""
-        version = resend_version(self.state.weight_version, served)
-        log.warning("step %d: %s serves weight version %d instead of %d (it restarted): re-sending the "
-                    "policy as version %d", step + 1, self.services.generator.name, served,
-                    self.state.weight_version, version)
-        sync = self.services.generator.update_weights(self.named_weights(), version)
-        self.state = replace(self.state, weight_version=sync.version)
-        self._count("weight_resends")
+            self.critic.trained(step, stats)
+            every = self.cfg.checkpoint.value_interval
+            if every and (step + 1) % every == 0 and self.critic.save() is None:
+                raise Rejoined("the value service restarted while the critic was being saved")
+        return stats
 
     def _finish(self, *, checkpoint: bool, fallback: bool = False) -> StepResult:
         """Checkpoint (when asked) and log the completed step; a checkpoint comes first so a logged step is durable.
 
         The checkpoint carries the step's line too: a crash between the two leaves the line to the resume.
-        `fallback`: a checkpoint left after a failure (see value_checkpoint).
+        `fallback`: a checkpoint left after a failure (see recovery.critic_for_checkpoint).
         """
         done = self._completed
         assert done is not None
-        if checkpoint and self.checkpoint is not None:
+        if checkpoint:
             line = self._result(done).log_line()
             with done.timer("checkpoint"):
-                self.checkpoint(self, log_line=line, fallback=fallback)
+                self.save_checkpoint(log_line=line, fallback=fallback)
         result = self._result(done)
         self._log(result)
         self._completed = None
         return result
 
-    def _stop(self, err: ServiceError, step: int, start_rng: dict[str, Any]) -> StepFailed:
+    def _stop(self, err: ServiceError, start_rng: dict[str, Any]) -> StepFailed:
         """Leave a checkpoint of the last consistent state after `err`; returns the error to raise."""
-        note = ""
-        path = self.cfg.checkpoint_dir / ckpt.step_name(self.state.step)
-        try:
-            if self._completed is not None:  # the policy moved: finish the step (sync or checkpoint failed)
-                self._finish(checkpoint=True, fallback=True)
-            elif self.state.step > 0 and self.checkpoint is not None and not (path / ckpt.MARKER).is_file():
-                self.checkpoint(self, log_line=self.last_log_line, rng=start_rng, fallback=True)  # nothing applied
-        except (ServiceError, OSError) as e:
-            note = f"no checkpoint of step {self.state.step} could be written ({e})"
-            log.error("%s after %s", note, err)
-        done = path if (path / ckpt.MARKER).is_file() else None
-        return StepFailed(err, checkpoint=done, completed_steps=self.state.step, note=note)
+        path = self.cfg.checkpoint_dir / ckpt.step_name(self._steps_done)
+        save = None
+        if self._completed is not None:  # the policy moved: finish the step (its sync or checkpoint failed)
+            save = partial(self._finish, checkpoint=True, fallback=True)
+        elif self._steps_done > 0 and not ckpt.is_complete(path):  # nothing applied: the step's start state
+            save = partial(self.save_checkpoint, log_line=self.last_log_line, rng=start_rng, fallback=True)
+        return stopped(err, checkpoint=path, completed_steps=self._steps_done, save=save)
 
-    def value_checkpoint(self, name: str, *, fallback: bool = False) -> ValueSave | None:
-        """The critic a run checkpoint of `self.state` refers to (see CriticKeeper.for_checkpoint)."""
-        if self.critic is None:
-            return None
-        # The critic of run state N has applied TrainStep ids up to N - 1.
-        return self.critic.for_checkpoint(name, newest_fit=self.state.step - 1, fallback=fallback)
+    def snapshot(self, *, log_line: str | None, rng: dict[str, Any] | None = None,
+                 fallback: bool = False) -> ckpt.Snapshot:
+        """The run state as of now, for a checkpoint; the critic it refers to is saved first (Value.Save)."""
+        s = self.state
+        name = f"{Path(self.cfg.run_dir).name}-{ckpt.step_name(s.step)}"
+        value = critic_for_checkpoint(self.critic, name, step=s.step, fallback=fallback)
+        return ckpt.Snapshot(
+            step=s.step, cursor=s.cursor, weight_version=s.weight_version, policy=self.policy, tokenizer=self.tokenizer,
+            trainer_state=self.trainer.state_dict() if hasattr(self.trainer, "state_dict") else None,
+            rng=rng if rng is not None else ckpt.rng_states(),
+            value_checkpoint=value.name if value else None,
+            value_last_step_id=value.state.last_step_id if value else None,
+            log_line=log_line, config=self.cfg,
+        )
 
-    def named_weights(self) -> dict[str, torch.Tensor]:
-        """The policy's state dict as the generator names it (tied weights are sent once by push_weights)."""
-        return dict(self.policy.state_dict())
+    def save_checkpoint(self, *, log_line: str | None, rng: dict[str, Any] | None = None,
+                        fallback: bool = False) -> Path:
+        """Checkpoint the run state (see snapshot) into cfg.checkpoint_dir; returns its path.
 
-    def _count(self, action: str, n: int = 1) -> None:
-        self._recovery[action] = self._recovery.get(action, 0) + n
-        if self.metrics is not None:
-            self.metrics.rejoin(action, n)
-
-    def _lost_value_steps(self, lost: list[int]) -> None:
-        self._count("value_reloads")
-        if lost:
-            self._count("value_lost_train_steps", len(lost))
+        `log_line`: the step-log line of the state's step. `rng`: the RNG states to store (default: now; a
+        checkpoint left by a failed step stores those of the step's start).
+        """
+        snap = self.snapshot(log_line=log_line, rng=rng, fallback=fallback)
+        return ckpt.save(self.cfg.checkpoint_dir, snap, keep=self.cfg.checkpoint.keep)
 
     def _result(self, done: _Completed) -> StepResult:
         r, sync, seconds = done.rollout, done.sync, time.perf_counter() - done.started
@@ -396,8 +379,8 @@ class Orchestrator:
         rewards = r.rewards
         reward_stats = {"mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False)),
                         "min": float(rewards.min()), "max": float(rewards.max())}
-        return StepResult(self.state.step, metrics, dict(done.timer.seconds), reward_stats, r.identities, n_tokens,
-                          dict(self._recovery))
+        return StepResult(self._steps_done, metrics, dict(done.timer.seconds), reward_stats, r.identities, n_tokens,
+                          dict(self.recovery.actions))
 
     def _log(self, result: StepResult) -> None:
         self.step_log.parent.mkdir(parents=True, exist_ok=True)
@@ -411,12 +394,5 @@ class Orchestrator:
             self.metrics.record({"step": result.step, **result.metrics}, result.phases, result.rewards,
                                 result.reward_services, result.generated_tokens)
 
-    def run(self, on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
-        """Steps until cfg.steps are done (a resumed run continues to the same total)."""
-        results = []
-        while self.state.step < self.cfg.steps:
-            results.append(self.step())
-            if on_step is not None:
-                on_step(results[-1])
-        return results
 
+__all__ = ["Orchestrator", "RunState", "Services", "StepFailed", "StepResult", "sampling_seed"]
