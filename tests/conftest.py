@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import services  # noqa: F401  (before grpc: fork support off, see services/__init__.py)
+
 # One intra-op thread: the test models are tiny, so a second thread only adds wake-up latency
 # (measured: log_softmax over 60 numbers 22 ms with 2 threads on a busy 2-core box, 2 us with 1),
 # and pytest-xdist already runs one worker per core.
