@@ -1,4 +1,5 @@
-"""`quartet train CONFIG [--set key=value]... [--resume] [--retries N]`: one RL run with a progress bar and a summary.
+"""`quartet train CONFIG [--set key=value]... [--resume | --overwrite] [--max-steps N] [--retries N]`: one RL run
+with a progress bar and a summary.
 
 A wrapper of the command (the container entrypoint, docker/entrypoint.py) passes `TrainHooks` as the
 Typer context object: a change to the loaded config and a callback after each step.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,8 +20,9 @@ import typer
 
 TRAIN_HELP = (
     "Run RL fine-tuning (PPO, GRPO or TRPO) from a YAML run config (see examples/). Services are reached "
-    "at their endpoints, or started here with services.local: true. --resume continues from the last "
-    "complete checkpoint; --retries N does so by itself after a service error."
+    "at their endpoints, or started here with services.local: true. A new run refuses a run_dir that holds "
+    "another run: --resume continues that run from its last complete checkpoint, --overwrite deletes it and starts "
+    "over. --retries N resumes by itself after a service error."
 )
 RETRY_BACKOFF_S, RETRY_BACKOFF_MAX_S = 5.0, 60.0  # first wait before a resume, doubling up to the cap
 
@@ -37,7 +40,14 @@ def train(
     config: Annotated[Path, typer.Argument(help="YAML run config (examples/grpo.yaml, ppo.yaml, trpo.yaml).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override, repeatable, e.g. "
                                                    "--set algorithm.lr=1e-5 --set steps=50.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in run_dir from its last complete "
+                                         "checkpoint (with --set steps=N, on to step N).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the files of the run already in run_dir "
+                                            "(checkpoints, step log, service logs) and start a new run there.")] = False,
+    max_steps: Annotated[int | None, typer.Option(
+        "--max-steps", envvar="QUARTET_MAX_STEPS", min=1,
+        help="Run at most N steps in this invocation, then checkpoint and stop; the config's steps stays the run's "
+        "target, so --resume continues. For a quick check of a config or of the README's commands.")] = None,
     retries: Annotated[int, typer.Option(
         "--retries", envvar="QUARTET_TRAIN_RETRIES", min=0,
         help="After a service error stops the run, resume from the last complete checkpoint up to N times, "
@@ -59,15 +69,22 @@ def train(
         raise typer.Exit(2) from None
     if hooks.configure is not None:
         hooks.configure(cfg)
+    try:  # what the config points at (models, dataset, ports, outputs): every problem now, not after start-up
+        from orchestrator.run.preflight import require
+
+        require(cfg)
+    except ConfigError as e:
+        console.print(Text.assemble(("config error: ", "bold red"), str(e)))
+        raise typer.Exit(2) from None
     overrides = [arg for item in set_ or [] for arg in ("--set", item)]
     command = shlex.join(["quartet", "train", str(config), *overrides, "--resume"])
-    results = run_with_progress(cfg, resume=resume, console=console, on_step=hooks.on_step, resume_command=command,
-                                retries=retries)
+    results = run_with_progress(cfg, resume=resume, overwrite=overwrite, max_steps=max_steps, console=console,
+                                on_step=hooks.on_step, resume_command=command, retries=retries)
     print_summary(console, cfg, results)
 
 
 def run_with_progress(cfg, *, resume: bool, console, on_step=None, resume_command: str | None = None,
-                      retries: int = 0):
+                      retries: int = 0, overwrite: bool = False, max_steps: int | None = None):
     """Open the session, run every step under a rich progress bar; returns the StepResults.
 
     A service that stays down past its retry budget ends the run with exit code 1, the error (service,
@@ -78,47 +95,45 @@ def run_with_progress(cfg, *, resume: bool, console, on_step=None, resume_comman
     from orchestrator.remote.clients import ServiceError
     from services.launcher import LaunchError
 
-    run = partial(_run_session, cfg, console=console, on_step=on_step, resume_command=resume_command)
+    run = partial(_run_session, cfg, console=console, on_step=on_step, resume_command=resume_command,
+                  max_steps=max_steps)
     delay = RETRY_BACKOFF_S
     for attempt in range(retries):
         try:
-            return run(resume=resume)
+            return run(resume=resume, overwrite=overwrite)
         except (ServiceError, LaunchError):  # printed by _run_session; the last checkpoint is complete
             console.print(f"run stopped (attempt {attempt + 1} of {retries + 1}); resuming from the last "
                           f"checkpoint in {delay:g} s", highlight=False)
         time.sleep(delay)
-        resume, delay = True, min(RETRY_BACKOFF_MAX_S, delay * 2)
+        resume, overwrite, delay = True, False, min(RETRY_BACKOFF_MAX_S, delay * 2)
     try:
-        return run(resume=resume)
+        return run(resume=resume, overwrite=overwrite)
     except (ServiceError, LaunchError):
         raise typer.Exit(1) from None
 
 
-def _run_session(cfg, *, resume: bool, console, on_step, resume_command: str | None):
+def _run_session(cfg, *, resume: bool, console, on_step, resume_command: str | None, overwrite: bool = False,
+                 max_steps: int | None = None):
     """One session, start to end (or to the error, printed here and raised: run_with_progress decides)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
     from orchestrator.remote.clients import ServiceError
+    from orchestrator.run.checkpoint import RunDirError
     from orchestrator.run.config import ConfigError
     from orchestrator.run.session import Session
     from orchestrator.step.loop import StepFailed
     from services.launcher import LaunchError
 
     try:
-        with Session(cfg, resume=resume, log=lambda m: console.print(f"[dim]{m}[/]")) as session:
+        with Session(cfg, resume=resume, overwrite=overwrite, max_steps=max_steps,
+                     log=lambda m: console.print(f"[dim]{m}[/]")) as session:
             o = session.orchestrator
             if session.metrics is not None and session.metrics.port:
                 console.print(f"[dim]metrics: http://127.0.0.1:{session.metrics.port}/metrics[/]")
-            columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-            with Progress(*columns, console=console, transient=False) as bar:
-                task = bar.add_task(cfg.algorithm.name, total=cfg.steps, completed=o.state.step, info="")
+            with progress(session.cfg, console, start=o.state.step) as shown:  # session.cfg: --max-steps applied
 
                 def show(r) -> None:
-                    info = (f"reward {r.rewards['mean']:.3f}  kl {r.metrics.get('kl_ref', 0.0):.4f}  "
-                            f"{r.metrics['step_seconds']:.2f} s/step")
-                    bar.update(task, completed=r.step, info=info)
+                    shown(r)
                     if on_step is not None:
                         on_step(r)
 
@@ -134,10 +149,48 @@ def _run_session(cfg, *, resume: bool, console, on_step, resume_command: str | N
         raise
     except ConfigError as e:
         console.print(Text.assemble(("error: ", "bold red"), str(e)))
+        if isinstance(e, RunDirError) and resume_command and not resume:
+            start_over = resume_command.removesuffix(" --resume") + " --overwrite"
+            console.print(f"continue it:  {resume_command}\nstart over:   {start_over}", highlight=False, markup=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: services stopped; resume with --resume[/]")
         raise typer.Exit(130) from None
+
+
+@contextmanager
+def progress(cfg, console, *, start: int) -> Iterator[Callable[[Any], None]]:
+    """Yields what shows one StepResult: the rich bar on a terminal, plain lines elsewhere (cfg.progress)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from orchestrator.run.reporting import ProgressLines
+
+    mode = cfg.progress.mode
+    if mode == "auto":
+        mode = "bar" if console.is_terminal else "lines"
+    if mode == "bar":
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task(cfg.algorithm.name, total=cfg.steps, completed=start, info="")
+
+            def update(r) -> None:
+                info = (f"reward {r.rewards['mean']:.3f}  kl {r.metrics.get('kl_ref', 0.0):.4f}  "
+                        f"{r.metrics['step_seconds']:.2f} s/step")
+                bar.update(task, completed=r.step, info=info)
+
+            yield update
+    elif mode == "lines":
+        def write(line: str) -> None:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.file.flush()  # a pipe or a file is block-buffered: a line is no use an hour late
+
+        lines = ProgressLines(total=cfg.steps, start_step=start, every_steps=cfg.progress.every_steps,
+                              every_seconds=cfg.progress.every_seconds, write=write)
+        yield lambda r: lines(r.step, reward=r.rewards["mean"], kl=r.metrics.get("kl_ref", 0.0),
+                              step_seconds=r.metrics["step_seconds"])
+    else:
+        yield lambda r: None
 
 
 def _resume_hint(e, command: str) -> str:
@@ -150,23 +203,49 @@ def _resume_hint(e, command: str) -> str:
             "complete checkpoint, if any")
 
 
+# Step-log keys each algorithm's summary shows, first vs last step (a key the run did not log is left out):
+# TRPO has no ratio clipping (clipfrac is always 0) but a line search; PPO's critic is judged by its loss
+# and explained variance.
+_COMMON_KEYS = ("entropy", "grad_norm", "logprob_gap_mean", "tokens_per_second", "step_seconds")
+SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
+    "grpo": ("kl_ref", "policy_loss", "value_loss", "clipfrac", "approx_kl", *_COMMON_KEYS),
+    "ppo": ("kl_ref", "policy_loss", "clipfrac", "approx_kl", "value_loss", "value_explained_variance",
+            *_COMMON_KEYS),
+    "trpo": ("kl_ref", "policy_loss", "trpo_final_kl", "trpo_step_size", "trpo_backtracks", *_COMMON_KEYS),
+}
+
+
+def _trpo_run_rows(results) -> list[tuple[str, str]]:
+    """Over the whole session: how often the line search accepted a step, and how many backtracks it took."""
+    accepted = sum(1 for r in results if r.metrics.get("trpo_accepted", 0.0) > 0)
+    backtracks = sum(r.metrics.get("trpo_backtracks", 0.0) for r in results) / len(results)
+    return [("line search accepted", f"{accepted}/{len(results)} ({accepted / len(results):.0%})"),
+            ("trpo_backtracks (mean)", f"{backtracks:.2f}")]
+
+
+# Algorithm -> rows over the whole session (label, value), after the first-vs-last rows.
+SUMMARY_RUN_ROWS: dict[str, Callable[[list], list[tuple[str, str]]]] = {"trpo": _trpo_run_rows}
+
+
 def print_summary(console, cfg, results) -> None:
-    """A one-screen table: first vs last step, and the mean seconds per phase."""
+    """A one-screen table: first vs last step of the algorithm's own metrics, run-wide rows, seconds per phase."""
     from rich.table import Table
 
     if not results:
         console.print("nothing to do: the run had already reached its steps")
         return
     first, last = results[0], results[-1]
-    table = Table(title=f"{cfg.algorithm.name} run: {len(results)} steps ({last.step} total) in {cfg.run_dir}")
+    algo = cfg.algorithm.name
+    table = Table(title=f"{algo} run: {len(results)} steps ({last.step} total) in {cfg.run_dir}")
     table.add_column("metric")
     table.add_column(f"step {first.step}", justify="right")
     table.add_column(f"step {last.step}", justify="right")
     table.add_row("reward mean", f"{first.rewards['mean']:.4f}", f"{last.rewards['mean']:.4f}")
-    for key in ("kl_ref", "policy_loss", "value_loss", "clipfrac", "entropy", "approx_kl", "grad_norm",
-                "logprob_gap_mean", "tokens_per_second", "step_seconds"):
+    for key in SUMMARY_KEYS.get(algo, SUMMARY_KEYS["grpo"]):
         if key in last.metrics:
             table.add_row(key, f"{first.metrics.get(key, float('nan')):.4g}", f"{last.metrics[key]:.4g}")
+    for label, value in SUMMARY_RUN_ROWS.get(algo, lambda _r: [])(results):
+        table.add_row(label, "", value)
     phases = sorted({p for r in results for p in r.phases})
     for p in phases:
         mean = sum(r.phases.get(p, 0.0) for r in results) / len(results)

@@ -3,12 +3,17 @@
 Build the ~1M-parameter demo model and the arithmetic task (model kit), a short supervised warm-up
 so some answers are right, greedy test accuracy, an RL run (GRPO by default) with the four roles as
 local services, greedy accuracy again; a PNG plot of reward and accuracy over steps and a JSON
-summary in the run directory. No GPU, no download.
+summary in the run's directory. No GPU, no download.
+
+The demo directory (`--run-dir`, default runs/demo) holds the task and the warm-up, shared and reused by
+later demos, and one numbered directory per RL run (001-grpo, 002-ppo, ...) with its step log,
+checkpoints, service logs, plot and summary: a run never writes into another's.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -132,20 +137,23 @@ def run_demo(*, algo: str = "grpo", steps: int = 150, run_dir: str | Path = "run
              prepared: Prepared | None = None, max_seconds: float | None = None) -> DemoSummary:
     """The whole demo; returns (and writes) its summary.
 
-    `prepared` reuses a warm-up made earlier (benchmarks run several algorithms from one);
-    `max_seconds` stops the RL phase after the step that crosses it.
+    `run_dir` is the demo directory: the task and warm-up there are reused, the run gets a new numbered
+    directory inside it (summary.run_dir). `prepared` reuses a warm-up made earlier (benchmarks run several
+    algorithms from one); `max_seconds` stops the RL phase after the step that crosses it.
     """
     from demo.modelkit.arithmetic import load_jsonl
     from demo.modelkit.evaluate import greedy_accuracy
     from orchestrator.run.session import Session
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prep = prepared or prepare(run_dir, seed=seed, log=log)
+    workspace = Path(run_dir)
+    workspace.mkdir(parents=True, exist_ok=True)
+    prep = prepared or prepare(workspace, seed=seed, log=log)
     before = prep.accuracy
     log(f"greedy test accuracy after warm-up: {before:.1%}")
     test_rows = load_jsonl(prep.test_path)[:EVAL_ROWS]
-    cfg = demo_config(algo, steps=steps, run_dir=run_dir / "rl", policy=prep.policy_dir, dataset=prep.train_path,
+    run_dir = new_run_dir(workspace, algo)
+    log(f"this run's directory: {run_dir}")
+    cfg = demo_config(algo, steps=steps, run_dir=run_dir, policy=prep.policy_dir, dataset=prep.train_path,
                       seed=seed, overrides=overrides)
     curve: list[dict[str, float]] = [{"step": 0, "accuracy": before}]
     start = time.perf_counter()
@@ -180,6 +188,19 @@ def run_demo(*, algo: str = "grpo", steps: int = 150, run_dir: str | Path = "run
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
     plot(summary, run_dir / "curves.png", log=log)
     return summary
+
+
+def new_run_dir(workspace: Path, algo: str) -> Path:
+    """A new directory for one demo run, numbered after the highest in `workspace`: e.g. runs/demo/003-grpo."""
+    taken = [int(m.group(1)) for p in workspace.iterdir() if (m := re.match(r"(\d+)-", p.name))]
+    n = max(taken, default=0) + 1
+    while True:
+        path = workspace / f"{n:03d}-{algo}"
+        try:
+            path.mkdir()  # atomic: two demos started together never share one
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def plot(summary: DemoSummary, path: Path, *, log: Callable[[str], None] = print) -> Path | None:

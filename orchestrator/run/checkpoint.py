@@ -16,6 +16,12 @@ orchestrator's last verified value save (orchestrator/step/recovery.py), recorde
 
 The loop hands over a `Snapshot` (a frozen record of the run state) and `save` only writes files: it
 never calls back into the loop or out over the network.
+
+A run directory holds one run. `run.json` names it (its run id, written by the session when the run
+starts); every checkpoint carries that id in its state.json, and retention deletes only checkpoints of
+the run that just saved, never the one it just wrote. `latest` (a symlink) names the newest checkpoint
+of the run. A fresh run refuses a directory that holds another run's files (`RunDirError`) unless it
+was asked to resume the run or to remove them first (`claim_run_dir`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,11 +40,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from orchestrator.run.config import RunConfig, dump_config
+from orchestrator.run.config import ConfigError, RunConfig, dump_config
 from orchestrator.run.data import Cursor
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
+LATEST = "latest"  # symlink to the run's newest complete checkpoint
+RUN_FILE = "run.json"  # the run id of the run that owns the directory
+STEP_LOG = "steps.jsonl"
+# What a run writes into its run_dir besides its checkpoints (the session, the local services, the value
+# service's saves, experiment logging): a fresh run refuses a directory holding any of them, --overwrite
+# removes exactly these. A new kind of run output adds its name here.
+RUN_ENTRIES = (RUN_FILE, STEP_LOG, "services", "value-checkpoints", "metrics.jsonl", "tensorboard", "wandb")
 
 
 class Pretrained(Protocol):
@@ -106,8 +122,11 @@ def save(ckpt_dir: Path, snap: Snapshot, *, keep: int = 2) -> Path:
     """Write `snap` as `<ckpt_dir>/step-N` (N = snap.step), atomically; returns its path.
 
     Only files are written here: the value service already saved the critic the snapshot names.
-    Afterwards the `keep` newest complete checkpoints are kept, never the one just written among the deleted.
+    The checkpoint is stamped with the run id of the snapshot's run_dir (run.json). Afterwards the `keep`
+    newest complete checkpoints of that run are kept (never the one just written among the deleted; other
+    runs' checkpoints are never touched) and `latest` names the run's newest.
     """
+    run_id = read_run_id(Path(snap.config.run_dir))
     name = step_name(snap.step)
     final = ckpt_dir / name
     tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
@@ -118,7 +137,7 @@ def save(ckpt_dir: Path, snap: Snapshot, *, keep: int = 2) -> Path:
     torch.save({"trainer": snap.trainer_state, "rng": snap.rng}, tmp / "trainer.pt")
     meta = {"step": snap.step, "cursor": {"epoch": snap.cursor.epoch, "position": snap.cursor.position},
             "weight_version": snap.weight_version, "value_checkpoint": snap.value_checkpoint,
-            "value_last_step_id": snap.value_last_step_id, "log_line": snap.log_line}
+            "value_last_step_id": snap.value_last_step_id, "log_line": snap.log_line, "run_id": run_id}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     (tmp / "config.yaml").write_text(dump_config(snap.config))
     with (tmp / MARKER).open("w") as f:
@@ -129,7 +148,8 @@ def save(ckpt_dir: Path, snap: Snapshot, *, keep: int = 2) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_dir)
-    prune(ckpt_dir, keep=keep, protect=final)
+    prune(ckpt_dir, keep=keep, protect=final, run_id=run_id)
+    _point_latest(ckpt_dir, run_id)
     return final
 
 
@@ -146,19 +166,48 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def latest(ckpt_dir: Path) -> Path | None:
-    found = complete_checkpoints(ckpt_dir)
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run id a checkpoint is stamped with (None: written before run ids, or outside a session)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def run_checkpoints(ckpt_dir: Path, run_id: str | None) -> list[Path]:
+    """Complete checkpoints stamped with `run_id`, oldest first."""
+    return [p for p in complete_checkpoints(ckpt_dir) if checkpoint_run_id(p) == run_id]
+
+
+def latest(ckpt_dir: Path, *, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint; with `run_id`, the newest of that run."""
+    found = complete_checkpoints(ckpt_dir) if run_id is None else run_checkpoints(ckpt_dir, run_id)
     return found[-1] if found else None
 
 
-def prune(ckpt_dir: Path, *, keep: int, protect: Path | None = None) -> None:
-    """Keep the `keep` newest complete checkpoints (and `protect`); remove stale temporary directories."""
-    for old in complete_checkpoints(ckpt_dir)[:-keep]:
+def prune(ckpt_dir: Path, *, keep: int, protect: Path | None = None, run_id: str | None = None) -> None:
+    """Keep the `keep` newest complete checkpoints of run `run_id` (and `protect`), leaving every other run's
+    alone; remove stale temporary directories."""
+    for old in run_checkpoints(ckpt_dir, run_id)[:-keep]:
         if old != protect:
             shutil.rmtree(old, ignore_errors=True)
     for tmp in ckpt_dir.glob(".tmp-*"):
         if not tmp.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _point_latest(ckpt_dir: Path, run_id: str | None) -> None:
+    """Swap the `latest` symlink to the run's newest complete checkpoint (what --resume continues from)."""
+    newest = latest(ckpt_dir, run_id=run_id)
+    if newest is None:
+        return
+    tmp = ckpt_dir / f".latest-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(newest.name, target_is_directory=True)
+        os.replace(tmp, ckpt_dir / LATEST)
+    except OSError:  # a file system without symlinks: the step-N names remain
+        tmp.unlink(missing_ok=True)
 
 
 def read(path: Path) -> Restored:
@@ -190,3 +239,102 @@ def truncate_step_log(path: Path, last_step: int, restore: str | None = None) ->
     if lines or path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(lines[n] + "\n" for n in sorted(lines)))
+
+
+class RunDirError(ConfigError):
+    """run_dir (or checkpoint.dir) holds another run's files and the run was told neither to resume nor to overwrite."""
+
+
+def read_run_id(run_dir: Path) -> str | None:
+    """The id of the run that owns `run_dir` (its run.json), or None."""
+    try:
+        return str(json.loads((run_dir / RUN_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def new_run_id() -> str:
+    """Sortable and unique: the UTC start time and 6 random hex digits, e.g. 20261205-144541-3fa9c1."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _present(path: Path) -> bool:
+    return path.is_symlink() or path.exists()
+
+
+def run_files(run_dir: Path, ckpt_dir: Path) -> list[Path]:
+    """A run's files in `run_dir` and `ckpt_dir` (RUN_ENTRIES, checkpoints, temporaries, `latest`): what
+    --overwrite removes. Anything else in the directories is not a run's and is left alone."""
+    found = [run_dir / name for name in RUN_ENTRIES if _present(run_dir / name)]
+    if ckpt_dir.is_dir():
+        ours = (PREFIX, ".tmp-", ".latest-")
+        found += sorted(p for p in ckpt_dir.iterdir() if p.name.startswith(ours) or p.name == LATEST)
+    return found
+
+
+def describe_run(run_dir: Path, found: list[Path]) -> str:
+    """One line naming what `found` (run_files) holds: run id, logged steps, checkpoints, service logs."""
+    parts = []
+    if run_id := read_run_id(run_dir):
+        parts.append(f"run {run_id}")
+    log = run_dir / STEP_LOG
+    if log in found and log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        parts.append(f"{STEP_LOG} with {len(lines)} steps")
+    ckpts = [p.name for p in found if p.name.startswith(PREFIX)]
+    if ckpts:
+        parts.append(f"checkpoints {', '.join(ckpts)}")
+    services = run_dir / "services"
+    if services in found and services.is_dir():
+        parts.append(f"{len(list(services.glob('*.log')))} service logs in services/")
+    shown = {RUN_FILE, STEP_LOG, "services", LATEST}
+    parts += [p.name for p in found if p.parent == run_dir and p.name not in shown]
+    return "; ".join(parts)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def claim_run_dir(run_dir: Path, ckpt_dir: Path, *, resume: bool, overwrite: bool,
+                  log: Callable[[str], None]) -> tuple[str, Path | None]:
+    """Make `run_dir` this run's: returns its run id and the checkpoint a resume continues from (None: step 0).
+
+    Neither flag (a new run): the directories must hold no run's files, else RunDirError names them and the
+    two ways on. `overwrite`: those files are removed first, and the log says which. `resume`: the run there
+    goes on under its own id from its newest complete checkpoint. run.json records the id and each start.
+    """
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other: --resume continues the run in run_dir, "
+                          "--overwrite deletes its files and starts a new one")
+    found = run_files(run_dir, ckpt_dir)
+    if found and not resume:
+        what = describe_run(run_dir, found)
+        where = f"run_dir {run_dir}" + (f" / checkpoint.dir {ckpt_dir}" if ckpt_dir != run_dir / "checkpoints" else "")
+        if not overwrite:
+            raise RunDirError(
+                f"{where} holds another run ({what}); a new run does not write into it. Continue that run with "
+                "--resume (add --set steps=N to go past its last step), delete its files and start over with "
+                "--overwrite, or give this run its own directory (--set run_dir=...)")
+        for path in found:
+            _remove(path)
+        log(f"--overwrite: removed the previous run's files from {where} ({what})")
+    run_id = read_run_id(run_dir) if resume else None
+    start = latest(ckpt_dir, run_id=run_id) if resume else None
+    run_id = run_id or (checkpoint_run_id(start) if start else None) or new_run_id()
+    record = {"run_id": run_id, "created": _now(), "starts": []}
+    if resume and (run_dir / RUN_FILE).is_file():
+        record = {**record, **json.loads((run_dir / RUN_FILE).read_text())}
+    step = int(start.name[len(PREFIX):]) if start else 0
+    record["starts"] = [*record.get("starts", []), {"at": _now(), "step": step,
+                                                      "how": "resume" if resume else "overwrite" if found else "new"}]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return run_id, start
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -9,11 +9,12 @@ orchestrator.run.services_config (its names are importable from here too).
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from orchestrator.run.algo_config import AlgorithmConfig
 from orchestrator.run.services_config import (
@@ -30,7 +31,7 @@ from services.common.settings import ConfigError, apply_sets, load
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DatasetConfig", "Deadlines", "Endpoint", "LocalServices", "LocalTls",
-    "ModelsConfig", "RetryConfig", "RewardEndpoint", "RunConfig", "SamplingConfig", "ServicesConfig",
+    "ModelsConfig", "ProgressConfig", "ReportTo", "RetryConfig", "RewardEndpoint", "RunConfig", "SamplingConfig", "ServicesConfig",
     "apply_overrides", "build_config", "dump_config", "load_config",
 ]
 
@@ -89,6 +90,23 @@ class CheckpointConfig(Strict):
     )
 
 
+#: Experiment-tracking backends (orchestrator/run/reporting.py has one reporter per name), as TRL's report_to.
+ReportTo = Literal["tensorboard", "wandb", "jsonl"]
+
+
+class ProgressConfig(Strict):
+    """How `quartet train` and `quartet demo` show progress: a bar on a terminal, plain log lines elsewhere."""
+
+    mode: Literal["auto", "bar", "lines", "off"] = Field(
+        "auto", description="auto: the rich bar when stdout is a terminal, else plain lines (nohup, CI, a container "
+        "log) | bar | lines | off.",
+    )
+    every_steps: int = Field(10, ge=1, description="Lines mode: a line at least every N steps (and at the first "
+                             "and the last step).")
+    every_seconds: float = Field(60.0, gt=0, description="Lines mode: a line after any step that ends S seconds or "
+                                 "more after the previous line, so slow steps are still seen.")
+
+
 class RunConfig(Strict):
     """One RL run: models, services, algorithm, data, checkpoints."""
 
@@ -108,6 +126,25 @@ class RunConfig(Strict):
         "another container scrape it (the endpoint has no auth: bind beyond loopback only on a private network).",
     )
     run_dir: str = Field("runs/run", description="Directory for the step log, service logs, checkpoints and plots.")
+    report_to: list[ReportTo] = Field(
+        default_factory=list, description="Experiment logging, as in TRL: any of tensorboard (event files in run_dir/tensorboard; "
+        "pip install 'quartet-rl[tensorboard]'), wandb (offline unless WANDB_MODE / WANDB_API_KEY say otherwise; "
+        "pip install 'quartet-rl[wandb]'), jsonl (run_dir/metrics.jsonl). Metric names are the Prometheus ones, "
+        "e.g. quartet_reward_mean. The step log steps.jsonl is written regardless.",
+    )
+    progress: ProgressConfig = Field(default_factory=ProgressConfig, description="Progress bar or log lines.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> Any:
+        """As in TRL: one name alone, "none" (nothing) or "all" (every backend) are accepted too."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and value == ["none"]:
+            return []
+        if isinstance(value, list) and value == ["all"]:
+            return list(typing.get_args(ReportTo))
+        return value
 
     @model_validator(mode="after")
     def _combinations(self) -> RunConfig:

@@ -19,12 +19,15 @@ GAUGES: dict[str, tuple[str, str]] = {
     "kl_ref": ("quartet_kl_reference", "Mean per-token KL of the policy to the reference (estimator of the config)."),
     "policy_loss": ("quartet_policy_loss", "Policy loss of the last update."),
     "value_loss": ("quartet_value_loss", "Clipped value loss reported by the value service."),
+    "value_explained_variance": ("quartet_value_explained_variance", "Explained variance of the critic's values "
+                                 "on the returns, before its last update (1 = perfect, <= 0 = no better than the mean)."),
     "clipfrac": ("quartet_clip_fraction", "Share of tokens where the PPO/GRPO ratio was clipped."),
     "entropy": ("quartet_entropy", "Mean per-token policy entropy (nats)."),
     "approx_kl": ("quartet_approx_kl", "Approximate KL between the old and the new policy."),
     "trpo_accepted": ("quartet_trpo_accepted", "TRPO: 1 if the last line search accepted a step, else 0."),
     "trpo_backtracks": ("quartet_trpo_line_search_steps", "TRPO: backtracking steps of the last line search."),
     "trpo_final_kl": ("quartet_trpo_final_kl", "TRPO: mean KL of the accepted step."),
+    "trpo_step_size": ("quartet_trpo_step_size", "TRPO: step size β scaling the natural-gradient direction."),
     "grad_norm": ("quartet_grad_norm", "Policy gradient norm before clipping."),
     "logprob_gap_mean": ("quartet_logprob_gap", "Mean |generator - trainer| logprob of sampled tokens."),
     "logprob_gap_max": ("quartet_logprob_gap_max", "Max |generator - trainer| logprob of sampled tokens."),
@@ -36,6 +39,19 @@ GAUGES: dict[str, tuple[str, str]] = {
     "response_length_mean": ("quartet_response_length_tokens", "Mean completion length in tokens."),
 }
 REWARD_STATS = ("mean", "std", "min", "max")
+
+
+def metric_names(metrics: Mapping[str, float], phases: Mapping[str, float],
+                 rewards: Mapping[str, float]) -> dict[str, float]:
+    """One step under its Prometheus names, labels folded into the name, for experiment trackers.
+
+    quartet_reward{stat="mean"} -> quartet_reward_mean, quartet_phase_seconds{phase="update"} ->
+    quartet_phase_seconds_update; step-log keys without a gauge are left out.
+    """
+    out = {name: float(metrics[key]) for key, (name, _doc) in GAUGES.items() if key in metrics and key != "step"}
+    out.update({f"quartet_reward_{stat}": float(rewards[stat]) for stat in REWARD_STATS if stat in rewards})
+    out.update({f"quartet_phase_seconds_{phase}": float(s) for phase, s in phases.items()})
+    return out
 
 # Rejoin action (orchestrator/remote/rejoin.py; key of a step-log line's "recovery") -> (counter name, help).
 REJOINS: dict[str, tuple[str, str]] = {

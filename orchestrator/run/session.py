@@ -1,7 +1,9 @@
 """Open a run: services (started here or reached remotely), checks, policy, trainer, state, metrics.
 
-`Session(cfg, resume=...)` is a context manager; everything it starts (child services, the metrics
-endpoint, channels) is stopped on exit, error or Ctrl-C.
+`Session(cfg, resume=..., overwrite=...)` is a context manager; everything it starts (child services, the
+metrics endpoint, channels) is stopped on exit, error or Ctrl-C. Before anything starts it claims the run
+directory (checkpoint.claim_run_dir): a new run refuses one that holds another run, `overwrite` removes that
+run's files first, `resume` continues the run there.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from orchestrator.remote.clients import (
 )
 from orchestrator.remote.retry import RetryPolicy
 from orchestrator.run import checkpoint
-from orchestrator.run.config import Endpoint, RewardEndpoint, RunConfig, dump_config
+from orchestrator.run.config import ConfigError, Endpoint, RewardEndpoint, RunConfig, dump_config
 from orchestrator.run.data import PromptStream, load_prompts
 from orchestrator.run.metrics import RunMetrics
+from orchestrator.run.reporting import Reporting
 from orchestrator.step.loop import Orchestrator, RunState, Services
+from services.common.command import silence_progress_bars
 from services.common.hf import (
     load_causal_lm,
     load_tokenizer,
@@ -51,13 +55,20 @@ def local_specs(cfg: RunConfig) -> list[ServiceSpec]:
 
 
 class Session:
-    """Everything one run needs; `.orchestrator` drives the steps."""
+    """Everything one run needs; `.orchestrator` drives the steps.
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, log: Callable[[str], None] = lambda _msg: None):
-        self.cfg, self.resume, self.log = cfg, resume, log
+    `max_steps`: run at most this many steps in this session (the run's `steps` stays its target: a later
+    resume continues); `.cfg` is then the config with `steps` lowered to where this session stops.
+    """
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, max_steps: int | None = None,
+                 log: Callable[[str], None] = lambda _msg: None):
+        self.cfg, self.resume, self.overwrite, self.max_steps, self.log = cfg, resume, overwrite, max_steps, log
+        self.run_id: str | None = None
         self.stack: LocalStack | None = None
         self.services: Services | None = None
         self.metrics: RunMetrics | None = None
+        self.reporting: Reporting | None = None
         self.orchestrator: Orchestrator | None = None
         self.infos: dict[str, ServiceInfo] = {}
         self.resumed_from: Path | None = None
@@ -124,17 +135,19 @@ class Session:
 
     def open(self) -> None:
         cfg = self.cfg
+        silence_progress_bars()  # transformers' load / save bars would break the progress bar or log lines
         run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id, start = checkpoint.claim_run_dir(run_dir, cfg.checkpoint_dir, resume=self.resume,
+                                                      overwrite=self.overwrite, log=self.log)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         restored, value_save = None, None
         if self.resume:
-            path = checkpoint.latest(cfg.checkpoint_dir)
-            if path is None:
+            if start is None:
                 self.log(f"no complete checkpoint in {cfg.checkpoint_dir}: starting from step 0")
             else:
-                restored = checkpoint.read(path)
-                self.resumed_from = path
+                restored = checkpoint.read(start)
+                self.resumed_from = start
+        cfg = self._stop_at(restored.step if restored else 0)
         services = self._connect()
         tokenizer = load_tokenizer(cfg.models.policy)
         check_tokenizers({k: v for k, v in self.infos.items() if not k.startswith("reward")},
@@ -167,20 +180,39 @@ class Session:
                              f"{loaded}, not {restored.value_last_step_id} as when {restored.path.name} was written")
                 value_save = restored.value_checkpoint
             state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served)
-            checkpoint.truncate_step_log(run_dir / "steps.jsonl", restored.step, restore=restored.log_line)
+            checkpoint.truncate_step_log(run_dir / checkpoint.STEP_LOG, restored.step, restore=restored.log_line)
             self.log(f"resumed from {restored.path} at step {restored.step}")
-        elif self.resume is False:
-            (run_dir / "steps.jsonl").unlink(missing_ok=True)
+        elif self.resume:  # the same run from step 0: none of its old lines stays
+            checkpoint.truncate_step_log(run_dir / checkpoint.STEP_LOG, 0)
         self.metrics = RunMetrics(trpo=cfg.algorithm.name == "trpo")
         if cfg.metrics_port is not None:
-            self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
+            try:
+                self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
+            except OSError as e:  # preflight checked it; another process may have taken it since
+                raise ConfigError(f"metrics_port={cfg.metrics_port}: cannot listen on {cfg.metrics_host}:"
+                                  f"{cfg.metrics_port} ({e.strerror}); set metrics_port to a free port, 0 (any "
+                                  "free port) or null (off)") from None
+        self.reporting = Reporting.open(cfg, start_step=state.step, say=self.log)
         self.orchestrator = Orchestrator(
             cfg, services, policy=policy, tokenizer=tokenizer, trainer=trainer, prompts=prompts, state=state,
             metrics=self.metrics, value_save=value_save,
         )
+        self.orchestrator.reporting = self.reporting
         if restored is not None or served != 0:
             # The generator must serve exactly the trainer's policy before the first Generate.
             self.orchestrator.weights.push(served + 1)
+
+    def _stop_at(self, first: int) -> RunConfig:
+        """The config this session runs, from completed step `first`: `steps` lowered by max_steps."""
+        cfg = self.cfg
+        if first >= cfg.steps:
+            self.log(f"run {self.run_id} is at step {first} and steps={cfg.steps}: nothing to run "
+                     f"(--set steps=N with N > {first} continues it)")
+        elif self.max_steps is not None and first + self.max_steps < cfg.steps:
+            self.log(f"max steps {self.max_steps} (--max-steps / QUARTET_MAX_STEPS): stopping at step "
+                     f"{first + self.max_steps} of {cfg.steps}; --resume continues from there")
+            self.cfg = cfg.model_copy(update={"steps": first + self.max_steps})
+        return self.cfg
 
     def _seed_everything(self) -> None:
         seed = self.cfg.seed
@@ -205,6 +237,8 @@ class Session:
             self.services.close()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.reporting is not None:
+            self.reporting.close()
         if self.stack is not None:
             self.stack.stop()
 

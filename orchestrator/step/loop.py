@@ -43,6 +43,7 @@ from orchestrator.run import checkpoint as ckpt
 from orchestrator.run.config import RunConfig
 from orchestrator.run.data import Cursor, PromptRow, PromptStream
 from orchestrator.run.metrics import RunMetrics
+from orchestrator.run.reporting import Reporting, metric_names
 from orchestrator.step.experience import Experience, Rollout, build_experience, trainer_logprobs
 from orchestrator.step.recovery import (
     RecoveryLog,
@@ -169,7 +170,7 @@ class Orchestrator:
                  state: RunState, metrics: RunMetrics | None = None, value_save: str | None = None) -> None:
         self.cfg, self.services = cfg, services
         self.policy, self.tokenizer, self.trainer = policy, tokenizer, trainer
-        self.prompts, self.metrics = prompts, metrics
+        self.prompts, self.metrics, self.reporting = prompts, metrics, Reporting()  # report_to: set by Session
         self._steps_done, self._cursor = state.step, state.cursor
         self.step_log = Path(cfg.run_dir) / "steps.jsonl"
         self.pool = ThreadPoolExecutor(max_workers=2 + len(services.rewards), thread_name_prefix="quartet-call")
@@ -393,6 +394,7 @@ class Orchestrator:
         if self.metrics is not None:
             self.metrics.record({"step": result.step, **result.metrics}, result.phases, result.rewards,
                                 result.reward_services, result.generated_tokens)
+        self.reporting.report(result.step, metric_names(result.metrics, result.phases, result.rewards))
 
 
 __all__ = ["Orchestrator", "RunState", "Services", "StepFailed", "StepResult", "sampling_seed"]

@@ -40,6 +40,20 @@ SERVE_HELP = (
 _RUNTIME = "Runtime"
 
 
+def silence_progress_bars() -> None:
+    """Turn off Hugging Face's tqdm bars ("Loading weights", "Writing model shards") in this process and its children.
+
+    They would be drawn into a service log, or through the orchestrator's progress bar, once per model load
+    and checkpoint. The variable covers a transformers imported later and child processes; the call, one
+    imported already.
+    """
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def setup_logging(level: str) -> None:
     """Log lines on stderr at `level`: rich on a terminal, plain one-liners otherwise (containers)."""
     if sys.stderr.isatty():
@@ -101,6 +115,7 @@ def serve_command(exit_process: Callable[[int], None]) -> Callable[..., None]:
     def serve(role: str | None = None, *, config: Path | None = None, set_: list[str] | None = None,
               log_level: str = "INFO", **flags: Any) -> None:
         setup_logging(log_level)
+        silence_progress_bars()
         given = {"role": role, **{name.replace("__", "."): value for name, value in flags.items()}}
         exit_process(run(config=config, flags=given, sets=set_ or ()))
 

@@ -1,5 +1,6 @@
 """Checkpoints: a snapshot saved and read back restores the run (policy bit for bit, optimizer state,
-data cursor, RNG streams); writes are atomic; retention; the step log a resume keeps."""
+data cursor, RNG streams); writes are atomic; retention (only the saving run's checkpoints, never the one
+just written); `latest`; the step log a resume keeps."""
 
 from __future__ import annotations
 
@@ -106,6 +107,29 @@ def test_retention_keeps_n_and_never_the_one_just_written(policy, tokenizer, tmp
     # A step written again replaces its old copy.
     again = checkpoint.save(ckpt_dir, replace(snap, step=4, log_line='{"step": 4, "again": 1}'), keep=2)
     assert checkpoint.read(again).log_line == '{"step": 4, "again": 1}'
+
+
+def test_retention_deletes_only_checkpoints_of_the_run_that_saves(policy, tokenizer, tmp_path) -> None:
+    """The issue's case: a new 5-step run saved into a checkpoint directory that held a 40-step run's
+    step-30 and step-40; `keep: 2` deleted the new step-5 at once and kept the old run's."""
+    ckpt_dir, run_dir = tmp_path / "ckpt", tmp_path / "run"
+    snap = snapshot(policy, tokenizer, tmp_path)
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"run_id": "old-run"}))
+    for step in (30, 40):
+        checkpoint.save(ckpt_dir, replace(snap, step=step), keep=2)
+    (run_dir / "run.json").write_text(json.dumps({"run_id": "new-run"}))
+    first = checkpoint.save(ckpt_dir, replace(snap, step=5), keep=2)
+    assert checkpoint.is_complete(first), "never the checkpoint just written"
+    for step in (6, 7):
+        checkpoint.save(ckpt_dir, replace(snap, step=step), keep=2)
+    names = [p.name for p in checkpoint.complete_checkpoints(ckpt_dir)]
+    assert names == ["step-00000006", "step-00000007", "step-00000030", "step-00000040"], "the old run's untouched"
+    assert [checkpoint.checkpoint_run_id(ckpt_dir / n) for n in names] == ["new-run"] * 2 + ["old-run"] * 2
+    assert checkpoint.latest(ckpt_dir, run_id="new-run") == ckpt_dir / "step-00000007"
+    latest = ckpt_dir / checkpoint.LATEST
+    assert latest.is_symlink() and latest.resolve() == (ckpt_dir / "step-00000007").resolve()
+    assert AutoModelForCausalLM.from_pretrained(latest / "policy") is not None, "loads through the link"
 
 
 def test_truncate_step_log_keeps_each_step_once_and_restores_a_lost_line(tmp_path) -> None:
