@@ -29,16 +29,14 @@ from services.generator.vllm_backend import (  # noqa: E402
     import_vllm,
     to_wire,
 )
-from tests.vllm.conftest import direct_logprobs, hf_model  # noqa: E402
+from tests.vllm.conftest import direct_logprobs, hf_model, logprob_atol  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 from vllm.platforms import current_platform  # noqa: E402
 
 DEVICE = torch.device(current_platform.device_type)
-# fp32 engine against an fp32 transformers forward: different kernels (oneDNN / vLLM attention), same math.
-# Measured: at most 4.8e-7 over 96 tokens of the demo model.
-ATOL = 1e-5
+ATOL = logprob_atol(DEVICE.type)
 PROMPTS = ["12+34=", "7*8=", "1",
            # longer than one KV block (128 tokens on CPU): the only kind of prompt the prefix cache keeps
            " ".join(f"{a}+{a + 1}={2 * a + 1}" for a in range(10, 25)) + " 7*8="]

@@ -23,6 +23,7 @@ from safetensors.torch import load_file  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
 
 from tests.e2e.test_run import e2e_config, task  # noqa: E402, F401  (task is a fixture)
+from tests.vllm.conftest import logprob_atol  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -45,7 +46,8 @@ def test_three_grpo_steps_with_the_vllm_generator(vllm_checkpoint: Path, task, t
     for s in steps:
         assert all(v == v and abs(v) != float("inf") for v in s.values() if isinstance(v, float)), s
         # generator (vLLM) and trainer (transformers) compute the same fp32 logprobs of the sampled tokens
-        assert s["logprob_gap_mean"] < 1e-5 and s["logprob_gap_max"] < 1e-4, s
+        atol = logprob_atol(current_platform.device_type)
+        assert s["logprob_gap_mean"] < atol and s["logprob_gap_max"] < 10 * atol, s
         assert s["weight_version"] == s["step"]  # each step's weight sync acknowledged by the vLLM generator
     # vLLM names its processes in the generator's log: all of them ended with the run
     engine = {int(pid) for pid in re.findall(r"\((?:EngineCore|Worker|VllmWorker)\S* pid=(\d+)\)",
