@@ -19,13 +19,15 @@ How it keeps the backend contracts (backend.py):
   is_checkpoint_format=True)` (HF checkpoint names mapped onto vLLM's fused layers, then each
   layer's post-load processing, e.g. the CPU build's repacking of linear weights), invoked by name
   through `LLM.collective_rpc` on a worker extension (`ReloadWorkerExtension`), so no function is
-  pickled and vLLM's insecure serialization stays off. Then the prefix cache is reset so no KV
-  computed with the old weights is reused. (Loading through `model.load_weights` directly fails on
+  pickled and vLLM's insecure serialization stays off; each tensor travels as its own raw bytes
+  (never its view's whole receive buffer). Then the prefix cache is reset so no KV computed with
+  the old weights is reused. (Loading through `model.load_weights` directly fails on
   CPU the second time: the repacked layers keep empty `weight` parameters.)
 - Version stamp: `version` is set after the reload returned, on the batcher's thread, between
   batches; the batcher stamps every result with it.
-For GPU-to-GPU transfer vLLM >= 0.16 also has `vllm.distributed.weight_transfer` (NCCL / IPC); the
-gRPC stream is the portable path and the one this backend receives.
+The same path serves CPU and GPU. vLLM >= 0.16 also has `vllm.distributed.weight_transfer` (NCCL /
+IPC, CUDA only), for a trainer that talks to the engine directly; this backend receives the gRPC
+stream, the portable path, so the weights are in this process's memory either way.
 """
 
 from __future__ import annotations
