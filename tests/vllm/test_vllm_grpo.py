@@ -32,7 +32,8 @@ def test_three_grpo_steps_with_the_vllm_generator(vllm_checkpoint: Path, task, t
     run_dir = tmp_path / "run"
     cfg = e2e_config("grpo", vllm_checkpoint, task, run_dir, "services.local_options.generator.backend=vllm",
                      "services.local_options.generator.torch_threads=1", f"models.device={current_platform.device_type}",
-                     "metrics_port=null")
+                     # on a GPU the reference and the trainer share the card (ignored on CPU: kv_cache_gib applies)
+                     "services.local_options.generator.gpu_memory_utilization=0.3", "metrics_port=null")
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     proc = subprocess.run([sys.executable, "-m", "cli.main", "train", str(cfg_path)], capture_output=True,
