@@ -52,7 +52,7 @@ def service_steps(policy: Path, train: Path, run_dir: Path, steps: int, warmup: 
 
     cfg = demo_config("grpo", steps=steps, run_dir=run_dir, policy=policy, dataset=train, seed=0,
                       overrides=["metrics_port=null", "prompts_per_step=8"])  # the 8 x 8 workload
-    with Session(cfg) as session:
+    with Session(cfg, overwrite=True) as session:  # a benchmark re-measures: its last run is not kept
         o = session.orchestrator
         for _ in range(warmup):
             o.step()

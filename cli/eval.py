@@ -11,7 +11,7 @@ EVAL_HELP = "Greedy accuracy of a checkpoint (a Hugging Face directory) on a jso
 
 
 def eval_checkpoint(
-    checkpoint: Annotated[Path, typer.Argument(help="Model directory (e.g. runs/demo/rl/checkpoints/step-N/policy).")],
+    checkpoint: Annotated[Path, typer.Argument(help="Model directory (e.g. runs/grpo/checkpoints/latest/policy).")],
     task: Annotated[Path, typer.Option("--task", help="jsonl file with prompt and answer fields.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens generated per prompt.")] = 6,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Evaluate the first N rows (0 = all).")] = 0,

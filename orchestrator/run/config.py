@@ -81,7 +81,7 @@ class CheckpointConfig(Strict):
 
     dir: str | None = Field(None, description="Checkpoint directory; default: <run_dir>/checkpoints.")
     interval: int = Field(0, ge=0, description="Save every N steps (0: only at the end of the run).")
-    keep: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    keep: int = Field(2, ge=1, description="Complete checkpoints of this run kept; its older ones are deleted (never the newest, never another run's).")
     value_interval: int = Field(
         1, ge=0, description="Save the critic (Value.Save, weights + optimizer) every N steps into one of two "
         "alternating slots, so a value service that restarts is reloaded having lost at most N-1 steps of training "
