@@ -140,7 +140,7 @@ class Session:
         self.run_id, start = checkpoint.claim_run_dir(run_dir, cfg.checkpoint_dir, resume=self.resume,
                                                       overwrite=self.overwrite, log=self.log)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        restored, value_save = None, None
+        restored = None
         if self.resume:
             if start is None:
                 self.log(f"no complete checkpoint in {cfg.checkpoint_dir}: starting from step 0")
@@ -155,43 +155,14 @@ class Session:
         self._seed_everything()
         if cfg.models.threads is not None:
             torch.set_num_threads(cfg.models.threads)
-        device = resolve_device(cfg.models.device, field="models.device")
-        dtype = resolve_dtype(cfg.models.dtype, device=device, field="models.dtype")
-        # TRPO's Fisher-vector product needs double backprop through attention: eager on CPU (sdpa's CPU kernel has no double backward).
-        attn = "eager" if cfg.algorithm.name == "trpo" else None
-        policy_path = restored.path / "policy" if restored else cfg.models.policy
-        policy = load_causal_lm(policy_path, dtype=dtype, device=device, attn_implementation=attn)
+        policy = self._load_policy(cfg, restored)
         from orchestrator.step.trainer import PolicyTrainer
 
         trainer = PolicyTrainer(policy, cfg.algorithm, seed=cfg.seed)
         prompts = PromptStream(load_prompts(cfg.dataset), seed=cfg.seed, shuffle=cfg.dataset.shuffle)
         served = self.infos["generator"].weight_version
-        state = RunState(weight_version=served)
-        if restored is not None:
-            if restored.trainer_state is not None:
-                trainer.load_state_dict(restored.trainer_state)
-            checkpoint.set_rng_states(restored.rng)
-            if restored.value_checkpoint and services.value is not None and cfg.uses_value:
-                loaded = services.value.load(restored.value_checkpoint)
-                if restored.value_last_step_id is not None and loaded != restored.value_last_step_id:
-                    # Only a checkpoint left after a failure refers to a rolling value save, which a later
-                    # run may have overwritten: the critic then differs from the one the run had.
-                    self.log(f"warning: value checkpoint {restored.value_checkpoint!r} now holds TrainStep id "
-                             f"{loaded}, not {restored.value_last_step_id} as when {restored.path.name} was written")
-                value_save = restored.value_checkpoint
-            state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served)
-            checkpoint.truncate_step_log(run_dir / checkpoint.STEP_LOG, restored.step, restore=restored.log_line)
-            self.log(f"resumed from {restored.path} at step {restored.step}")
-        elif self.resume:  # the same run from step 0: none of its old lines stays
-            checkpoint.truncate_step_log(run_dir / checkpoint.STEP_LOG, 0)
-        self.metrics = RunMetrics(trpo=cfg.algorithm.name == "trpo")
-        if cfg.metrics_port is not None:
-            try:
-                self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
-            except OSError as e:  # preflight checked it; another process may have taken it since
-                raise ConfigError(f"metrics_port={cfg.metrics_port}: cannot listen on {cfg.metrics_host}:"
-                                  f"{cfg.metrics_port} ({e.strerror}); set metrics_port to a free port, 0 (any "
-                                  "free port) or null (off)") from None
+        state, value_save = self._restore(restored, trainer, services, run_dir, served)
+        self._serve_metrics(cfg)
         self.reporting = Reporting.open(cfg, start_step=state.step, say=self.log)
         self.orchestrator = Orchestrator(
             cfg, services, policy=policy, tokenizer=tokenizer, trainer=trainer, prompts=prompts, state=state,
@@ -201,6 +172,50 @@ class Session:
         if restored is not None or served != 0:
             # The generator must serve exactly the trainer's policy before the first Generate.
             self.orchestrator.weights.push(served + 1)
+
+    def _load_policy(self, cfg: RunConfig, restored: checkpoint.Restored | None):
+        """The trainable policy: the checkpoint's on resume, else models.policy, on models.device / dtype."""
+        device = resolve_device(cfg.models.device, field="models.device")
+        dtype = resolve_dtype(cfg.models.dtype, device=device, field="models.dtype")
+        # TRPO's Fisher-vector product needs double backprop through attention: eager on CPU (sdpa's CPU kernel has no double backward).
+        attn = "eager" if cfg.algorithm.name == "trpo" else None
+        policy_path = restored.path / "policy" if restored else cfg.models.policy
+        return load_causal_lm(policy_path, dtype=dtype, device=device, attn_implementation=attn)
+
+    def _restore(self, restored: checkpoint.Restored | None, trainer, services: Services, run_dir: Path,
+                 served: int) -> tuple[RunState, str | None]:
+        """The run state to start from and the critic save it refers to: a restored checkpoint's (trainer
+        state, RNG, critic, step log) on resume, else step 0 with the generator's version."""
+        value_save = None
+        if restored is None:
+            if self.resume:  # the same run from step 0: none of its old lines stays
+                checkpoint.truncate_step_log(run_dir / checkpoint.STEP_LOG, 0)
+            return RunState(weight_version=served), value_save
+        if restored.trainer_state is not None:
+            trainer.load_state_dict(restored.trainer_state)
+        checkpoint.set_rng_states(restored.rng)
+        if restored.value_checkpoint and services.value is not None and self.cfg.uses_value:
+            loaded = services.value.load(restored.value_checkpoint)
+            if restored.value_last_step_id is not None and loaded != restored.value_last_step_id:
+                # Only a checkpoint left after a failure refers to a rolling value save, which a later
+                # run may have overwritten: the critic then differs from the one the run had.
+                self.log(f"warning: value checkpoint {restored.value_checkpoint!r} now holds TrainStep id "
+                         f"{loaded}, not {restored.value_last_step_id} as when {restored.path.name} was written")
+            value_save = restored.value_checkpoint
+        state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served)
+        checkpoint.truncate_step_log(run_dir / checkpoint.STEP_LOG, restored.step, restore=restored.log_line)
+        self.log(f"resumed from {restored.path} at step {restored.step}")
+        return state, value_save
+
+    def _serve_metrics(self, cfg: RunConfig) -> None:
+        self.metrics = RunMetrics(trpo=cfg.algorithm.name == "trpo")
+        if cfg.metrics_port is not None:
+            try:
+                self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
+            except OSError as e:  # preflight checked it; another process may have taken it since
+                raise ConfigError(f"metrics_port={cfg.metrics_port}: cannot listen on {cfg.metrics_host}:"
+                                  f"{cfg.metrics_port} ({e.strerror}); set metrics_port to a free port, 0 (any "
+                                  "free port) or null (off)") from None
 
     def _stop_at(self, first: int) -> RunConfig:
         """The config this session runs, from completed step `first`: `steps` lowered by max_steps."""
