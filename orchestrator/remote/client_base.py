@@ -6,6 +6,7 @@ retried unary call with its deadline, GetInfo, and the check of a ragged float a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from quartet.v1 import common_pb2
 from services.common.channel import open_channel
 from services.common.codec import RaggedTensor, decode_ragged
 from services.common.errors import QuartetError
+from services.common.shm_weights import is_local_address
+from services.common.weights import SharedWeightsWriter
+
+log = logging.getLogger("quartet.orchestrator.clients")
 
 # A log-probability is <= 0; this much above it is float error of a log-softmax, not a bad answer.
 LOGPROB_SLACK = 1e-4
@@ -73,6 +78,37 @@ class WeightSync:
     tensors: int
     bytes: int
     seconds: float
+    transport: str = "grpc"  # "shm": same-host shared memory; "grpc": the UpdateWeights chunk stream
+
+
+class WeightTransport:
+    """How a GeneratorClient sends weights (services.generator.weights_transport) and what happened so far.
+
+    "auto" tries shared memory when the generator's address is on this host, after a probe showed it
+    can open this process's segment; the first refusal or failure is logged once, counted in
+    `fallbacks`, and every later update takes the gRPC stream. "shm" never falls back; "grpc" never tries.
+    """
+
+    def __init__(self, mode: str, address: str) -> None:
+        if mode not in ("auto", "grpc", "shm"):
+            raise ValueError(f"weights_transport {mode!r}: use auto, grpc or shm")
+        self.mode = mode
+        self.local = is_local_address(address)
+        self.probed = False
+        self.fallbacks = 0  # updates that went over the stream after shared memory failed
+        self.refusal: str | None = None
+        self.writer = SharedWeightsWriter()
+
+    def wants_shm(self) -> bool:
+        return self.mode == "shm" or (self.mode == "auto" and self.local and self.refusal is None)
+
+    def fall_back(self, reason: str, service: str) -> None:
+        self.fallbacks += 1
+        if self.refusal is None:
+            log.warning("%s: shared-memory weights refused or failed, sending them as the gRPC stream from now on: "
+                        "%s", service, reason)
+        self.refusal = reason
+        self.writer.close()
 
 
 # A restarted service comes back on the same address: cap gRPC's reconnect backoff (default: up to
@@ -145,6 +181,9 @@ class RoleClient:
         return [r.clone() for r in RaggedTensor(values, ragged.offsets).rows()]
 
     def close(self) -> None:
+        transport = getattr(self, "weight_transport", None)
+        if isinstance(transport, WeightTransport):
+            transport.writer.close()
         self._channel.close()
         if self._admin_channel is not self._channel:
             self._admin_channel.close()

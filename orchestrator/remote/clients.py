@@ -9,6 +9,7 @@ safe to repeat are retried by `orchestrator.remote.retry.call_with_retries` (eve
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from orchestrator.remote.client_base import (
     ServiceInfo,
     ValueTrainResult,
     WeightSync,
+    WeightTransport,
     check_tokenizers,
 )
 from orchestrator.remote.retry import ServiceError
@@ -43,6 +45,8 @@ from quartet.v1 import (
 from services.common.codec import decode_ragged, decode_tensor, encode_ragged
 from services.common.errors import QuartetError
 
+log = logging.getLogger("quartet.orchestrator.clients")
+
 _STOP, _LENGTH = generator_pb2.FINISH_REASON_STOP, generator_pb2.FINISH_REASON_LENGTH
 _FINISH_REASONS = frozenset({_STOP, _LENGTH})
 
@@ -60,6 +64,7 @@ __all__ = [
     "ValueClient",
     "ValueTrainResult",
     "WeightSync",
+    "WeightTransport",
     "check_tokenizers",
 ]
 
@@ -69,15 +74,31 @@ def _sequences(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Seq
     return common_pb2.SequenceBatch(token_ids=encode_ragged(rows, torch.int64), response_start=[len(p) for p in prompt_ids])
 
 
+# Statuses that say shared memory cannot carry weights to this generator (UNIMPLEMENTED: an older one;
+# UNKNOWN: the segment failed inside the request stream), and the fields naming the handle (or a checksum:
+# bytes changed in shared memory, which the stream re-sends from the tensors themselves).
+_SHM_CODES = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+_SHM_FIELDS = (": segment", ": shared_memory_weights", ": probe", "].crc32: ")
+
+
+def _shm_unusable(err: ServiceError) -> bool:
+    if err.code in _SHM_CODES:
+        return True
+    return err.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION) and any(
+        f in err.problem for f in _SHM_FIELDS)
+
+
 class GeneratorClient(RoleClient):
     role = "generator"
 
-    def __init__(self, ep: Endpoint, *, deadline_s: float, weights_deadline_s: float, **kw) -> None:
+    def __init__(self, ep: Endpoint, *, deadline_s: float, weights_deadline_s: float,
+                 weights_transport: str | None = None, **kw) -> None:
         super().__init__(ep, deadline_s=deadline_s, **kw)
         self.weights_deadline_s = weights_deadline_s
         self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
         self._admin = generator_pb2_grpc.GeneratorStub(self._admin_channel)
         self.vocab_size: int | None = None
+        self.weight_transport = WeightTransport(weights_transport or getattr(ep, "weights_transport", "auto"), ep.address)
 
     def info(self) -> ServiceInfo:
         info = self._info(self._stub)
@@ -139,14 +160,26 @@ class GeneratorClient(RoleClient):
         )
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> WeightSync:
-        """Stream a complete weight set (bucketed chunks with crc32); returns the served version."""
-        from services.common.weights import push_weights
-
+        """Send a complete weight set: through shared memory when the generator shares this host (and
+        the transport allows), else as the gRPC chunk stream; returns the served version."""
         start = time.perf_counter()
+        transport, resp = "grpc", None
+        if self.weight_transport.wants_shm():
+            resp = self._update_shared(named_tensors, version)
+            transport = "shm" if resp is not None else "grpc"
+        if resp is None:
+            from services.common.weights import push_weights
 
-        def attempt():  # a retry re-sends the whole stream with the same version
-            return push_weights(self._admin_channel, named_tensors.items(), version, timeout=self.weights_deadline_s)
+            def attempt():  # a retry re-sends the whole stream with the same version
+                return push_weights(self._admin_channel, named_tensors.items(), version, timeout=self.weights_deadline_s)
 
+            resp = self._retrying(attempt, call="UpdateWeights", recover=self._landed(named_tensors, version))
+        if int(resp.version) != version:
+            raise self._fail("UpdateWeights", f"serves version {resp.version} after pushing version {version}")
+        return WeightSync(int(resp.version), int(resp.tensors_updated), int(resp.bytes_received),
+                          time.perf_counter() - start, transport)
+
+    def _landed(self, named_tensors: Mapping[str, torch.Tensor], version: int):
         def landed(err: grpc.RpcError):
             """A retry refused as stale: the earlier attempt landed if the generator serves `version`."""
             if err.code() != grpc.StatusCode.FAILED_PRECONDITION or "already serves version" not in (err.details() or ""):
@@ -156,11 +189,31 @@ class GeneratorClient(RoleClient):
             nbytes = sum(t.numel() * t.element_size() for t in named_tensors.values())
             return generator_pb2.UpdateWeightsResponse(version=version, tensors_updated=len(named_tensors),
                                                        bytes_received=nbytes)
+        return landed
 
-        resp = self._retrying(attempt, call="UpdateWeights", recover=landed)
-        if int(resp.version) != version:
-            raise self._fail("UpdateWeights", f"serves version {resp.version} after pushing version {version}")
-        return WeightSync(int(resp.version), int(resp.tensors_updated), int(resp.bytes_received), time.perf_counter() - start)
+    def _update_shared(self, named_tensors: Mapping[str, torch.Tensor], version: int):
+        """UpdateWeightsShared (probing the segment first); None when the stream must carry this update."""
+        from services.common.weights import probe_shared, push_weights_shared
+
+        w, timeout = self.weight_transport, self.weights_deadline_s
+        try:
+            if not w.probed:
+                nbytes = sum(-(-t.numel() * t.element_size() // 64) * 64 for t in named_tensors.values())
+                self._retrying(lambda: probe_shared(self._admin_channel, w.writer, nbytes, timeout=timeout),
+                               call="UpdateWeightsShared(probe)")
+                w.probed = True
+            return self._retrying(
+                lambda: push_weights_shared(self._admin_channel, w.writer, named_tensors.items(), version,
+                                            timeout=timeout),
+                call="UpdateWeightsShared", recover=self._landed(named_tensors, version))
+        except (ServiceError, OSError, TimeoutError) as e:
+            if isinstance(e, ServiceError) and not _shm_unusable(e):
+                raise  # down, stalled, or refused what the stream would carry too (a bad tensor, a stale version)
+            if w.mode == "shm":
+                raise self._fail("UpdateWeightsShared", f"{e}; services.generator.weights_transport is 'shm' (set "
+                                                        "'auto' to fall back to the gRPC stream)") from None
+            w.fall_back(str(e), self.name)
+            return None
 
 
 class RewardClient(RoleClient):

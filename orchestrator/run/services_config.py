@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -99,6 +99,18 @@ def _resolve_secret(
             raise ConfigError(f"endpoint {address}: {field}_env names {env}, which is unset or empty; export it or remove {field}_env")
         return value
     return None
+
+
+class GeneratorEndpoint(Endpoint):
+    """The generator's endpoint, and how new weights reach it."""
+
+    weights_transport: Literal["auto", "grpc", "shm"] = Field(
+        "auto", description="How weights are sent after every update. 'auto': through shared memory when the "
+        "generator's address is on this host (loopback, localhost, this host's name or a unix socket) and a probe "
+        "shows it can open this process's segment (same host, same user, same process namespace), else the gRPC "
+        "stream; a refusal is logged once and the stream is used from then on. 'grpc': always the UpdateWeights "
+        "chunk stream (the cross-host path). 'shm': always shared memory, failing the update instead of falling back.",
+    )
 
 
 class RewardEndpoint(Endpoint):
@@ -214,7 +226,7 @@ class ServicesConfig(Strict):
     """The four roles: endpoints of running services, or `local: true` to start them here."""
 
     local: bool = Field(False, description="Start all services as child processes on free loopback ports with fresh tokens.")
-    generator: Endpoint | None = Field(None, description="Generator endpoint (required unless local).")
+    generator: GeneratorEndpoint | None = Field(None, description="Generator endpoint (required unless local).")
     reference: Endpoint | None = Field(None, description="Reference endpoint (required unless local, when the KL coefficient > 0).")
     value: Endpoint | None = Field(None, description="Value endpoint (required unless local, when the advantage is gae).")
     rewards: list[RewardEndpoint] = Field(default_factory=list, description="Reward endpoints; the reward is their weighted sum.")

@@ -1,4 +1,4 @@
-"""Weights on the wire: the UpdateWeights client stream, both ends.
+"""Weights on the wire: the UpdateWeights client stream, both ends, and the same-host sender.
 
 Sender (`iter_weight_chunks`, `iter_weight_frames`, `push_weights`): tensors are packed back to back
 into chunks of `chunk_bytes` of tensor data. Small tensors share a chunk (bucketing: never one
@@ -16,19 +16,43 @@ pre-serialized frames (`iter_weight_frames`, one join over tensor memory) and th
 chunks zero-copy (services/common/weight_wire.py); both are ordinary `WeightChunk` protobuf bytes.
 CRC-32 uses ISA-L when the `isal` package is installed (~23 GB/s here, zlib ~4 GB/s). The default
 chunk of 1 MiB measured best among 256 KiB .. 4 MiB.
+
+Same host (`SharedWeightsWriter`, `push_weights_shared`, `probe_shared`): the tensors are copied
+into a memfd segment of the sender and UpdateWeightsShared carries only the handle, layout and
+CRC-32s; the protocol, its checks and the receiver are in services/common/shm_weights.py.
 """
 
 from __future__ import annotations
 
+import fcntl
+import mmap
+import os
+import secrets
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import torch
 
 from quartet.v1 import generator_pb2 as pb
 from services.common.codec import wire_dtype
 from services.common.memory import tune_malloc_for_large_messages
+from services.common.shm_weights import (
+    _ALIGN,
+    _BLOCK,
+    _GENERATION_AT,
+    _LOCK_WAIT_S,
+    DEFAULT_MESSAGE_BYTES,
+    HEADER_BYTES,
+    MAGIC,
+    MEMFD_PREFIX,
+    UPDATE_WEIGHTS_SHARED_METHOD,
+    _flock,
+    _unmap,
+    boot_id,
+)
 from services.common.weight_assembler import (
     StagedWeights,
     TensorSpec,
@@ -38,12 +62,13 @@ from services.common.weight_assembler import (
 )
 from services.common.weight_wire import crc32, encode_chunk
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "StagedWeights", "TensorSpec", "WeightAssembler", "deserialize_chunk",
-           "iter_weight_chunks", "iter_weight_frames", "model_weight_specs", "push_weights"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "SharedWeightsWriter", "StagedWeights", "TensorSpec", "WeightAssembler",
+           "deserialize_chunk", "iter_weight_chunks", "iter_weight_frames", "model_weight_specs", "probe_shared",
+           "push_weights", "push_weights_shared"]
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 UPDATE_WEIGHTS_METHOD = "/quartet.v1.Generator/UpdateWeights"
-_ALIGN = 64  # byte alignment of each tensor inside the flat receive buffer
+_MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x0008)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,3 +221,130 @@ def push_weights(target: grpc.Channel | object, named_tensors: Iterable[tuple[st
     return target.UpdateWeights(chunks, timeout=timeout, metadata=metadata)  # type: ignore[attr-defined]
 
 
+# ---------------------------------------------------------------------------------------------
+# Sender, same host: shared memory (the receiver and the segment layout: services/common/shm_weights.py)
+# ---------------------------------------------------------------------------------------------
+
+
+class SharedWeightsWriter:
+    """The sender's segment: created on first use, grown when a larger set comes, closed with the client."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.size = 0
+        self.nonce = b""
+        self.generation = 0
+        self._map: mmap.mmap | None = None
+        self._bytes: np.ndarray | None = None
+
+    def ensure(self, data_bytes: int) -> None:
+        """A segment holding at least `data_bytes` of tensors past the header, every page touched."""
+        size = HEADER_BYTES + data_bytes
+        if self.fd is not None and self.size >= size:
+            return
+        self.close()
+        name = f"{MEMFD_PREFIX}-{os.getpid()}"
+        try:  # no exec bits, sealed: required where vm.memfd_noexec = 2
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | _MFD_NOEXEC_SEAL)
+        except OSError:  # kernels before 6.3 do not know the flag
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd, self.size, self.nonce, self.generation = fd, size, secrets.token_bytes(16), 0
+        self._bytes = np.frombuffer(self._map, dtype=np.uint8)
+        self._bytes.fill(0)  # touch every page now, not during the first update
+        self._bytes[:len(MAGIC) + 16] = np.frombuffer(MAGIC + self.nonce, dtype=np.uint8)
+
+    def segment(self) -> pb.SharedSegment:
+        assert self.fd is not None
+        return pb.SharedSegment(pid=os.getpid(), fd=self.fd, size=self.size, nonce=self.nonce, boot_id=boot_id(),
+                                generation=self.generation)
+
+    def begin(self, timeout_s: float = _LOCK_WAIT_S) -> None:
+        """Wait until no generator reads the segment, then mark a new generation (under the exclusive lock)."""
+        assert self.fd is not None and self._map is not None
+        _flock(self.fd, fcntl.LOCK_EX, timeout_s)
+        try:
+            self.generation += 1
+            struct.pack_into("<Q", self._map, _GENERATION_AT, self.generation)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _write(self, t: torch.Tensor, offset: int) -> int:
+        """Copy one wire tensor into the segment at `offset`; its CRC-32, computed block by block."""
+        assert self._bytes is not None
+        src = t.reshape(-1).view(torch.uint8)
+        dst = torch.from_numpy(self._bytes[offset:offset + src.numel()])
+        crc = 0
+        for i in range(0, src.numel(), _BLOCK):
+            dst[i:i + _BLOCK].copy_(src[i:i + _BLOCK])
+            crc = crc32(self._bytes[offset + i:offset + min(i + _BLOCK, src.numel())], crc)
+        return crc
+
+    def messages(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
+                 dtype: torch.dtype | None = None, message_bytes: int = DEFAULT_MESSAGE_BYTES,
+                 lock_timeout_s: float = _LOCK_WAIT_S) -> Iterator[pb.SharedWeights]:
+        """Prepare the segment for a full set (now: errors raise here, not inside gRPC's request thread)
+        and return the UpdateWeightsShared stream, which copies each tensor in before announcing it."""
+        tensors = _unique_tensors(named_tensors)
+        sizes = [_wire_nbytes(t, dtype) for _, t in tensors]
+        self.ensure(sum(-(-n // _ALIGN) * _ALIGN for n in sizes))
+        self.begin(lock_timeout_s)
+        return self._stream(tensors, sizes, version, dtype, message_bytes)
+
+    def _stream(self, tensors: list[tuple[str, torch.Tensor]], sizes: list[int], version: int,
+                dtype: torch.dtype | None, message_bytes: int) -> Iterator[pb.SharedWeights]:
+        msg = pb.SharedWeights(version=version, segment=self.segment(), total_tensors=len(tensors),
+                               total_bytes=sum(sizes))
+        pending, offset = 0, HEADER_BYTES
+        for (name, t), n in zip(tensors, sizes, strict=True):
+            t = _wire_tensor(t, dtype)  # one tensor at a time: a GPU model is never copied to CPU whole
+            msg.tensors.add(name=name, dtype=wire_dtype(t.dtype), shape=tuple(t.shape), offset=offset, nbytes=n,
+                            crc32=self._write(t, offset))
+            offset += -(-n // _ALIGN) * _ALIGN
+            pending += n
+            if pending >= message_bytes:
+                yield msg
+                msg, pending = pb.SharedWeights(version=version), 0
+        msg.last = True
+        yield msg
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._bytes = None
+            _unmap(self._map)
+            self._map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _stub_call(channel: grpc.Channel):  # type: ignore[no-untyped-def]
+    return channel.stream_unary(UPDATE_WEIGHTS_SHARED_METHOD, request_serializer=pb.SharedWeights.SerializeToString,
+                                response_deserializer=pb.UpdateWeightsResponse.FromString)
+
+
+def push_weights_shared(channel: grpc.Channel, writer: SharedWeightsWriter,
+                        named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, timeout: float | None,
+                        dtype: torch.dtype | None = None, message_bytes: int = DEFAULT_MESSAGE_BYTES,
+                        metadata: tuple[tuple[str, str], ...] | None = None) -> pb.UpdateWeightsResponse:
+    """Write a full weight set into `writer`'s segment and have the generator take it; its response.
+
+    Raises grpc.RpcError with the generator's status on refusal (nothing applied), OSError when the
+    segment cannot be made here.
+    """
+    msgs = writer.messages(named_tensors, version, dtype=dtype, message_bytes=message_bytes)
+    return _stub_call(channel)(msgs, timeout=timeout, metadata=metadata)
+
+
+def probe_shared(channel: grpc.Channel, writer: SharedWeightsWriter, data_bytes: int, *, timeout: float | None,
+                 metadata: tuple[tuple[str, str], ...] | None = None) -> pb.UpdateWeightsResponse:
+    """Ask the generator to open `writer`'s segment (made `data_bytes` large) without applying anything."""
+    writer.ensure(data_bytes)
+    msg = pb.SharedWeights(segment=writer.segment(), last=True, probe=True)
+    return _stub_call(channel)(iter([msg]), timeout=timeout, metadata=metadata)

@@ -1,7 +1,7 @@
 """Generator role: the policy used for sampling; it receives new weights, it is never trained here.
 
 `quartet serve generator --model PATH [--set options.backend=vllm]` answers `quartet.v1.Generator`
-(Generate, UpdateWeights, GetInfo). backend.py holds the interface and its contracts (seeding,
+(Generate, UpdateWeights, UpdateWeightsShared, GetInfo). backend.py holds the interface and its contracts (seeding,
 raw logprobs), transformers_backend.py / vllm_backend.py the two implementations, batcher.py the
 queue and the single worker thread, servicer.py the wire.
 """
@@ -44,6 +44,12 @@ class Options(BaseModel):
     preallocate_weight_buffers: bool = Field(
         True, description="Allocate (and touch) the UpdateWeights receive buffer, one model's worth of memory, "
                           "at load time so the first update runs at full speed; off = on first update.")
+    shared_memory_weights: bool = Field(
+        True,
+        description="Accept same-host weight updates through shared memory (UpdateWeightsShared: the tensors in the "
+                    "orchestrator's memfd, opened read-only through /proc/<pid>/fd, gRPC carrying only the handle, "
+                    "layout and CRC-32s). Off: such calls get FAILED_PRECONDITION and the orchestrator streams "
+                    "the weights over gRPC instead.")
     torch_threads: int | None = Field(
         None, ge=1,
         description="torch intra-op threads of this process (torch.set_num_threads at load); unset = torch's "

@@ -36,8 +36,12 @@ class GeneratorMetrics:
             "quartet_generator_weight_update_bytes", "Tensor bytes received by successful UpdateWeights.",
             registry=registry)
         self.weight_update_failures = Counter(
-            "quartet_generator_weight_update_failures", "UpdateWeights streams refused or interrupted.",
+            "quartet_generator_weight_update_failures", "Weight updates refused or interrupted, by reason (the "
+            "error type; shm_<type> for UpdateWeightsShared, shm_disabled when the option refuses it).",
             ["reason"], registry=registry)
+        self.weight_updates = Counter(
+            "quartet_generator_weight_updates", "Weight updates applied, by transport: grpc (the UpdateWeights "
+            "stream) or shm (UpdateWeightsShared, same-host shared memory).", ["transport"], registry=registry)
 
     def observe_batch(self, results: list[list[GeneratedSample]], seconds: float) -> None:
         """Record one backend batch: `results` per request, `seconds` of wall time."""

@@ -16,6 +16,7 @@ from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.common.codec import RaggedTensor, decode_ragged, encode_ragged
 from services.common.errors import FailedPrecondition, InvalidArgument, NotReady, Overloaded, QuartetError
 from services.common.role import RoleContext, model_identity, quartet_version
+from services.common.shm_weights import SharedUpdate, SharedWeightsReceiver
 from services.common.weights import WeightAssembler, deserialize_chunk
 from services.generator import NAME, Options
 from services.generator.backend import (
@@ -112,6 +113,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def UpdateWeights(self, request_iterator, context: grpc.ServicerContext):
         return self.role.update_weights(request_iterator, context)
 
+    def UpdateWeightsShared(self, request_iterator, context: grpc.ServicerContext):
+        return self.role.update_weights_shared(request_iterator, context)
+
     def GetInfo(self, request: common_pb2.GetInfoRequest, context: grpc.ServicerContext):
         backend, _ = self.role.ready()
         info, opts, limits = backend.info, self.role.options, self.role.limits
@@ -135,7 +139,7 @@ class GeneratorRole:
     """The role object the runtime drives (services/common/role.py)."""
 
     service_name = "quartet.v1.Generator"
-    admin_methods: frozenset[str] = frozenset({"UpdateWeights"})
+    admin_methods: frozenset[str] = frozenset({"UpdateWeights", "UpdateWeightsShared"})
 
     def __init__(self, ctx: RoleContext, options: Options) -> None:
         self.ctx = ctx
@@ -148,6 +152,7 @@ class GeneratorRole:
         self.backend = self._make_backend()
         self.batcher: Batcher | None = None
         self.assembler: WeightAssembler | None = None
+        self.shared: SharedWeightsReceiver | None = None
         self._update_lock = threading.Lock()
 
     @property
@@ -175,6 +180,9 @@ class GeneratorRole:
             "UpdateWeights": grpc.stream_unary_rpc_method_handler(
                 servicer.UpdateWeights, request_deserializer=deserialize_chunk,
                 response_serializer=generator_pb2.UpdateWeightsResponse.SerializeToString),
+            "UpdateWeightsShared": grpc.stream_unary_rpc_method_handler(
+                servicer.UpdateWeightsShared, request_deserializer=generator_pb2.SharedWeights.FromString,
+                response_serializer=generator_pb2.UpdateWeightsResponse.SerializeToString),
             "GetInfo": grpc.unary_unary_rpc_method_handler(
                 servicer.GetInfo, request_deserializer=common_pb2.GetInfoRequest.FromString,
                 response_serializer=common_pb2.ServiceInfo.SerializeToString),
@@ -188,6 +196,7 @@ class GeneratorRole:
         self.backend.load()
         self.assembler = WeightAssembler(self.backend.expected_weights(), aliases=self.backend.weight_aliases(),
                                          preallocate=self.options.preallocate_weight_buffers)
+        self.shared = SharedWeightsReceiver(self.assembler.specs, self.assembler.aliases)
         self.metrics.weight_version.set(self.backend.version)
         self.batcher = Batcher(self.backend, max_queue=self.options.max_queue,
                                max_batch_tokens=self.options.max_batch_tokens, metrics=self.metrics)
@@ -201,6 +210,9 @@ class GeneratorRole:
         if self.batcher is not None:
             self.batcher.close()
         self.backend.close()
+        if self.shared is not None:
+            with self._update_lock:
+                self.shared.close()
 
     def _broke_off(self) -> FailedPrecondition:
         self.metrics.weight_update_failures.labels(reason="cancelled").inc()
@@ -211,33 +223,59 @@ class GeneratorRole:
 
     def update_weights(self, chunks, context: grpc.ServicerContext) -> generator_pb2.UpdateWeightsResponse:
         """Stage a full stream, then swap it in between batches; on any failure nothing changes."""
-        _, batcher = self.ready()
         assert self.assembler is not None
+        assembler = self.assembler
+        return self._update(lambda: SharedUpdate(assembler.assemble(chunks, current_version=self.backend.version,
+                                                                    is_active=context.is_active)),
+                            context, transport="grpc")
+
+    def update_weights_shared(self, messages, context: grpc.ServicerContext) -> generator_pb2.UpdateWeightsResponse:
+        """The same, from the sender's shared-memory segment (services/common/shm_weights.py)."""
+        if not self.options.shared_memory_weights:
+            self.metrics.weight_update_failures.labels(reason="shm_disabled").inc()
+            raise FailedPrecondition("shared_memory_weights: this generator takes weights only through the "
+                                     "UpdateWeights stream (options.shared_memory_weights is off)")
+        assert self.shared is not None
+        shared = self.shared
+        return self._update(lambda: shared.receive(messages, current_version=self.backend.version,
+                                                   is_active=context.is_active),
+                            context, transport="shm")
+
+    def _update(self, receive, context: grpc.ServicerContext, *, transport: str) -> generator_pb2.UpdateWeightsResponse:
+        _, batcher = self.ready()
         if not self._update_lock.acquire(timeout=self.options.update_wait_seconds):
             self.metrics.weight_update_failures.labels(reason="busy").inc()
-            raise Overloaded("another UpdateWeights stream is still in progress; retry after it finishes")
+            raise Overloaded("another weight update is still in progress; retry after it finishes")
         try:
             t0 = time.perf_counter()
             try:
-                staged = self.assembler.assemble(chunks, current_version=self.backend.version,
-                                                 is_active=context.is_active)
+                update: SharedUpdate = receive()
             except QuartetError as e:
                 short = isinstance(e, InvalidArgument) and e.field == "last"
                 if not _call_alive(context, settle_s=_SETTLE_S if short else 0.0):
                     raise self._broke_off() from e
-                self.metrics.weight_update_failures.labels(reason=type(e).__name__).inc()
-                log.warning("UpdateWeights refused, version %d keeps serving: %s", self.backend.version, e)
+                reason = type(e).__name__ if transport == "grpc" else f"shm_{type(e).__name__}"
+                self.metrics.weight_update_failures.labels(reason=reason).inc()
+                log.warning("weight update (%s) refused, version %d keeps serving: %s", transport,
+                            self.backend.version, e)
                 raise
             except grpc.RpcError as e:  # the request iterator raises this when the client cancels
                 raise self._broke_off() from e
-            t1 = time.perf_counter()
-            batcher.apply_weights(staged.tensors, staged.version)
-            done = time.perf_counter()
+            try:
+                staged = update.staged
+                if staged is None:  # a shared-memory probe: the segment opened; nothing to apply
+                    return generator_pb2.UpdateWeightsResponse(version=self.backend.version)
+                t1 = time.perf_counter()
+                batcher.apply_weights(staged.tensors, staged.version)
+                done = time.perf_counter()
+            finally:
+                update.release()
         finally:
             self._update_lock.release()
         self.metrics.weight_update_seconds.observe(done - t0)
         self.metrics.weight_update_bytes.inc(staged.nbytes)
-        log.info("weights version %d applied: %d tensors, %d bytes, %.3f s receive, %.3f s swap",
-                 staged.version, len(staged.tensors), staged.nbytes, t1 - t0, done - t1)
+        self.metrics.weight_updates.labels(transport=transport).inc()
+        log.info("weights version %d applied (%s): %d tensors, %d bytes, %.3f s receive, %.3f s swap",
+                 staged.version, transport, len(staged.tensors), staged.nbytes, t1 - t0, done - t1)
         return generator_pb2.UpdateWeightsResponse(version=staged.version, tensors_updated=len(staged.tensors),
                                                    bytes_received=staged.nbytes, apply_seconds=done - t1)

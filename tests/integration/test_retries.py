@@ -195,7 +195,7 @@ def test_update_weights_retried_after_it_landed_is_a_success(tiny_checkpoint: Pa
     update = "/quartet.v1.Generator/UpdateWeights"
     relay = _LossyRelay(srv.address, {update: 1}, streaming=frozenset({update}))
     client = GeneratorClient(Endpoint(address=relay.address, token=CALL, admin_token=ADMIN), deadline_s=30,
-                             weights_deadline_s=30, retry=FAST)
+                             weights_deadline_s=30, weights_transport="grpc", retry=FAST)  # the stream the relay counts
     try:
         model = hf.load_causal_lm(tiny_checkpoint, dtype=torch.float32, device=torch.device("cpu"))
         state = {k: v.detach() + 0.1 for k, v in model.named_parameters()}  # tied weights once

@@ -45,6 +45,11 @@ class GeneratorStub:
                 request_serializer=quartet_dot_v1_dot_generator__pb2.WeightChunk.SerializeToString,
                 response_deserializer=quartet_dot_v1_dot_generator__pb2.UpdateWeightsResponse.FromString,
                 _registered_method=True)
+        self.UpdateWeightsShared = channel.stream_unary(
+                '/quartet.v1.Generator/UpdateWeightsShared',
+                request_serializer=quartet_dot_v1_dot_generator__pb2.SharedWeights.SerializeToString,
+                response_deserializer=quartet_dot_v1_dot_generator__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/quartet.v1.Generator/GetInfo',
                 request_serializer=quartet_dot_v1_dot_common__pb2.GetInfoRequest.SerializeToString,
@@ -70,6 +75,17 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateWeightsShared(self, request_iterator, context):
+        """Same-host alternative to UpdateWeights. Admin scope. The tensors lie in a shared-memory segment
+        (a memfd) of the sender's process; the stream carries only its handle, the tensor layout and
+        CRC-32 checksums. Validated and applied exactly like UpdateWeights (between batches, all or
+        nothing). A generator that cannot open the segment answers INVALID_ARGUMENT naming the `segment`
+        field (FAILED_PRECONDITION when it refuses shared memory by option): the sender then streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """What this generator holds and serves.
         """
@@ -88,6 +104,11 @@ def add_GeneratorServicer_to_server(servicer, server):
             'UpdateWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.UpdateWeights,
                     request_deserializer=quartet_dot_v1_dot_generator__pb2.WeightChunk.FromString,
+                    response_serializer=quartet_dot_v1_dot_generator__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'UpdateWeightsShared': grpc.stream_unary_rpc_method_handler(
+                    servicer.UpdateWeightsShared,
+                    request_deserializer=quartet_dot_v1_dot_generator__pb2.SharedWeights.FromString,
                     response_serializer=quartet_dot_v1_dot_generator__pb2.UpdateWeightsResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
@@ -149,6 +170,33 @@ class Generator:
             target,
             '/quartet.v1.Generator/UpdateWeights',
             quartet_dot_v1_dot_generator__pb2.WeightChunk.SerializeToString,
+            quartet_dot_v1_dot_generator__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeightsShared(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/quartet.v1.Generator/UpdateWeightsShared',
+            quartet_dot_v1_dot_generator__pb2.SharedWeights.SerializeToString,
             quartet_dot_v1_dot_generator__pb2.UpdateWeightsResponse.FromString,
             options,
             channel_credentials,
