@@ -171,6 +171,13 @@ class AlgorithmConfig(BaseModel):
         "the trainer's policy copy (exactly on-policy ratios), 'generator' uses the sampler's (cheaper on "
         "big models, but sampler/trainer numerics enter the ratio). The gap is logged either way.",
     )
+    reuse_loss_forward: bool = Field(
+        True,
+        description="When the update is one optimizer step on fresh samples (PPO / GRPO, epochs 1, one minibatch, "
+        "old_logprobs: trainer, the KL not in the reward), take the old log-probs from the loss forward itself "
+        "(detached: the ratio is exactly 1) and skip the separate no-grad log-prob pass; the generator-vs-trainer "
+        "gap and kl_ref are then measured on that forward. false: always run the separate pass.",
+    )
     trpo_max_kl: float = Field(0.01, gt=0.0, description="TRPO trust region: mean KL(old || new) per token.")
     trpo_cg_iters: int = Field(10, ge=1, description="TRPO conjugate-gradient iterations.")
     trpo_damping: float = Field(0.1, ge=0.0, description="TRPO damping added to the Fisher matrix.")
@@ -222,6 +229,17 @@ class AlgorithmConfig(BaseModel):
     def needs_values(self) -> bool:
         """True when the value service (critic) is required: GAE advantages."""
         return self.advantage == "gae"
+
+    def old_logprobs_from_update(self, num_sequences: int) -> bool:
+        """True when a separate old-log-prob pass is redundant and skipped (``reuse_loss_forward``): the
+        update takes exactly one optimizer step (PPO / GRPO, one epoch, one minibatch of the
+        ``num_sequences`` samples) on samples of the policy as it is, so log π_old = the detached log-probs
+        of the loss forward and the ratio is exactly 1; and nothing before the update needs them
+        (old_logprobs: trainer with the KL in the reward would put them into the advantages)."""
+        one_step = self.epochs == 1 and (self.minibatch_size == 0 or self.minibatch_size >= num_sequences)
+        kl_in_advantages = self.kl_placement == "reward" and self.kl_coef > 0
+        return (self.reuse_loss_forward and self.name in ("ppo", "grpo") and one_step
+                and self.old_logprobs == "trainer" and not kl_in_advantages)
 
     @property
     def needs_reference(self) -> bool:

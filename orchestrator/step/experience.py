@@ -9,7 +9,7 @@ tokens. Every formula comes from orchestrator.algorithms.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -92,18 +92,27 @@ class Experience:
     position_ids: Tensor  # [B, L] int64 0..len-1 on real tokens
     response_start: Tensor  # [B] int64 = prompt length: index of the first response token
     mask: Tensor  # [B, T] float32 1 on real response tokens
-    old_logprobs: Tensor  # [B, T] log π_old(a_t|s_t), the ratio's denominator (trainer or generator)
+    old_logprobs: Tensor | None  # [B, T] log π_old(a_t|s_t), the ratio's denominator; None: the update's own forward
     generator_logprobs: Tensor  # [B, T] log π_gen(a_t|s_t) reported by the sampler
     ref_logprobs: Tensor | None  # [B, T] log π_ref(a_t|s_t), None without a reference
     values: Tensor | None  # [B, T] V(s_t) at rollout time, None without a critic
     rewards: Tensor  # [B] float32 sequence scores
-    kl: Tensor  # [B, T] per-token KL(π_old || π_ref) estimate (cfg.kl_estimator), 0 without a reference
+    kl: Tensor | None  # [B, T] per-token KL(π_old || π_ref) (cfg.kl_estimator), 0 without a reference; None: pending
     token_rewards: Tensor  # [B, T] score on the last real token, - kl_coef * kl when kl_placement = reward
     advantages: Tensor  # [B, T] A_t (group advantages broadcast over tokens), 0 at padding
     returns: Tensor | None  # [B, T] GAE value targets A_t + V(s_t), None for group advantages
     group_size: int  # G samples per prompt
-    logprob_gap: LogprobGap  # generator vs trainer log-probs of the sampled tokens
-    kl_ref: float  # mean of kl over real tokens
+    logprob_gap: LogprobGap | None  # generator vs trainer log-probs of the sampled tokens; None: pending
+    kl_ref: float | None  # mean of kl over real tokens; None: pending
+
+    @property
+    def pending(self) -> bool:
+        """True when the old log-probs (and kl, logprob_gap, kl_ref) come from the update's own forward."""
+        return self.old_logprobs is None
+
+    def completed(self, old_logprobs: Tensor | None, cfg: AlgorithmConfig) -> Experience:
+        """See ``complete_experience``."""
+        return complete_experience(self, old_logprobs, cfg)
 
     @property
     def batch(self) -> TokenBatch:
@@ -130,6 +139,8 @@ def pad_rows(
     rows: Sequence[Sequence[float] | Tensor], width: int, *, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """Right-pad ragged rows into [B, width] with zeros."""
+    if rows and not any(isinstance(r, Tensor) for r in rows):  # lists (a service's answer): one tensor, 10x faster
+        return torch.tensor([[*r, *[0.0] * (width - len(r))] for r in rows], dtype=dtype).reshape(len(rows), width)
     out = torch.zeros(len(rows), width, dtype=dtype)
     for i, row in enumerate(rows):
         values = torch.as_tensor(row, dtype=dtype).reshape(-1)
@@ -223,6 +234,25 @@ OLD_LOGPROB_SOURCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
+def complete_experience(exp: Experience, old_logprobs: Tensor | None, cfg: AlgorithmConfig) -> Experience:
+    """A pending experience with the old log-probs [B, T] its update took from its loss forward, and the
+    KL to the reference, its mean and the generator-vs-trainer gap measured on them."""
+    if old_logprobs is None:
+        raise ValueError("a pending experience needs the old log-probs of its update (UpdateStats.old_logprobs)")
+    if not exp.pending:
+        raise ValueError("the experience has its old log-probs already")
+    old_logprobs = zero_padding(old_logprobs.detach().cpu(), exp.mask.bool())
+    kl = _kl(old_logprobs, exp.ref_logprobs, exp.mask, cfg)
+    return replace(exp, old_logprobs=old_logprobs, kl=kl, kl_ref=float(kl.sum()) / max(int(exp.mask.sum()), 1),
+                   logprob_gap=logprob_gap(exp.generator_logprobs, old_logprobs, exp.mask))
+
+
+def _kl(old_logprobs: Tensor, ref_logprobs: Tensor | None, mask: Tensor, cfg: AlgorithmConfig) -> Tensor:
+    if ref_logprobs is None:
+        return torch.zeros_like(mask)
+    return kl_estimate(old_logprobs, ref_logprobs, mask, cfg.kl_estimator).per_token
+
+
 def trainer_logprobs(
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
@@ -250,20 +280,27 @@ def build_experience(
     pad_token_id: int,
     micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
     policy_logprobs: Tensor | None = None,
+    from_update: bool = False,
 ) -> Experience:
     """Pad the rollout, recompute the policy's log-probs (no grad), estimate the KL to the reference
     and compute advantages with ``cfg.advantage``.
 
     The trainer's log-probs are computed every step, even with ``old_logprobs: generator``, because
     the generator/trainer gap is a metric every step. ``policy_logprobs`` passes them in when they
-    were computed already (``trainer_logprobs`` of the same samples and model, [B, T]).
+    were computed already (``trainer_logprobs`` of the same samples and model, [B, T]). With
+    ``from_update`` (only where ``cfg.old_logprobs_from_update(B)`` holds) there is no such pass: the experience
+    is pending, the update takes them from its loss forward and ``complete_experience`` adds them.
 
     Raises:
         ValueError: GAE without values, or a non-zero kl_coef without reference log-probs, or
             ``policy_logprobs`` of another shape than the padded rollout.
     """
     batch = pad_sequences(rollout.prompt_ids, rollout.completion_ids, pad_token_id=pad_token_id)
-    if policy_logprobs is None:
+    if from_update:
+        if not cfg.old_logprobs_from_update(len(rollout.completion_ids)):
+            raise ValueError("from_update needs an update of one on-policy step: see "
+                             "AlgorithmConfig.old_logprobs_from_update")
+    elif policy_logprobs is None:
         policy_logprobs = trainer_logprobs(rollout.prompt_ids, rollout.completion_ids, policy_model,
                                            pad_token_id=pad_token_id, micro_batch_tokens=micro_batch_tokens)
     elif tuple(policy_logprobs.shape) != (len(rollout.completion_ids), batch.response_length):
@@ -273,7 +310,7 @@ def build_experience(
     width = batch.response_length
     mask = batch.response_mask.to(torch.float32)
     generator_logprobs = pad_rows(rollout.generator_logprobs, width)
-    old_logprobs = lookup(OLD_LOGPROB_SOURCES, cfg.old_logprobs, "old_logprobs source")(
+    old_logprobs = None if from_update else lookup(OLD_LOGPROB_SOURCES, cfg.old_logprobs, "old_logprobs source")(
         trainer_lp, generator_logprobs
     )
     ref_logprobs = None if rollout.ref_logprobs is None else pad_rows(rollout.ref_logprobs, width)
@@ -281,17 +318,15 @@ def build_experience(
         raise ValueError(
             f"kl_coef={cfg.kl_coef} needs the reference's log-probs: configure the reference service, or set kl_coef: 0"
         )
-    kl = (
-        torch.zeros_like(mask)
-        if ref_logprobs is None
-        else kl_estimate(old_logprobs, ref_logprobs, mask, cfg.kl_estimator).per_token
-    )
+    # Pending: the KL enters no advantage (cfg.old_logprobs_from_update), so zeros stand in until completed.
+    kl = torch.zeros_like(mask) if old_logprobs is None else _kl(old_logprobs, ref_logprobs, mask, cfg)
     values = None if rollout.values is None else pad_rows(rollout.values, width)
     rewards = rollout.rewards.detach().to(torch.float32).cpu()
     inputs = _AdvantageInputs(rewards=rewards, mask=mask, kl=kl, values=values, group_size=rollout.group_size)
     adv = lookup(ADVANTAGE_ESTIMATORS, cfg.advantage, "advantage estimator")(inputs, cfg)
     advantages = masked_whiten(adv.advantages, mask) if cfg.whiten_advantages else adv.advantages
     count = max(int(mask.sum()), 1)
+    pending = old_logprobs is None
     return Experience(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -303,13 +338,13 @@ def build_experience(
         ref_logprobs=ref_logprobs,
         values=values,
         rewards=rewards,
-        kl=kl,
+        kl=None if pending else kl,
         token_rewards=adv.token_rewards,
         advantages=advantages,
         returns=adv.returns,
         group_size=rollout.group_size,
-        logprob_gap=logprob_gap(generator_logprobs, trainer_lp, mask),
-        kl_ref=float(kl.sum()) / count,
+        logprob_gap=None if pending else logprob_gap(generator_logprobs, trainer_lp, mask),
+        kl_ref=None if pending else float(kl.sum()) / count,
     )
 
 

@@ -1,14 +1,12 @@
 """The training step, top to bottom as in the algorithm (issue 5, steps 1-8).
 
-rollout (Generate) -> score, reference logprobs and values in parallel -> experience (KL,
-advantages) -> critic TrainStep -> policy update -> weight broadcast -> metrics, step log,
-checkpoint. Every formula lives in rl/ (through build_experience and PolicyTrainer); every RPC in
-orchestrator/remote/clients.
+rollout (Generate) -> score, reference logprobs and values in parallel -> experience (KL, advantages) ->
+critic TrainStep -> policy update -> weight broadcast -> metrics, step log, checkpoint. Every formula lives
+in rl/ (through build_experience and PolicyTrainer); every RPC in orchestrator/remote/clients.
 
-What a step does when a service fails (redo the rollout, re-send the weights, leave a checkpoint of
-the last consistent state and raise StepFailed) is orchestrator/step/recovery.py. A checkpoint is a
-`checkpoint.Snapshot` the loop builds and hands to orchestrator/run/checkpoint.save, which only
-writes files.
+What a step does when a service fails (redo the rollout, re-send the weights, leave a checkpoint of the
+last consistent state and raise StepFailed) is orchestrator/step/recovery.py. A checkpoint is a
+`checkpoint.Snapshot` the loop builds and hands to orchestrator/run/checkpoint.save (it only writes files).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from orchestrator.run.config import RunConfig
 from orchestrator.run.data import Cursor, PromptRow, PromptStream
 from orchestrator.run.metrics import RunMetrics
 from orchestrator.run.reporting import Reporting, metric_names
-from orchestrator.step.experience import Experience, Rollout, build_experience, trainer_logprobs
+from orchestrator.step.experience import Experience, Rollout, build_experience
 from orchestrator.step.recovery import (
     RecoveryLog,
     StepFailed,
@@ -67,9 +65,8 @@ class Services:
     value: ValueClient | None
 
     def close(self) -> None:
-        for c in (self.generator, *self.rewards, self.reference, self.value):
-            if c is not None:
-                c.close()
+        for c in filter(None, (self.generator, *self.rewards, self.reference, self.value)):
+            c.close()
 
 
 @dataclass(frozen=True)
@@ -135,7 +132,7 @@ class _Scored:
     identities: dict[str, float]  # reward service identity -> weight
     ref_logprobs: list[torch.Tensor] | None  # [B] rows of log π_ref (None: no reference)
     values: list[torch.Tensor] | None  # [B] rows of V(s_t) (None: no critic)
-    policy_logprobs: torch.Tensor  # [B, T] log π_θ of the samples
+    policy_logprobs: torch.Tensor | None  # [B, T] log π_θ of the samples; None: the update's forward gives them
 
 
 @dataclass(frozen=True)
@@ -221,6 +218,8 @@ class Orchestrator:
         # 7. The policy update. From here the step counts as done: a failed sync still leaves step + 1.
         with timer("update"):
             stats = self.trainer.update(rollout.exp)
+            if rollout.exp.pending:  # its old log-probs, KL and log-prob gap came from the loss forward
+                rollout = replace(rollout, exp=rollout.exp.completed(stats.old_logprobs, self.cfg.algorithm))
         self._completed = _Completed(timer, started, stats, rollout)
         self._steps_done, self._cursor = step + 1, self.prompts.cursor
         # 8. Broadcast the new weights; the answer confirms the generator serves the new version.
@@ -255,7 +254,7 @@ class Orchestrator:
         )
         with timer("update"):
             exp = build_experience(rollout, self.policy, cfg.algorithm, pad_token_id=self.pad_token_id,
-                                   policy_logprobs=scored.policy_logprobs)
+                                   policy_logprobs=scored.policy_logprobs, from_update=scored.policy_logprobs is None)
 
         # 6. The critic trains itself on the returns, once per step id, then is saved at its interval.
         value_stats = self._train_critic(step, rollout, exp, timer)
@@ -274,10 +273,10 @@ class Orchestrator:
                       if svc.reference is not None and cfg.uses_reference else None)
         val_future = (self.pool.submit(_timed, svc.value.values, prompt_ids, completions)
                       if svc.value is not None and cfg.uses_value else None)
-        # Meanwhile this process computes the policy's own log-probs of the samples: on a small box the
-        # services and the trainer then share the cores instead of taking turns.
-        with timer("policy_logprobs"):
-            policy_lp = trainer_logprobs(prompt_ids, completions, self.policy, pad_token_id=self.pad_token_id)
+        # Meanwhile the trainer's forward on the samples (the services and the trainer share the cores): their
+        # log-probs, or None when the update's loss forward gives those (then that forward, kept for the update).
+        with timer("policy_forward"):
+            policy_lp = self.trainer.forward_samples(prompt_ids, completions, pad_token_id=self.pad_token_id)
         rewards = torch.zeros(len(completions))
         identities: dict[str, float] = {}
         for client, fut in zip(svc.rewards, score_futures, strict=True):

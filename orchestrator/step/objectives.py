@@ -29,7 +29,7 @@ class Minibatch:
 
     batch: TokenBatch
     mask: Tensor  # [b, T] float
-    old_logprobs: Tensor  # [b, T]
+    old_logprobs: Tensor | None  # [b, T]; None until the trainer takes them from its loss forward
     ref_logprobs: Tensor | None  # [b, T]
     advantages: Tensor  # [b, T]
 
@@ -38,7 +38,7 @@ class Minibatch:
         return cls(
             batch=exp.batch.rows(rows).to(device),
             mask=exp.mask[rows].to(device),
-            old_logprobs=exp.old_logprobs[rows].to(device),
+            old_logprobs=None if exp.old_logprobs is None else exp.old_logprobs[rows].to(device),
             ref_logprobs=None if exp.ref_logprobs is None else exp.ref_logprobs[rows].to(device),
             advantages=exp.advantages[rows].to(device),
         )
@@ -47,7 +47,7 @@ class Minibatch:
         return Minibatch(
             batch=self.batch.rows(index),
             mask=self.mask[index],
-            old_logprobs=self.old_logprobs[index],
+            old_logprobs=None if self.old_logprobs is None else self.old_logprobs[index],
             ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs[index],
             advantages=self.advantages[index],
         )

@@ -113,18 +113,21 @@ def response_tokens(batch: TokenBatch) -> Tensor:
     return batch.input_ids.gather(1, index)
 
 
-def logprobs_from_logits(logits: Tensor, batch: TokenBatch, *, with_entropy: bool = True) -> TokenLogProbs:
+def logprobs_from_logits(logits: Tensor, batch: TokenBatch, *, with_entropy: bool = True,
+                         entropy_grad: bool = True) -> TokenLogProbs:
     """Log-probs of the response tokens (and entropy) from ``response_logits`` output [B, T, V].
 
     log_softmax in fp32 whatever the model dtype: bf16 log-probs carry ~1e-2 error, enough to move
-    the PPO ratio by itself.
+    the PPO ratio by itself. ``entropy_grad=False``: the entropy is a metric only (no entropy bonus),
+    computed outside the graph, which then keeps no [B, T, V] tensors for it.
     """
     real = batch.response_mask
     logp = torch.log_softmax(logits.float(), dim=-1)
     token_logp = logp.gather(-1, response_tokens(batch)[:, :, None]).squeeze(-1)
     entropy = None
     if with_entropy:
-        entropy = zero_padding(-(logp.exp() * logp).sum(dim=-1), real)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = zero_padding(-(logp.exp() * logp).sum(dim=-1), real)
     return TokenLogProbs(logprobs=zero_padding(token_logp, real), entropy=entropy)
 
 

@@ -16,14 +16,20 @@ Shapes: ``B`` sequences, ``T`` response tokens, ``V`` vocabulary; ``mask`` is 1 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from orchestrator.run.algo_config import AlgorithmConfig
-from orchestrator.step.experience import Experience, ValueTrainInputs, value_train_inputs
+from orchestrator.step.experience import (
+    Experience,
+    ValueTrainInputs,
+    pad_sequences,
+    trainer_logprobs,
+    value_train_inputs,
+)
 from orchestrator.step.objectives import (
     NUM_ITEMS,
     LossFn,
@@ -37,6 +43,7 @@ from orchestrator.step.objectives import (
 )
 from orchestrator.step.policy import (
     DEFAULT_MICRO_BATCH_TOKENS,
+    TokenBatch,
     TokenLogProbs,
     logprobs_from_logits,
     micro_batch_rows,
@@ -64,9 +71,21 @@ class UpdateStats:
     trpo_backtracks: float = 0.0  # trials rejected before the accepted one (all of them if none)
     trpo_step_size: float = 0.0  # β scaling the natural-gradient direction
     trpo_final_kl: float = 0.0  # mean KL(π_old || π_new) of the accepted step (0 if rejected)
+    # [B, T] log π_old taken from the loss forward, for a pending experience (complete_experience); not a metric
+    old_logprobs: Tensor | None = None
 
     def as_dict(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+        """The metrics: every float field."""
+        return {f.name: float(getattr(self, f.name)) for f in fields(self) if f.name != "old_logprobs"}
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """The loss forward of one update, run before it (``PolicyTrainer.forward_samples``), with its graph."""
+
+    input_ids: Tensor  # [B, L] the rows it ran on, to match them with the update's experience
+    updates: int  # PolicyTrainer.updates when it ran: the parameters it saw
+    out: TokenLogProbs  # [B, T] log-probs and entropy, rows in the experience's order
 
 
 @dataclass
@@ -121,9 +140,41 @@ class PolicyTrainer:
         if not self.params:
             raise ValueError("the policy has no trainable parameter (requires_grad=True)")
         self.device = self.params[0].device
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # Fused AdamW (one kernel over every tensor) where torch has it: 3x faster than the per-tensor
+        # loop on the demo model's 38 tensors on CPU (0.9 vs 2.7 ms a step).
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
         self._shuffle = torch.Generator().manual_seed(seed)
         self.updates = 0
+        self._ahead: _Ahead | None = None
+
+    def forward_samples(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
+                        pad_token_id: int) -> Tensor | None:
+        """The trainer's forward over freshly sampled rows, run while the services score them.
+
+        Returns their log-probs [B, T] (no grad) when the update needs them beforehand (a separate
+        old-log-prob pass: ``cfg.old_logprobs_from_update`` is false). Otherwise returns None; when
+        the rows fit one micro-batch, that forward is the next update's loss forward, kept with its
+        graph (the memory the update's own forward takes) and used if the update gets these rows.
+        """
+        self._ahead = None
+        if not self.cfg.old_logprobs_from_update(len(completion_ids)):
+            return trainer_logprobs(prompt_ids, completion_ids, self.model, pad_token_id=pad_token_id,
+                                    micro_batch_tokens=self.micro_batch_tokens)
+        batch = pad_sequences(prompt_ids, completion_ids, pad_token_id=pad_token_id)
+        if len(micro_batch_rows(batch, self.micro_batch_tokens)) == 1:
+            on_device = batch.to(self.device)
+            out = self._logprobs(on_device)
+            self._ahead = _Ahead(batch.input_ids, self.updates, out)
+        return None
+
+    def _claim_ahead(self, exp: Experience) -> TokenLogProbs | None:
+        """The forward run ahead for ``exp`` (same rows, same parameters), if any; it is used once."""
+        ahead, self._ahead = self._ahead, None
+        if (ahead is None or not exp.pending or ahead.updates != self.updates
+                or not torch.equal(ahead.input_ids, exp.input_ids)):
+            return None
+        return ahead.out
 
     def update(self, exp: Experience) -> UpdateStats:
         """One policy update on ``exp`` with ``cfg.name``'s algorithm."""
@@ -151,11 +202,19 @@ class PolicyTrainer:
         """See ``orchestrator.step.experience.value_train_inputs``."""
         return value_train_inputs(exp)
 
-    def _forward(self, mb: Minibatch) -> TokenLogProbs:
-        return logprobs_from_logits(response_logits(self.model, mb.batch), mb.batch, with_entropy=True)
+    def _logprobs(self, batch: TokenBatch) -> TokenLogProbs:
+        """The loss forward: log-probs with their graph, and the entropy (in the graph only for a bonus)."""
+        return logprobs_from_logits(response_logits(self.model, batch), batch, with_entropy=True,
+                                    entropy_grad=self.cfg.entropy_coef > 0)
 
-    def _minibatch_step(self, exp: Experience, rows: Tensor, loss_fn: LossFn, totals: _Totals) -> None:
-        """Accumulate gradients over micro-batches of ``rows``, clip, take one optimizer step."""
+    def _minibatch_step(self, exp: Experience, rows: Tensor, loss_fn: LossFn, totals: _Totals,
+                        old_out: Tensor | None = None, ahead: TokenLogProbs | None = None) -> None:
+        """Accumulate gradients over micro-batches of ``rows``, clip, take one optimizer step.
+
+        A pending experience (no old log-probs): each micro-batch's old log-probs are the detached
+        log-probs of its own forward (ratio exactly 1), written into ``old_out`` [B, T] at their rows.
+        ``ahead``: that forward, run already on ``rows`` as one micro-batch (``forward_samples``).
+        """
         cfg = self.cfg
         mb = Minibatch.take(exp, rows, self.device)
         norm = Norm(
@@ -164,9 +223,13 @@ class PolicyTrainer:
         tokens = max(float(mb.mask.sum()), 1.0)
         sums = dict.fromkeys(("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_ref"), 0.0)
         self.optimizer.zero_grad(set_to_none=True)
-        for piece in micro_batch_rows(mb.batch, self.micro_batch_tokens):
+        pieces = [slice(None)] if ahead is not None else micro_batch_rows(mb.batch, self.micro_batch_tokens)
+        for piece in pieces:
             part = mb.rows(piece)
-            out = self._forward(part)
+            out = ahead if ahead is not None else self._logprobs(part.batch)
+            if exp.pending:
+                part = replace(part, old_logprobs=out.logprobs.detach())
+                old_out[rows[piece]] = part.old_logprobs.to(old_out.device)  # type: ignore[index]
             parts = loss_fn(out.logprobs, part, cfg, norm)
             loss = parts.loss
             if cfg.entropy_coef > 0:  # else the entropy stays out of the graph's backward
@@ -189,11 +252,18 @@ def _clipped_update(trainer: PolicyTrainer, exp: Experience, loss_fn: LossFn) ->
     """PPO-style epochs over shuffled minibatches (Schulman et al. 2017, Algorithm 1)."""
     cfg = trainer.cfg
     size = cfg.minibatch_size or exp.num_sequences
+    if exp.pending and (cfg.epochs > 1 or size < exp.num_sequences):
+        raise ValueError("an experience without old log-probs needs an update of one optimizer step "
+                         "(epochs 1, one minibatch): build it without from_update")
+    old_out = torch.zeros_like(exp.mask) if exp.pending else None
+    ahead = trainer._claim_ahead(exp)
     totals = _Totals()
     for _ in range(cfg.epochs):
         order = torch.randperm(exp.num_sequences, generator=trainer._shuffle)
+        if ahead is not None:  # one step over the whole batch, whose order is immaterial: the forward's
+            order = torch.arange(exp.num_sequences)
         for start in range(0, exp.num_sequences, size):
-            trainer._minibatch_step(exp, order[start : start + size], loss_fn, totals)
+            trainer._minibatch_step(exp, order[start : start + size], loss_fn, totals, old_out, ahead)
     n = max(totals.steps, 1)
     return UpdateStats(
         policy_loss=totals.policy_loss / n,
@@ -204,6 +274,7 @@ def _clipped_update(trainer: PolicyTrainer, exp: Experience, loss_fn: LossFn) ->
         grad_norm=totals.grad_norm / n,
         lr=float(trainer.optimizer.param_groups[0]["lr"]),
         optimizer_steps=totals.steps,
+        old_logprobs=old_out,
     )
 
 
@@ -224,6 +295,8 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
     micro-batching: the Fisher-vector products need one graph over the batch).
     """
     cfg, model = trainer.cfg, trainer.model
+    if exp.pending:
+        raise ValueError("TRPO's surrogate needs the old log-probs before its step: build the experience with them")
     mb = Minibatch.take(exp, slice(None), trainer.device)
     norm = Norm(num_items=None, max_len=trainer._max_len(exp))
     with torch.no_grad():

@@ -8,6 +8,8 @@ orchestrator's KL term compares them with the policy's own fp32 log-probabilitie
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from services.reference import Options
+
+
+@functools.cache
+def _takes_logits_to_keep(model_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
 
 
 class ReferenceBackend(ModelBackend):
@@ -93,14 +100,21 @@ class ReferenceBackend(ModelBackend):
     @staticmethod
     def _score(model: PreTrainedModel, mb, device: torch.device) -> list[Tensor]:
         """Response-token log-probabilities of one micro-batch, rows in micro-batch order."""
+        # Only the positions from the earliest response on go through the LM head (most of the cost
+        # with a large vocabulary), where the model takes logits_to_keep.
+        keep = mb.input_ids.shape[1] - int(mb.response_start.min()) + 1
+        extra = {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
         logits = model(
             input_ids=mb.input_ids.to(device),
             attention_mask=mb.attention_mask.to(device),
             position_ids=mb.position_ids.to(device),
             use_cache=False,
-        ).logits  # [b, W, V]
+            **extra,
+        ).logits  # [b, kept, V]: the last `kept` of the W positions
         # Logits at position p predict token p + 1 (batching's alignment): the target of position p.
         targets = mb.response_view(torch.roll(mb.input_ids, -1, dims=1)).to(device)  # [b, T]
-        picked = mb.response_view(logits).float()  # [b, T, V]
+        offset = mb.input_ids.shape[1] - logits.shape[1]
+        index = (mb.response_positions.to(device) - offset).clamp(min=0)  # below 0 only on masked padding
+        picked = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1])).float()  # [b, T, V]
         logprobs = picked.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
         return [r.clone() for r in mb.split_responses(logprobs.cpu())]
