@@ -33,7 +33,9 @@ _HASH = re.compile(r"####")
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])|(?<![\w\d])-?\.\d+")
 # A number at the start of an answer, taken alone only when what follows cannot continue an
 # expression: "18 eggs." and "$1,200 per month" are numbers, "3/4", "2^10" and "5x" are not.
-_LEADING_NUMBER = re.compile(r"^\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?=\s|$|[.;:!?)%*]|,(?!\s*\d))")
+_LEADING_NUMBER = re.compile(r"^\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?=\s|$|[.;!?)%*$]|:(?!\d)|,(?!\s*\d))")
+# What after a number shows it is the start of an expression ("3 * 10", "18 x 2"), not the answer.
+_CONTINUED = re.compile(r"\s*(?:[-+*/×÷^]|[xX]\s)\s*[\d(]")
 _PLAIN_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _MATH_DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
@@ -139,9 +141,10 @@ EXTRACTORS: dict[Strategy, Callable[[str], str | None]] = {
 def clean_answer(tail: str) -> str | None:
     """The answer in the text after an answer marker, or None when nothing answer-like is there.
 
-    A boxed answer inside wins; math delimiters are unwrapped (`$\\frac{1}{2}$`); a leading number
-    is taken alone, so "$1,200 per month." gives "1200"; otherwise the text up to the end of its
-    sentence, without trailing punctuation.
+    Read within the marker's sentence: a boxed answer wins; math delimiters are unwrapped
+    (`$\\frac{1}{2}$`, while `$12` is a price); a worked equation gives what follows its last "="
+    ("3 * 10 = 30" -> "30"); a leading number is taken alone when no expression continues it
+    ("$1,200 per month." -> "1200", but "3/4" and "1:2" stay whole); else the sentence, trimmed.
     """
     text = tail.strip().lstrip(":").strip()
     if not text:
@@ -150,17 +153,20 @@ def clean_answer(tail: str) -> str | None:
         boxed = last_boxed(text)
         if boxed:
             return boxed
-    for open_, close in _MATH_DELIMS:
-        if text.startswith(open_):
-            end = text.find(close, len(open_))
+    if not re.match(r"\$\s*\d", text):  # "$12" is a price, not the start of a math span
+        for open_, close in _MATH_DELIMS:
+            end = text.find(close, len(open_)) if text.startswith(open_) else -1
             if end > len(open_):
                 inner = text[len(open_):end].strip().rstrip(".").strip()
+                inner = inner.rsplit("=", 1)[-1].strip() if "=" in inner and "\\" not in inner else inner
                 return inner.replace(",", "") if _PLAIN_NUMBER.fullmatch(inner) else inner
-    number = _LEADING_NUMBER.match(text)
-    if number:
-        return number.group(1).replace(",", "")
-    sentence = re.split(r"(?<=[^\d\s])\.(?:\s|$)", text, maxsplit=1)[0]
+    sentence = re.split(r"\.(?:\s|$)", text, maxsplit=1)[0]
+    if "=" in sentence:
+        sentence = sentence.rsplit("=", 1)[1]
     sentence = sentence.strip().rstrip(".,;!").strip().strip("*").strip()
+    number = _LEADING_NUMBER.match(sentence)
+    if number and not _CONTINUED.match(sentence, number.end()):
+        return number.group(1).replace(",", "")
     return sentence or None
 
 

