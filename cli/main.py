@@ -11,7 +11,7 @@ from importlib import metadata
 
 import typer
 
-from cli import demo, serve, status, train
+from cli import convert, demo, serve, status, train
 from cli import eval as eval_cmd
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ app.command("version")(version)
 app.command("train", help=train.TRAIN_HELP)(train.train)
 app.command("demo", help=demo.DEMO_HELP)(demo.demo)
 app.command("eval", help=eval_cmd.EVAL_HELP)(eval_cmd.eval_checkpoint)
+app.command("convert-gguf", help=convert.CONVERT_HELP)(convert.convert_gguf_cmd)
 
 
 if __name__ == "__main__":

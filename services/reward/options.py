@@ -21,10 +21,16 @@ class Options(BaseModel):
     kind: Literal["rule", "model", "plugin"] = Field(
         "rule", description="Backend: a built-in rule, a sequence-classification reward model "
         "(loaded from --model), or a user's Python function (options.plugin).")
-    rule: Literal["arithmetic", "math", "format"] = Field(
+    rule: Literal["arithmetic", "math", "format", "final_answer"] = Field(
         "arithmetic", description="Built-in rule for kind=rule: arithmetic (the completion's leading "
         "integer equals the answer), math (answer equivalence with math-verify, else sympy), format "
-        "(the completion matches format_regex and the length bounds).")
+        "(the completion matches format_regex and the length bounds), final_answer (the completion states "
+        "a final answer by one of the extract strategies: a format reward).")
+    extract: list[Literal["boxed", "answer_is", "hash", "last_number"]] | None = Field(
+        None, description="Answer extraction, tried in order: boxed (last \\boxed{}), answer_is (after "
+        "'the answer is'), hash (after '####'), last_number. For rule=math: compare only the extracted "
+        "answer (unset: math-verify reads the whole completion). For rule=final_answer: what counts as a "
+        "stated answer (unset: boxed, answer_is, hash).")
     plugin: str | None = Field(
         None, description="For kind=plugin: 'module:function', imported once at start-up. The function "
         "takes (prompts, completions, metadata) lists and returns one float per sample.")
@@ -83,6 +89,11 @@ class Options(BaseModel):
             re.compile(self.format_regex)
         except re.error as e:
             raise ValueError(f"format_regex={self.format_regex!r} is not a valid regex: {e}") from e
+        if self.extract is not None:
+            if self.kind != "rule" or self.rule not in ("math", "final_answer"):
+                raise ValueError("extract applies to kind=rule with rule=math or rule=final_answer; drop it or change rule")
+            if not self.extract or len(set(self.extract)) != len(self.extract):
+                raise ValueError(f"extract={self.extract} must list one or more strategies, each once, in the order to try")
         if self.max_chars and self.max_chars < self.min_chars:
             raise ValueError(f"max_chars={self.max_chars} is below min_chars={self.min_chars}; raise it or set 0")
         return self

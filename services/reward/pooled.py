@@ -92,7 +92,7 @@ class RuleBackend(PoolBackend):
         settings = RuleSettings(
             name=options.rule, answer_key=options.answer_key, correct_reward=options.correct_reward,
             incorrect_reward=options.incorrect_reward, math_engine=engine, format_regex=options.format_regex,
-            min_chars=options.min_chars, max_chars=options.max_chars,
+            min_chars=options.min_chars, max_chars=options.max_chars, extract=tuple(options.extract or ()),
         )
         self.identity = f"rule:{options.rule}"
         self.engine = engine if options.rule == "math" else ""

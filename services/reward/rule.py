@@ -10,6 +10,11 @@ answer* is a data problem and must not pass as a zero reward silently.
   a small sympy checker. math-verify's own SIGALRM timeouts are switched off: a timeout there
   returns "wrong" silently; the pool's hard per-sample timeout is counted instead.
 - format: the stripped completion fully matches `format_regex` and has min_chars..max_chars characters.
+- final_answer: the completion states a final answer by one of the `extract` strategies
+  (`\\boxed{}`, "The answer is", `#### N`): the format reward beside math correctness.
+
+`extract` (ordered strategies, extract.py) makes the math rule compare only the extracted final
+answer, as DeepSeekMath-style rewards do; empty, math-verify reads the whole completion.
 
 No torch here: workers stay light (this module is imported in each of them).
 """
@@ -22,6 +27,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from services.common.answers import STATED_STRATEGIES, extract_answer, validate_strategies
 
 Check = Callable[[str, str, dict[str, str]], bool]
 
@@ -38,6 +45,7 @@ class RuleSettings:
     format_regex: str = r"-?\d+"
     min_chars: int = 1
     max_chars: int = 0
+    extract: tuple[str, ...] = ()
 
 
 def resolve_math_engine(requested: str) -> str:
@@ -103,10 +111,27 @@ def math_check(settings: RuleSettings) -> Check:
     engine = resolve_math_engine(settings.math_engine)
     key = settings.answer_key
     if engine == "math_verify":
-        return lambda prompt, completion, meta: math_verify_equal(completion, meta[key])
-    from services.reward.sympy_math import sympy_equal
+        equal: Callable[[str, str], bool] = math_verify_equal
+    else:
+        from services.reward.sympy_math import sympy_equal
 
-    return lambda prompt, completion, meta: sympy_equal(completion, meta[key])
+        equal = sympy_equal
+    if not settings.extract:
+        return lambda prompt, completion, meta: equal(completion, meta[key])
+    strategies = validate_strategies(settings.extract)
+    # An extracted answer such as "\frac{1}{2}" is only read whole by math-verify inside delimiters.
+    wrap = (lambda answer: f"${answer}$") if engine == "math_verify" else (lambda answer: answer)
+
+    def check(prompt: str, completion: str, meta: dict[str, str]) -> bool:
+        found = extract_answer(completion, strategies)
+        return found is not None and equal(wrap(found.answer), meta[key])
+
+    return check
+
+
+def final_answer_check(settings: RuleSettings) -> Check:
+    strategies = validate_strategies(settings.extract or STATED_STRATEGIES)
+    return lambda prompt, completion, meta: extract_answer(completion, strategies) is not None
 
 
 def math_verify_equal(completion: str, answer: str) -> bool:
@@ -127,15 +152,16 @@ CHECKS: dict[str, Callable[[RuleSettings], Check]] = {
     "arithmetic": arithmetic_check,
     "math": math_check,
     "format": format_check,
+    "final_answer": final_answer_check,
 }
 
 
 def make_rule_scorer(settings: dict[str, Any]) -> Callable[[list[str], list[str], list[dict[str, str]]], list[float]]:
     """Worker factory (see `worker.ScorerSpec`): the scorer of one unit for the named rule."""
-    s = RuleSettings(**settings)
+    s = RuleSettings(**{**settings, "extract": tuple(settings.get("extract", ()))})
     check = CHECKS[s.name](s)
     # Warm up (lazy imports, regex compilation) now, at start-up, not against the first sample's timeout.
-    check("", "1", {s.answer_key: "1"})
+    check("", "\\boxed{1} The answer is 1. #### 1", {s.answer_key: "1"})
 
     def scorer(prompts: list[str], completions: list[str], metadata: list[dict[str, str]]) -> list[float]:
         return [s.correct_reward if check(p, c, m) else s.incorrect_reward

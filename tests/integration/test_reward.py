@@ -218,6 +218,29 @@ def test_format_rule() -> None:
         srv.stop(grace=0)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("math_verify") is None, reason="math-verify not installed")
+def test_math_rule_on_extracted_answer_and_final_answer_format_rule() -> None:
+    """GSM8K-style completions: only the stated final answer counts; the format rule rewards stating one."""
+    completions = ["9 * 2 = 18 dollars. The answer is 18.", "She has 18 eggs and eats 3.", "#### 1,000",
+                   r"so $x = \boxed{\frac{1}{2}}$", "I think it is 7"]
+    answers = ["18", "18", "1000", "0.5", "7"]
+    math = _serve({"kind": "rule", "rule": "math", "math_engine": "math_verify", "workers": 1,
+                   "extract": ["boxed", "answer_is", "hash"]})
+    fmt = _serve({"kind": "rule", "rule": "final_answer", "workers": 1})
+    channels = []
+    try:
+        for srv, expected in ((math, [1.0, 0.0, 1.0, 1.0, 0.0]), (fmt, [1.0, 0.0, 1.0, 1.0, 0.0])):
+            channel, stub = _stub(srv)
+            channels.append(channel)
+            assert _rewards(stub.Score(_request(completions, answers), timeout=20)) == expected
+        assert stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5).extra["rule"] == "final_answer"
+    finally:
+        for channel in channels:
+            channel.close()
+        math.stop(grace=0)
+        fmt.stop(grace=0)
+
+
 # --- plugin ---------------------------------------------------------------------------------------
 
 
