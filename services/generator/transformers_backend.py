@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from services.common import hf
+from services.common.chat import end_of_turn_token_ids
 from services.common.role import ModelConfig
 from services.common.weights import model_weight_specs
 from services.generator.backend import (
@@ -150,6 +151,7 @@ class TransformersBackend(GeneratorBackend):
         eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        eos |= set(end_of_turn_token_ids(self.tokenizer))  # a chat model ends its turn on <|im_end|>, not eos
         cfg = self.model.config
         self._info = BackendInfo(
             backend=self.name, model_path=str(self.model_config.path),

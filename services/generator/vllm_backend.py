@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from services.common import hf
+from services.common.chat import end_of_turn_token_ids
 from services.common.role import ModelConfig
 from services.generator.backend import (
     BackendInfo,
@@ -249,10 +250,12 @@ class VLLMBackend(GeneratorBackend):
         self._specs = checkpoint_specs(path, dtype)
         self.llm = vllm.LLM(**engine_kwargs(path, config, device, dtype, self.options))
         model_cfg = self.llm.llm_engine.model_config
-        # The stop set of the transformers backend: tokenizer EOS and generation_config EOS.
+        # The stop set of the transformers backend: tokenizer EOS, generation_config EOS, the chat
+        # template's end-of-turn marker(s).
         eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         gen_eos = (model_cfg.try_get_generation_config() or {}).get("eos_token_id")
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        eos |= set(end_of_turn_token_ids(self.tokenizer))
         self._info = BackendInfo(
             backend=self.name, model_path=path, tokenizer_fingerprint=hf.tokenizer_fingerprint(self.tokenizer),
             vocab_size=int(model_cfg.get_vocab_size()), dtype=_VLLM_DTYPES[dtype], device=str(device),
