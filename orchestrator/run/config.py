@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.run.algo_config import AlgorithmConfig
+from orchestrator.run.datasets import DatasetSpec
 from orchestrator.run.services_config import (
     Deadlines,
     Endpoint,
@@ -64,16 +65,46 @@ class SamplingConfig(Strict):
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra stop tokens (EOS always stops).")
 
 
-class DatasetConfig(Strict):
-    """The prompts: a local jsonl or parquet file."""
+class DatasetConfig(DatasetSpec):
+    """The prompts: kind prompts reads {prompt, answer}-style rows as given (the demo's format); any
+    other kind goes through orchestrator.run.datasets (presets, column mapping, chat template, reference
+    extraction, bad-row policy, held-out split)."""
 
-    path: str = Field(..., description="Local .jsonl or .parquet file, one prompt per row.")
-    format: Literal["auto", "jsonl", "parquet"] = Field("auto", description="File format; auto: from the suffix.")
-    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    kind: Literal["prompts", "custom", "gsm8k", "math", "math500", "svamp", "asdiv", "mawps"] = Field(  # type: ignore[assignment]
+        "prompts", description="prompts: one prompt text per row, tokenised as is (prompt_column, metadata_columns); "
+        "custom or a known dataset (gsm8k, math, ...): the real-data loader (question, answer, reference, chat, ...).")
+    prompt_column: str = Field("prompt", description="kind prompts: column holding the prompt text.")
     metadata_columns: list[str] = Field(
-        default_factory=lambda: ["answer"], description="Columns passed to reward services as string metadata (e.g. the answer)."
+        default_factory=lambda: ["answer"], description="kind prompts: columns passed to reward services as string "
+        "metadata (e.g. the answer)."
     )
     shuffle: bool = Field(True, description="Visit the prompts in a new seeded order every epoch.")
+
+    def _resolve(self) -> None:
+        if self.kind != "prompts":
+            if self.prompt_column != "prompt" or self.metadata_columns != ["answer"]:
+                raise ValueError(f"prompt_column / metadata_columns are for kind: prompts, not {self.kind}; name the "
+                                 "prompt column(s) in dataset.question and extra metadata in dataset.metadata (key: column)")
+            super()._resolve()
+            return
+        loader_only = [name for name in _LOADER_ONLY if getattr(self, name) !=
+                       DatasetSpec.model_fields[name].get_default(call_default_factory=True)]
+        if self.format not in ("auto", "jsonl", "parquet"):
+            loader_only.append("format")
+        if loader_only:
+            raise ValueError(f"{', '.join(loader_only)} need(s) the real-data loader: set dataset.kind to custom (or a "
+                             "known dataset such as gsm8k), or drop them to read plain prompt rows")
+
+    def spec(self) -> DatasetSpec:
+        """The loader's view of this section (kind other than prompts)."""
+        return DatasetSpec.model_validate(self.model_dump(include=set(DatasetSpec.model_fields)))
+
+
+#: DatasetSpec fields that mean nothing to kind prompts (chat stays at auto: such rows are never templated).
+_LOADER_ONLY = ("reader", "split", "question", "answer", "reference", "metadata", "template", "system_prompt",
+                "bad_rows", "limit", "eval_size", "eval_path", "eval_seed")
 
 
 class CheckpointConfig(Strict):

@@ -11,8 +11,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.run.config import ConfigError, DatasetConfig
+from orchestrator.run.datasets import DatasetError, load_dataset
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,12 @@ class PromptRow:
 
     text: str
     metadata: dict[str, str]
+    ids: tuple[int, ...] | None = None  # (P,) the prompt's token ids when the loader made them (chat template)
+
+    def token_ids(self, tokenizer: Any) -> list[int]:
+        """The ids the generator gets: the loader's own when present (re-tokenising a chat-templated
+        text would add a second BOS), else the text tokenised as the tokenizer normally does."""
+        return list(self.ids) if self.ids is not None else list(tokenizer(self.text)["input_ids"])
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,21 @@ def load_prompts(cfg: DatasetConfig) -> list[PromptRow]:
             )
         out.append(PromptRow(str(row[cfg.prompt_column]), {c: str(row[c]) for c in cfg.metadata_columns}))
     return out
+
+
+def load_rows(cfg: DatasetConfig, tokenizer: Any, log: Any = print) -> list[PromptRow]:
+    """The training prompts of the run: plain rows (kind prompts) or the real-data loader's examples,
+    rendered and tokenised with the policy's tokenizer; skipped bad rows and the held-out size are logged."""
+    if cfg.kind == "prompts":
+        return load_prompts(cfg)
+    try:
+        loaded = load_dataset(cfg.spec(), tokenizer)
+    except DatasetError as e:
+        raise ConfigError(f"dataset: {e}") from e
+    if loaded.skipped:
+        log(f"dataset: skipped {loaded.skipped} bad row(s) {loaded.skipped_reasons}; first: {loaded.skipped_first}")
+    log(f"dataset: {len(loaded.train)} training prompts ({cfg.kind}), {len(loaded.eval)} held out")
+    return [PromptRow(e.prompt, e.metadata, e.prompt_ids) for e in loaded.train]
 
 
 class PromptStream:

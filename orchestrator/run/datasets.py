@@ -97,6 +97,11 @@ class DatasetSpec(BaseModel):
 
     @model_validator(mode="after")
     def _apply_kind(self) -> DatasetSpec:
+        self._resolve()
+        return self
+
+    def _resolve(self) -> None:
+        """Fill the kind's defaults and check the template (a plain method: the run config extends it)."""
         preset = PRESETS.get(self.kind, {})
         if self.question is None:
             self.question = list(preset.get("question", ["question"]))
@@ -110,7 +115,6 @@ class DatasetSpec(BaseModel):
             self.template.format_map(_AnyKey(question=""))
         except (ValueError, IndexError) as e:
             raise ValueError(f"template={self.template!r} is not a valid format string ({e}); use {{question}}") from e
-        return self
 
     def _columns(self) -> list[str]:
         return [*(self.question or []), *([self.answer] if self.answer else []), *self.metadata.values()]

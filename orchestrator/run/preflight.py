@@ -113,8 +113,21 @@ def _first_line(e: Exception) -> str:
 # --- dataset ---------------------------------------------------------------------------------------
 
 
+def _loaded_dataset(cfg: RunConfig) -> Iterator[Problem]:
+    """The real-data loader over every row, without a tokenizer (the chat template is applied at start-up)."""
+    from orchestrator.run.datasets import DatasetError, load_dataset
+
+    try:
+        load_dataset(cfg.dataset.spec().model_copy(update={"chat": "off", "system_prompt": None}))
+    except DatasetError as e:
+        yield Problem("dataset", str(e))
+
+
 def _dataset(cfg: RunConfig) -> Iterator[Problem]:
     d = cfg.dataset
+    if d.kind != "prompts":
+        yield from _loaded_dataset(cfg)
+        return
     path = Path(d.path).expanduser()
     if not path.is_file():
         yield Problem("dataset.path", f"{d.path!r} does not exist; point it at a local .jsonl or .parquet file")

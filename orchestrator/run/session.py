@@ -27,7 +27,7 @@ from orchestrator.remote.clients import (
 from orchestrator.remote.retry import RetryPolicy
 from orchestrator.run import checkpoint
 from orchestrator.run.config import ConfigError, Endpoint, RewardEndpoint, RunConfig, dump_config
-from orchestrator.run.data import PromptStream, load_prompts
+from orchestrator.run.data import PromptStream, load_rows
 from orchestrator.run.metrics import RunMetrics
 from orchestrator.run.reporting import Reporting
 from orchestrator.step.loop import Orchestrator, RunState, Services
@@ -159,7 +159,7 @@ class Session:
         from orchestrator.step.trainer import PolicyTrainer
 
         trainer = PolicyTrainer(policy, cfg.algorithm, seed=cfg.seed)
-        prompts = PromptStream(load_prompts(cfg.dataset), seed=cfg.seed, shuffle=cfg.dataset.shuffle)
+        prompts = PromptStream(load_rows(cfg.dataset, tokenizer, self.log), seed=cfg.seed, shuffle=cfg.dataset.shuffle)
         served = self.infos["generator"].weight_version
         state, value_save = self._restore(restored, trainer, services, run_dir, served)
         self._serve_metrics(cfg)

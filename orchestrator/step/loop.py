@@ -236,7 +236,7 @@ class Orchestrator:
         # 1. The next prompts (the cursor moves only when the step completes).
         self.prompts.cursor = self._cursor
         rows = self.prompts.next_batch(cfg.prompts_per_step)
-        prompts = [list(self.tokenizer(r.text)["input_ids"]) for r in rows]
+        prompts = [r.token_ids(self.tokenizer) for r in rows]
 
         # 2. Generate G samples per prompt, seeded by (run seed, step): reproducible and retry-safe.
         with timer("generate"):

@@ -14,7 +14,7 @@ from orchestrator.run.config import (
     dump_config,
     load_config,
 )
-from orchestrator.run.data import Cursor, PromptRow, PromptStream, load_prompts
+from orchestrator.run.data import Cursor, PromptRow, PromptStream, load_prompts, load_rows
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -154,6 +154,36 @@ def test_dataset_missing_column_says_which(tmp_path: Path) -> None:
         load_prompts(cfg)
     cfg = build_config(base(dataset={"path": str(path), "prompt_column": "question"})).dataset
     assert load_prompts(cfg) == [PromptRow("1+1=", {"answer": "2"})]
+
+
+def test_dataset_kind_chooses_the_loader_and_rejects_the_other_ones_fields(tmp_path: Path) -> None:
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text('{"question": "Tom has 3 apples and eats one. How many are left?", "answer": "3 - 1 = 2\\n#### 2"}\n'
+                    '{"question": "2+2?", "answer": "no final line"}\n')
+    with pytest.raises(ConfigError, match=r"dataset\.kind to custom"):
+        build_config(base(dataset={"path": str(path), "template": "Q: {question}"}))
+    with pytest.raises(ConfigError, match=r"dataset\.question"):
+        build_config(base(dataset={"path": str(path), "kind": "gsm8k", "prompt_column": "question"}))
+    cfg = build_config(base(dataset={"path": str(path), "kind": "gsm8k", "bad_rows": "skip", "answer_key": "ref"}))
+    assert build_config(RunConfig.model_validate(cfg.model_dump()).model_dump()).dataset == cfg.dataset  # dump reloads
+    logged: list[str] = []
+    rows = load_rows(cfg.dataset, _WordTokenizer(), logged.append)
+    assert rows == [PromptRow("Tom has 3 apples and eats one. How many are left?", {"ref": "2"}, (1,) + (4,) * 11)]
+    assert "skipped 1 bad row(s) {'no_reference': 1}" in logged[0] and "1 training prompts" in logged[1]
+    # The loader's ids are what the generator gets; plain rows are tokenised as before.
+    assert rows[0].token_ids(_WordTokenizer()) == [1] + [4] * 11
+    assert PromptRow("a b", {}).token_ids(_WordTokenizer()) == [1, 4, 4]
+    plain = build_config(base(dataset={"path": str(path), "prompt_column": "question"})).dataset
+    assert load_rows(plain, None)[0].ids is None
+
+
+class _WordTokenizer:
+    """A BOS then one id per word; no chat template (so the loader tokenises the plain text)."""
+
+    chat_template = None
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [1] + [4] * len(text.split())}
 
 
 def test_config_reference_is_up_to_date() -> None:
