@@ -117,10 +117,10 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert load_config(path) == cfg
 
 
-@pytest.mark.parametrize("name", ["grpo", "ppo", "trpo"])
+@pytest.mark.parametrize("name", ["grpo", "ppo", "trpo", "gsm8k_grpo"])
 def test_examples_validate(name: str) -> None:
     cfg = load_config(EXAMPLES / f"{name}.yaml")
-    assert isinstance(cfg, RunConfig) and cfg.algorithm.name == name
+    assert isinstance(cfg, RunConfig) and cfg.algorithm.name == name.removeprefix("gsm8k_")
 
 
 def test_cursor_wraps_with_a_new_seeded_order() -> None:

