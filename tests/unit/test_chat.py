@@ -37,3 +37,24 @@ def test_plain_text_after_the_reply_ends_the_search() -> None:
     tokenizer = build_char_tokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_ \n")
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} END<eos>{% endfor %}"
     assert end_of_turn_token_ids(tokenizer) == [tokenizer.eos_token_id]  # eos only by the always-added rule
+
+
+def test_transformers_generator_stops_on_the_template_end_marker(tiny_checkpoint, tmp_path) -> None:
+    """The backend's stop set holds the template's end-of-turn id beside eos (vLLM's gets the same)."""
+    import shutil
+
+    from services.common.hf import load_tokenizer
+    from services.common.role import ModelConfig
+    from services.generator.transformers_backend import TransformersBackend
+
+    path = tmp_path / "chat-model"
+    shutil.copytree(tiny_checkpoint, path)
+    tokenizer = load_tokenizer(path)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = GEMMA_LIKE
+    tokenizer.save_pretrained(path)
+    backend = TransformersBackend(ModelConfig(path=str(path), dtype="float32", device="cpu"))
+    backend.load()
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert end != tokenizer.eos_token_id
+    assert {end, tokenizer.eos_token_id} <= set(backend.info.eos_token_ids)  # + generation_config eos
