@@ -2,7 +2,8 @@
 
 The config itself is already typed and validated (orchestrator.run.config); what it points at is not:
 model directories (config.json and tokenizer readable, no weights loaded), the dataset (exists, its first
-rows parse, the configured columns present), the metrics port (free), the output directories
+rows parse, the configured columns present; for a real-data kind every row through the loader and the
+first prompt through the policy's tokenizer), the metrics port (free), the output directories
 (writable), the trainer device, the remote endpoints' token files, the report_to packages. Each problem
 names the config field and says what to change; `check` returns them all, `require` raises one
 ConfigError listing them.
@@ -114,11 +115,20 @@ def _first_line(e: Exception) -> str:
 
 
 def _loaded_dataset(cfg: RunConfig) -> Iterator[Problem]:
-    """The real-data loader over every row, without a tokenizer (the chat template is applied at start-up)."""
-    from orchestrator.run.datasets import DatasetError, load_dataset
+    """The real-data loader over every row without a tokenizer, then the first prompt through the
+    policy's tokenizer (chat: on or a system prompt with a tokenizer that has no chat template)."""
+    from orchestrator.run.datasets import DatasetError, load_dataset, render_prompt
 
+    spec = cfg.dataset.spec()
     try:
-        load_dataset(cfg.dataset.spec().model_copy(update={"chat": "off", "system_prompt": None}))
+        loaded = load_dataset(spec.model_copy(update={"chat": "off", "system_prompt": None}))
+        try:
+            from services.common.hf import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.models.policy)
+        except Exception:  # an unreadable model directory is the model check's problem
+            return
+        render_prompt(loaded.train[0].question, tokenizer, chat=spec.chat, system_prompt=spec.system_prompt)
     except DatasetError as e:
         yield Problem("dataset", str(e))
 

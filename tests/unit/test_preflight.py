@@ -104,6 +104,20 @@ def test_missing_column_names_the_column_fields(tiny_checkpoint: Path, dataset: 
     assert "dataset.prompt_column" in field and "['question']" in message and "'prompt'" in message
 
 
+def test_real_data_loader_bad_row_is_reported_as_file_and_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "1 + 1 = 2\\n#### 2"}\n{"question": "2+2?", "answer": "4"}\n')
+    data = config(tiny_checkpoint, path, tmp_path / "run")
+    data["dataset"]["kind"] = "gsm8k"
+    (field, message), = problems_of(data).items()
+    assert field == "dataset" and f"{path}:2:" in message and "bad_rows: skip" in message
+    data["dataset"]["bad_rows"] = "skip"
+    assert problems_of(data) == {}
+    data["dataset"]["system_prompt"] = "Be brief."  # the char tokenizer has no chat template
+    (field, message), = problems_of(data).items()
+    assert field == "dataset" and "system_prompt needs the chat template" in message
+
+
 def test_busy_metrics_port_names_metrics_port(tiny_checkpoint: Path, dataset: Path, tmp_path: Path,
                                               busy_port: int) -> None:
     found = problems_of(config(tiny_checkpoint, dataset, tmp_path / "run", metrics_port=busy_port))
