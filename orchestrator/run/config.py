@@ -206,6 +206,13 @@ class RunConfig(Strict):
             )
         if sum(r.weight for r in svc.rewards) == 0 and svc.rewards:
             raise ValueError("services.rewards weights sum to 0: give at least one reward a non-zero weight")
+        reward = svc.local_options.reward
+        if (svc.local and self.dataset.kind != "prompts" and reward.get("rule") in ("math", "arithmetic")
+                and reward.get("answer_key", "answer") != self.dataset.answer_key):
+            raise ValueError(
+                f"dataset.answer_key={self.dataset.answer_key!r} but the local reward reads "
+                f"answer_key={reward.get('answer_key', 'answer')!r}: set both to the same key"
+            )
         return self
 
     @property

@@ -164,7 +164,12 @@ def test_dataset_kind_chooses_the_loader_and_rejects_the_other_ones_fields(tmp_p
         build_config(base(dataset={"path": str(path), "template": "Q: {question}"}))
     with pytest.raises(ConfigError, match=r"dataset\.question"):
         build_config(base(dataset={"path": str(path), "kind": "gsm8k", "prompt_column": "question"}))
-    cfg = build_config(base(dataset={"path": str(path), "kind": "gsm8k", "bad_rows": "skip", "answer_key": "ref"}))
+    with pytest.raises(ConfigError, match="answer_key='ref' but the local reward reads answer_key='answer'"):
+        build_config(base(dataset={"path": str(path), "kind": "gsm8k", "answer_key": "ref"},
+                          services={"local": True, "local_options": {"reward": {"kind": "rule", "rule": "math"}}}))
+    math_ref = {"local": True, "local_options": {"reward": {"kind": "rule", "rule": "math", "answer_key": "ref"}}}
+    cfg = build_config(base(dataset={"path": str(path), "kind": "gsm8k", "bad_rows": "skip", "answer_key": "ref"},
+                            services=math_ref))
     assert build_config(RunConfig.model_validate(cfg.model_dump()).model_dump()).dataset == cfg.dataset  # dump reloads
     logged: list[str] = []
     rows = load_rows(cfg.dataset, _WordTokenizer(), logged.append)
