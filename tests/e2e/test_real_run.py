@@ -54,8 +54,14 @@ def test_two_grpo_steps_on_gsm8k_with_the_chat_template(smollm2_dir: Path, gsm8k
         "metrics_port": None,
         "run_dir": str(tmp_path / "run"),
     })
-    expected = [list(e.prompt_ids or ()) for e in load_dataset(cfg.dataset.spec(), load_tokenizer(smollm2_dir)).train]
-    assert len(expected) == 4 and all(ids[:1] == [1] for ids in expected)  # <|im_start|>, once, at the start
+    tokenizer = load_tokenizer(smollm2_dir)
+    questions = [json.loads(line)["question"] for line in gsm8k_four.read_text().splitlines()]
+    expected = []  # the template's own rendering of each question, independent of the loader
+    for question in questions:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        expected.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    assert [list(e.prompt_ids or ()) for e in load_dataset(cfg.dataset.spec(), tokenizer).train] == expected
+    assert all(ids[0] == 1 and ids.count(1) == 3 for ids in expected)  # <|im_start|> x3 (system, user, assistant)
 
     sent: list[list[list[int]]] = []
     with Session(cfg) as session:

@@ -52,6 +52,7 @@ class FakeGenerator:
         self.model, self.tokenizer = copy.deepcopy(model), tokenizer
         self.version = 0
         self.pushed: list[int] = []  # versions received by update_weights
+        self.prompts: list[list[int]] = []  # every prompt it was asked to continue
 
     def info(self) -> ServiceInfo:
         return _info("generator", vocab=len(self.tokenizer), weight_version=self.version)
@@ -60,6 +61,7 @@ class FakeGenerator:
     def generate(self, prompt_ids, *, n, temperature, top_p, top_k, max_new_tokens, stop_token_ids, seed,
                  request_id) -> Samples:
         eos = {self.tokenizer.eos_token_id, *stop_token_ids}
+        self.prompts += [list(p) for p in prompt_ids]
         completions, logprobs, finished = [], [], []
         for i, prompt in enumerate(prompt_ids):
             for j in range(n):
@@ -186,9 +188,12 @@ def test_one_step_of_each_algorithm_with_fake_services(algo, tokenizer, tmp_path
     services = Services(gen, [FakeReward()], FakeReference(policy) if cfg.uses_reference else None,
                         value if cfg.uses_value else None)
     metrics = RunMetrics(trpo=algo == "trpo")
+    # The second row carries the loader's token ids (as a chat-templated prompt does): sent as they are.
+    loader_ids = tuple(tokenizer("7-3=", add_special_tokens=False)["input_ids"])  # no BOS: differs from the text's
+    rows = [PromptRow(PROMPTS[0], {}), PromptRow(PROMPTS[1], {}, loader_ids), *(PromptRow(p, {}) for p in PROMPTS[2:])]
     orch = Orchestrator(
         cfg, services, policy=policy, tokenizer=tokenizer, trainer=PolicyTrainer(policy, cfg.algorithm, seed=cfg.seed),
-        prompts=PromptStream([PromptRow(p, {}) for p in PROMPTS], seed=cfg.seed, shuffle=False),
+        prompts=PromptStream(rows, seed=cfg.seed, shuffle=False),
         state=RunState(), metrics=metrics,
     )
     try:
@@ -197,6 +202,7 @@ def test_one_step_of_each_algorithm_with_fake_services(algo, tokenizer, tmp_path
         orch.close()
 
     assert result.step == 1 and orch.state.step == 1
+    assert gen.prompts == [tokenizer(PROMPTS[0])["input_ids"], list(loader_ids)]
     assert math.isfinite(result.metrics["policy_loss"]), result.metrics
     assert result.rewards["std"] > 0, "the rule gives varied rewards: every algorithm has a gradient"
     same = [k for k, p in policy.named_parameters() if torch.equal(p.detach(), start[k])]
