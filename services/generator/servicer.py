@@ -223,11 +223,12 @@ class GeneratorRole:
 
     def update_weights(self, chunks, context: grpc.ServicerContext) -> generator_pb2.UpdateWeightsResponse:
         """Stage a full stream, then swap it in between batches; on any failure nothing changes."""
-        assert self.assembler is not None
-        assembler = self.assembler
-        return self._update(lambda: SharedUpdate(assembler.assemble(chunks, current_version=self.backend.version,
-                                                                    is_active=context.is_active)),
-                            context, transport="grpc")
+        def receive() -> SharedUpdate:
+            assert self.assembler is not None  # set by load(); _update checked ready() first (NotReady while loading)
+            return SharedUpdate(self.assembler.assemble(chunks, current_version=self.backend.version,
+                                                        is_active=context.is_active))
+
+        return self._update(receive, context, transport="grpc")
 
     def update_weights_shared(self, messages, context: grpc.ServicerContext) -> generator_pb2.UpdateWeightsResponse:
         """The same, from the sender's shared-memory segment (services/common/shm_weights.py)."""
@@ -235,11 +236,11 @@ class GeneratorRole:
             self.metrics.weight_update_failures.labels(reason="shm_disabled").inc()
             raise FailedPrecondition("shared_memory_weights: this generator takes weights only through the "
                                      "UpdateWeights stream (options.shared_memory_weights is off)")
-        assert self.shared is not None
-        shared = self.shared
-        return self._update(lambda: shared.receive(messages, current_version=self.backend.version,
-                                                   is_active=context.is_active),
-                            context, transport="shm")
+        def receive() -> SharedUpdate:
+            assert self.shared is not None  # set by load(); _update checked ready() first (NotReady while loading)
+            return self.shared.receive(messages, current_version=self.backend.version, is_active=context.is_active)
+
+        return self._update(receive, context, transport="shm")
 
     def _update(self, receive, context: grpc.ServicerContext, *, transport: str) -> generator_pb2.UpdateWeightsResponse:
         _, batcher = self.ready()

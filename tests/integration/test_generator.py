@@ -221,6 +221,16 @@ def test_health_not_serving_until_loaded(tiny_checkpoint, monkeypatch) -> None:
         with pytest.raises(grpc.RpcError) as info:
             generator_pb2_grpc.GeneratorStub(channel).GetInfo(common_pb2.GetInfoRequest(), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A weight update that reaches a generator still loading (a restarted one, say) is UNAVAILABLE,
+        # which the orchestrator retries, through either transport; never INTERNAL.
+        weights = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
+        with pytest.raises(grpc.RpcError) as info:
+            push_weights(channel, weights.items(), 1, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            generator_pb2_grpc.GeneratorStub(channel).UpdateWeightsShared(iter([generator_pb2.SharedWeights()]),
+                                                                           timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
         gate.set()
         assert srv.wait_ready(timeout=60)
         assert health_status(channel, "quartet.v1.Generator") == "SERVING"
