@@ -1,7 +1,7 @@
 """Retries of service calls: one helper used by every client method.
 
 A call is retried on UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED (the service restarted,
-stalled or shed load) with exponential backoff and full jitter (sleep ~ U(0, min(max_backoff,
+stalled or shed load) and on CANCELLED (see RETRYABLE) with exponential backoff and full jitter (sleep ~ U(0, min(max_backoff,
 initial * 2^k)), AWS "Exponential Backoff and Jitter"), until `max_attempts` or until no retry can
 start within `budget_s` of the first attempt. Only calls that are safe to repeat go through it:
 idempotent reads (Generate with its seed, Score, LogProbs, Values, GetInfo), TrainStep with its step
@@ -26,7 +26,12 @@ from orchestrator.run.config import RetryConfig
 
 log = logging.getLogger("quartet.orchestrator.retry")
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# CANCELLED is here because the orchestrator never cancels a call it retries, so a CANCELLED it sees
+# came from the other side: gRPC core ends a call that reached a server but was not yet handed to a
+# handler with CANCELLED, not UNAVAILABLE, when that server shuts down (grpc/grpc#41785). A reward
+# container stopped for a swap produced exactly that in a run that must ride through the swap.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 
 T = TypeVar("T")
 

@@ -195,7 +195,7 @@ class Deadlines(Strict):
 
 
 class RetryConfig(Strict):
-    """Retries of calls that failed with UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED."""
+    """Retries of calls that failed with UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / CANCELLED (a stopping server)."""
 
     max_attempts: int = Field(
         100, ge=1, description="Most attempts of one call, the first included (1: no retries). High by default so "

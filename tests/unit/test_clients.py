@@ -122,6 +122,14 @@ def test_backoff_doubles_to_its_cap_with_full_jitter() -> None:
     assert all(0 <= s <= policy.backoff_cap(k + 1) for k, s in enumerate(clock.sleeps))
 
 
+def test_a_call_cancelled_by_a_stopping_server_is_retried() -> None:
+    # gRPC core answers CANCELLED for a call the server had not yet handed to a handler when it shut
+    # down (a reward container stopped mid-run); the orchestrator never cancels its own calls.
+    attempt, calls = _failing([grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE])
+    assert call_with_retries(attempt, policy=RetryPolicy(5, 0.001, 0.001, 10), service="s", call="C") == "ok"
+    assert len(calls) == 3
+
+
 def test_attempts_and_budget_bound_the_retries() -> None:
     clock = _Clock()
     attempt, calls = _failing([grpc.StatusCode.DEADLINE_EXCEEDED] * 100)
