@@ -37,6 +37,11 @@ GAUGES: dict[str, tuple[str, str]] = {
     "sync_bytes": ("quartet_weight_sync_last_bytes", "Bytes of the last weight broadcast."),
     "weight_version": ("quartet_weight_version", "Weight version the generator serves."),
     "response_length_mean": ("quartet_response_length_tokens", "Mean completion length in tokens."),
+    "rollout_staleness": ("quartet_rollout_staleness", "Pipelined rollouts: weight versions between the weights "
+                          "that sampled the last step and the weights it trained."),
+    "is_weight_mean": ("quartet_is_weight_mean", "Mean truncated importance weight min(pi_old / pi_gen, tis_cap)."),
+    "is_truncated_fraction": ("quartet_is_truncated_fraction", "Share of tokens whose importance weight was cut "
+                              "to tis_cap."),
 }
 REWARD_STATS = ("mean", "std", "min", "max")
 
@@ -61,6 +66,10 @@ REJOINS: dict[str, tuple[str, str]] = {
     "value_lost_train_steps": ("quartet_value_lost_train_steps_total", "Critic TrainSteps lost to value service "
                                "restarts (applied after the last value save)."),
     "rollout_redos": ("quartet_rollout_redos_total", "Step rollouts redone (same seed) after a service rejoined."),
+    "stale_rollouts": ("quartet_stale_rollouts_total", "Pipelined rollouts: prefetched samples discarded and drawn "
+                       "again (too stale, or from weights the run never served: a restarted generator)."),
+    "prefetch_failures": ("quartet_prefetch_failures_total", "Pipelined rollouts: prefetched Generate calls that "
+                          "failed (the step then sampled synchronously)."),
 }
 
 

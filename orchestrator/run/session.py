@@ -31,6 +31,7 @@ from orchestrator.run.data import PromptStream, load_rows
 from orchestrator.run.metrics import RunMetrics
 from orchestrator.run.reporting import Reporting
 from orchestrator.step.loop import Orchestrator, RunState, Services
+from orchestrator.step.pipeline import Pending
 from services.common.command import silence_progress_bars
 from services.common.hf import (
     load_causal_lm,
@@ -202,7 +203,8 @@ class Session:
                 self.log(f"warning: value checkpoint {restored.value_checkpoint!r} now holds TrainStep id "
                          f"{loaded}, not {restored.value_last_step_id} as when {restored.path.name} was written")
             value_save = restored.value_checkpoint
-        state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served)
+        pending = None if restored.pending_rollout is None else Pending.from_state(restored.pending_rollout)
+        state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served, pending=pending)
         checkpoint.truncate_step_log(run_dir / checkpoint.STEP_LOG, restored.step, restore=restored.log_line)
         self.log(f"resumed from {restored.path} at step {restored.step}")
         return state, value_save
