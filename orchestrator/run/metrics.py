@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from services.common.metrics import peak_rss_bytes
+
 PHASES = ("generate", "score", "reference", "values", "update", "value_train", "sync", "checkpoint")
 
 # step-log key -> (metric name, help). Each is a gauge holding the value of the last step.
@@ -98,6 +100,9 @@ class RunMetrics:
         )
         self.trpo_ratio = Gauge("quartet_trpo_accepted_ratio", "TRPO: fraction of steps whose line search "
                                 "accepted a step, over the run.", registry=r)
+        self.peak_rss = Gauge("quartet_peak_rss_bytes", "Peak resident memory of this process (ru_maxrss), in bytes.",
+                              ["role"], registry=r)
+        self.peak_rss.labels("orchestrator").set_function(peak_rss_bytes)
         self._trpo = [0, 0]  # accepted, steps
         self.rejoins = {key: Counter(name, doc, registry=r) for key, (name, doc) in REJOINS.items()}
         self.server = None
