@@ -39,6 +39,8 @@ GAUGES: dict[str, tuple[str, str]] = {
     "sync_bytes": ("quartet_weight_sync_last_bytes", "Bytes of the last weight broadcast."),
     "weight_version": ("quartet_weight_version", "Weight version the generator serves."),
     "response_length_mean": ("quartet_response_length_tokens", "Mean completion length in tokens."),
+    "group_signal_fraction": ("quartet_group_signal_fraction", "Share of the last step's prompt groups whose "
+                              "samples' rewards differ (the groups a group-relative advantage learns from)."),
     "rollout_staleness": ("quartet_rollout_staleness", "Pipelined rollouts: weight versions between the weights "
                           "that sampled the last step and the weights it trained."),
     "is_weight_mean": ("quartet_is_weight_mean", "Mean truncated importance weight min(pi_old / pi_gen, tis_cap)."),

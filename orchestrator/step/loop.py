@@ -312,6 +312,9 @@ class Orchestrator:
         if sync is not None:  # None: the sync failed; the resume re-sends the weights
             metrics.update(sync_seconds=sync.seconds, sync_bytes=float(sync.bytes), weight_version=float(sync.version))
         rewards = r.rewards
+        # GRPO learns only from groups whose samples' rewards differ: the rest have zero advantage.
+        groups = rewards.reshape(-1, self.cfg.samples_per_prompt)
+        metrics.update(group_signal_fraction=float((groups.max(1).values > groups.min(1).values).float().mean()))
         reward_stats = {"mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False)),
                         "min": float(rewards.min()), "max": float(rewards.max())}
         return StepResult(self._steps_done, metrics, dict(done.timer.seconds), reward_stats, r.identities, n_tokens,
