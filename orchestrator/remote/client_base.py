@@ -123,8 +123,12 @@ def _channel(ep: Endpoint, *, admin: bool) -> grpc.Channel:
     root = Path(ep.tls_ca).read_bytes() if ep.tls_ca else None
     cert = Path(ep.tls_client_cert).read_bytes() if ep.tls_client_cert else None
     key = Path(ep.tls_client_key).read_bytes() if ep.tls_client_key else None
-    return open_channel(ep.address, token=token, root_cert=root, client_cert=cert, client_key=key,
-                        options=RECONNECT_OPTIONS)
+    if not isinstance(ep.address, str):
+        raise ValueError(f"one client per address, got {ep.address!r}: orchestrator.remote.discovery builds replica sets")
+    options = RECONNECT_OPTIONS
+    if ep.tls_server_name:  # a replica dialled by IP presents the certificate of its Service's name
+        options = (*options, ("grpc.ssl_target_name_override", ep.tls_server_name))
+    return open_channel(ep.address, token=token, root_cert=root, client_cert=cert, client_key=key, options=options)
 
 
 class RoleClient:
