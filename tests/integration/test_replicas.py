@@ -148,3 +148,29 @@ def test_single_address_endpoint_stays_a_plain_client(tiny_checkpoint) -> None:
     client = connect_reference(ep, deadline_s=1, probe_interval_s=1, retry=FAST)
     assert type(client).__name__ == "ReferenceClient"
     client.close()
+
+
+def test_prompt_index_offset_seeds_and_numbers_the_prompts(tiny_checkpoint, servers) -> None:
+    from quartet.v1 import generator_pb2, generator_pb2_grpc
+    from services.common.channel import open_channel
+    from services.common.codec import decode_ragged, encode_ragged
+
+    servers.append(_serve("generator", tiny_checkpoint))
+    stub = generator_pb2_grpc.GeneratorStub(open_channel(servers[0].address, token=CALL))
+    tok = hf.load_tokenizer(tiny_checkpoint)
+    prompts = [tok(p)["input_ids"] for p in ("12+34=", "7*8=", "1", "99-5=", "3+3=")]
+
+    def generate(rows, offset):
+        req = generator_pb2.GenerateRequest(
+            prompt_ids=encode_ragged([torch.tensor(p) for p in rows], torch.int64), prompt_index_offset=offset,
+            params=generator_pb2.SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=77))
+        resp = stub.Generate(req, timeout=30)
+        return [r.tolist() for r in decode_ragged(resp.completion_ids, dtypes=(torch.int64,)).rows()], list(resp.prompt_index)
+
+    whole, index = generate(prompts, 0)
+    tail, tail_index = generate(prompts[3:], 3)
+    assert index == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and tail_index == [3, 3, 4, 4]
+    assert tail == whole[6:] and generate(prompts[3:], 0)[0] != whole[6:]  # without the offset: other samples
+    with pytest.raises(grpc.RpcError) as e:
+        generate(prompts, 2**31 - 3)
+    assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE and "prompt_index_offset" in e.value.details()

@@ -351,3 +351,28 @@ def test_per_replica_metrics() -> None:
     assert 'quartet_replica_calls_total{method="LogProbs",replica="10.0.0.0:1",role="reference"} 2.0' in text
     assert 'quartet_replica_share{replica="10.0.0.0:1",role="reference"} 1.0' in text
     assert 'quartet_replica_removals_total{replica="10.0.0.1:1",role="reference"} 1.0' in text
+
+
+def test_a_generator_that_ignores_the_prompt_offset_is_refused() -> None:
+    from orchestrator.remote.clients import GeneratorClient
+    from orchestrator.run.config import Endpoint
+    from quartet.v1 import generator_pb2
+    from services.common.codec import encode_ragged
+
+    client = GeneratorClient(Endpoint(address="127.0.0.1:1"), deadline_s=1, weights_deadline_s=1)
+    client.vocab_size = 10
+
+    def answer(index: list[int]) -> generator_pb2.GenerateResponse:
+        return generator_pb2.GenerateResponse(
+            completion_ids=encode_ragged([torch.tensor([1]), torch.tensor([2])], torch.int64),
+            logprobs=encode_ragged([torch.tensor([-0.5]), torch.tensor([-0.5])], torch.float32),
+            finish_reasons=[1, 1], prompt_index=index, completion_text=["a", "b"], weight_version=0)
+
+    try:
+        assert client._check_samples(answer([2, 3]), n_prompts=2, n=1, max_new_tokens=4, offset=2).texts == ["a", "b"]
+        for older in ([0, 1], []):  # numbered from 0, or not at all: the offset was not applied
+            with pytest.raises(ServiceError, match="ignored prompt_index_offset=2"):
+                client._check_samples(answer(older), n_prompts=2, n=1, max_new_tokens=4, offset=2)
+        assert client._check_samples(answer([0, 1]), n_prompts=2, n=1, max_new_tokens=4).texts == ["a", "b"]
+    finally:
+        client.close()
