@@ -16,6 +16,7 @@ machine's cores, so past the core count the replicas compete with each other and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -41,10 +42,8 @@ def serve(path: str, conn) -> None:  # type: ignore[no-untyped-def]
     srv = start_server("generator", model=ModelConfig(path=path, dtype="float32", device="cpu"),
                        options={"torch_threads": 1}, server=ServerConfig(port=0, token=TOKEN, metrics_port=None))
     conn.send(srv.address)
-    try:
+    with contextlib.suppress(EOFError):
         conn.recv()
-    except EOFError:
-        pass
     srv.stop(grace=0)
 
 

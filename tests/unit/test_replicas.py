@@ -376,3 +376,25 @@ def test_a_generator_that_ignores_the_prompt_offset_is_refused() -> None:
         assert client._check_samples(answer([0, 1]), n_prompts=2, n=1, max_new_tokens=4).texts == ["a", "b"]
     finally:
         client.close()
+
+
+def test_first_lookup_waits_for_records_then_gives_up_naming_the_budget() -> None:
+    from orchestrator.remote.discovery import first_lookup
+
+    answers = [[], [], [(2, 1, 6, "", ("10.0.0.9", 1))]]
+    clock = Clock()
+
+    def lookup(host, port, **kw):
+        return answers.pop(0)
+
+    def sleep(s: float) -> None:
+        clock.t += s
+
+    assert first_lookup("generator", "gen:1", budget_s=10, lookup=lookup, sleep=sleep, clock=clock) == ["10.0.0.9:1"]
+    assert clock.t == 2.0
+
+    def missing(host, port, **kw):
+        raise OSError("Name or service not known")
+
+    with pytest.raises(ServiceError, match=r"generator at gen:1 service, DNS lookup: Name or service not known after 3 s"):
+        first_lookup("generator", "gen:1", budget_s=3, lookup=missing, sleep=sleep, clock=clock)
