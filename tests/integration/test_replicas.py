@@ -60,7 +60,9 @@ def test_two_generator_replicas_sample_bit_identical_to_one(tiny_checkpoint, ser
                             probe_interval_s=60)
     assert isinstance(two, ReplicaGenerator)
     try:
-        one.info(), two.info()
+        one.info()
+        info = two.info()
+        assert info.max_batch_sequences > 0 and info.queue_depth == 0  # GetInfo's limits and queue: the share weights
         alone, split = _sample(one, prompts), _sample(two, prompts)
         assert split.completion_ids == alone.completion_ids and split.texts == alone.texts
         assert split.finished == alone.finished

@@ -398,3 +398,49 @@ def test_first_lookup_waits_for_records_then_gives_up_naming_the_budget() -> Non
 
     with pytest.raises(ServiceError, match=r"generator at gen:1 service, DNS lookup: Name or service not known after 3 s"):
         first_lookup("generator", "gen:1", budget_s=3, lookup=missing, sleep=sleep, clock=clock)
+
+
+class FakeReward:
+    """Reward of sample k is k / 10; sample 1 is a verifier failure; identities name the host."""
+
+    def __init__(self, address: str) -> None:
+        self.address, self.name = address, f"reward at {address}"
+
+    def info(self, *, retry: bool = True) -> ServiceInfo:
+        return _info()
+
+    def score(self, prompt_ids, completion_ids, prompt_text, completion_text, metadata):
+        from orchestrator.remote.client_base import Scores
+
+        ks = [int(c[0]) for c in completion_ids]
+        return Scores(torch.tensor([k / 10 for k in ks]), [k == 1 for k in ks], f"reward/rule:x@{self.address}")
+
+    def close(self) -> None:
+        pass
+
+
+def test_reward_replicas_reassemble_rewards_and_failures_in_order() -> None:
+    from orchestrator.remote.replicas import RewardReplicas
+
+    rs = ReplicaSet("reward", ["10.0.2.0:1", "10.0.2.1:1", "10.0.2.2:1"], FakeReward, clock=Clock())
+    reward = RewardReplicas(rs, weight=0.5)
+    reward.info()
+    n = 7
+    scores = reward.score([[1]] * n, [[k] for k in range(n)], ["p"] * n, ["c"] * n, [{}] * n)
+    assert scores.rewards.tolist() == pytest.approx([k / 10 for k in range(n)])
+    assert scores.failed == [k == 1 for k in range(n)] and reward.weight == 0.5
+    assert scores.identity == "reward/rule:x@replicas"  # three hosts: one identity for the role's metric
+
+
+def test_a_partitioned_generator_that_kept_its_weights_comes_back_without_a_push() -> None:
+    gen, gens = _generators([0, 0])
+    clock = gen.replicas.clock
+    gen.info()
+    gen.update_weights({"w": torch.zeros(1)}, 1)
+    gens["10.0.1.1:1"].down = True
+    gen.info()
+    assert [a for a, ok, _ in gen.replicas.snapshot() if ok] == ["10.0.1.0:1"]
+    gens["10.0.1.1:1"].down = False  # reachable again, still at version 1
+    clock.t += 10
+    gen.info()
+    assert all(ok for _, ok, _ in gen.replicas.snapshot()) and gens["10.0.1.1:1"].version == 1
