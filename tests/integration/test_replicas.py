@@ -176,3 +176,22 @@ def test_prompt_index_offset_seeds_and_numbers_the_prompts(tiny_checkpoint, serv
     with pytest.raises(grpc.RpcError) as e:
         generate(prompts, 2**31 - 3)
     assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE and "prompt_index_offset" in e.value.details()
+
+
+def test_a_generator_replica_lost_during_generate_gives_the_same_samples(tiny_checkpoint, servers) -> None:
+    servers += [_serve("generator", tiny_checkpoint) for _ in range(3)]
+    tok = hf.load_tokenizer(tiny_checkpoint)
+    prompts = [tok(p)["input_ids"] for p in ("12+34=", "7*8=", "1", "99-5=")]
+    one = GeneratorClient(_endpoint([servers[0].address]), deadline_s=30, weights_deadline_s=30)
+    two = connect_generator(_endpoint([servers[1].address, servers[2].address]), deadline_s=30, weights_deadline_s=30,
+                            probe_interval_s=60, retry=FAST)
+    try:
+        one.info(), two.info()
+        servers[2].stop(grace=0)  # admitted, then gone: its slice (prompts 2, 3) fails and is redone on the other
+        alone, split = _sample(one, prompts), _sample(two, prompts)
+        assert split.completion_ids == alone.completion_ids and split.texts == alone.texts
+        state = {a: (ok, dict(st.calls), dict(st.failures)) for a, ok, st in two.replicas.snapshot()}
+        assert state[servers[2].address] == (False, {"GetInfo": 1}, {"Generate": 1})
+        assert state[servers[1].address][1]["Generate"] == 2  # its own slice, then the lost one
+    finally:
+        one.close(), two.close()
