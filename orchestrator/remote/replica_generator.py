@@ -2,8 +2,8 @@
 
 Invariant: every admitted replica serves `version`, the weight version the trainer last pushed.
 `update_weights` sends the weights to every admitted replica and to every removed one that answers
-GetInfo, all at once in threads, and the answer comes back only when each has confirmed (or failed
-and been removed): the step's Generate that follows sees one version everywhere. A replica that
+GetInfo since it was taken out (a background probe, ReplicaSet.collect), all at once in threads,
+and the answer comes back only when each has confirmed (or failed and been removed): the step's Generate that follows sees one version everywhere. A replica that
 comes back after a failure or a restart is admitted only by such a push (or when GetInfo shows it
 already serves `version`, e.g. after a network partition): the orchestrator keeps no copy of the
 weights to send outside a push, and the policy's own tensors may already be ahead of `version`.
@@ -66,24 +66,22 @@ class ReplicaGenerator:
                 rs.admit(r, info)
             else:
                 rs.remove(r, f"serves weight version {info.weight_version}, the replica set {self.version}: it "
-                             "gets the weights at the next update")
+                             "gets the weights at the next update", answered=info)
         infos.update(rs.refresh(accept=self._current))
         if not rs.admitted() and infos:
             return next(iter(infos.values()))
         return first_answer(rs, infos)
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> WeightSync:
-        """Push `version` to every admitted replica and every removed one that answers, in parallel.
+        """Push `version` to every admitted replica and every removed one that answered GetInfo since, in parallel.
 
         Returns when each has confirmed or failed (failed ones are taken out); ServiceError when none took it.
         `seconds` is the wall time of the whole fan-out, `bytes` the sum over the replicas.
         """
         rs = self.replicas
-        if rs.due():
-            rs.rediscover()
-        removed = rs.removed()
-        back = rs.probe(removed, retry=False) if removed else {}
-        targets = rs.admitted() + [r for r in removed if r.address in back]
+        rs.collect()
+        back = {r.address: r.answered for r in rs.removed() if r.answered is not None}
+        targets = rs.admitted() + [r for r in rs.removed() if r.address in back]
         start = time.perf_counter()
         futures = [(r, rs.pool.submit(r.client.update_weights, named_tensors, version)) for r in targets]
         syncs, errors = [], []

@@ -7,8 +7,10 @@ over queue depth, orchestrator/remote/sharding.py), the slices run in parallel t
 whose replica failed is redone on the replicas still admitted; the run fails only when none is
 left. Answers are reassembled in the original order, so the step sees one role.
 
-Removed replicas are probed again (GetInfo, one attempt) at most every `probe_interval_s`, at the
-start of a call. A reward / reference replica that answers is re-admitted at once (stateless); a
+Removed replicas are probed again (GetInfo, one attempt) at most every `probe_interval_s`, in the
+background: a call starts the probes that are due and takes the answers of those that finished, and
+never waits for one (a replica whose host is cut off would otherwise stall a step for the GetInfo
+deadline). A reward / reference replica that answered is re-admitted at the next call (stateless); a
 generator replica only once it serves the current weight version (replica_generator.py pushes it
 the weights first). The value role is not replicated: its critic trains (one writer; see
 services_config.ServicesConfig).
@@ -23,7 +25,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -62,6 +65,7 @@ class Replica(Generic[C]):
     admitted: bool = False
     reason: str = "not probed yet"  # why it is not admitted
     weight: float = 1.0  # share weight from its last GetInfo (sharding.replica_weight)
+    answered: ServiceInfo | None = None  # while removed: its GetInfo since it was taken out (it is reachable)
     stats: ReplicaStats = field(default_factory=ReplicaStats)
 
 
@@ -83,6 +87,7 @@ class ReplicaSet(Generic[C]):
         self.name = f"{role} replicas ({len(self.replicas)}: {', '.join(r.address for r in self.replicas)})"
         self._lock = threading.Lock()
         self._last_probe = float("-inf")
+        self._probes: dict[str, Future[ServiceInfo]] = {}  # address -> background GetInfo of a removed replica
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"quartet-{role}-replica")
 
     # -- membership ------------------------------------------------------------------------------
@@ -103,12 +108,14 @@ class ReplicaSet(Generic[C]):
                 r.stats.readmissions += 1
                 log.warning("%s at %s is back: re-admitted", self.role, r.address)
             r.admitted, r.reason = True, ""
+        r.answered = None
 
-    def remove(self, r: Replica[C], reason: str) -> None:
+    def remove(self, r: Replica[C], reason: str, *, answered: ServiceInfo | None = None) -> None:
+        """Take `r` out; `answered`: the GetInfo it just gave (it is reachable, e.g. it serves other weights)."""
         if r.admitted:
             r.stats.removals += 1
             log.warning("%s at %s taken out of the replica set: %s", self.role, r.address, reason)
-        r.admitted, r.reason = False, reason
+        r.admitted, r.reason, r.answered = False, reason, answered
 
     def probe(self, replicas: Sequence[Replica[C]], *, retry: bool) -> dict[str, ServiceInfo]:
         """GetInfo of `replicas` in parallel: address -> info for those that answered (no one is admitted here)."""
@@ -148,25 +155,47 @@ class ReplicaSet(Generic[C]):
             self.replicas = [r for r in self.replicas if r.address in found]
             self.replicas += [Replica(a, self.make_client(a)) for a in found if a not in known]
         for r in gone:
+            self._probes.pop(r.address, None)
             log.warning("%s at %s no longer in DNS: dropped", self.role, r.address)
             r.client.close()
 
+    def collect(self) -> None:
+        """Take the answers of the background probes that finished (a removed replica that answered is
+        `answered`); when due, rediscover and start probes of the removed replicas. Never waits."""
+        for r in self.removed():
+            fut = self._probes.get(r.address)
+            if fut is None or not fut.done():
+                continue
+            del self._probes[r.address]
+            try:
+                r.answered = fut.result()
+                r.stats.calls["GetInfo"] = r.stats.calls.get("GetInfo", 0) + 1
+            except ServiceError as e:
+                r.stats.failures["GetInfo"] = r.stats.failures.get("GetInfo", 0) + 1
+                r.reason, r.answered = str(e), None
+        if self.due():
+            self.rediscover()
+            for r in self.removed():
+                if r.address not in self._probes:
+                    self._probes[r.address] = self.pool.submit(r.client.info, retry=False)
+
     def refresh(self, accept: Callable[[Replica[C], ServiceInfo], bool] = lambda _r, _i: True) -> dict[str, ServiceInfo]:
-        """At most every probe_interval_s: rediscover, probe removed replicas once, admit those `accept` takes.
+        """`collect`, then admit the removed replicas that answered and `accept` takes.
 
         Returns address -> GetInfo of the replicas it admitted.
         """
-        if not self.due():
-            return {}
-        self.rediscover()
-        removed = self.removed()
-        infos = self.probe(removed, retry=False) if removed else {}
+        self.collect()
         taken = {}
-        for r in removed:
-            if r.address in infos and accept(r, infos[r.address]):
-                self.admit(r, infos[r.address])
-                taken[r.address] = infos[r.address]
+        for r in self.removed():
+            info = r.answered
+            if info is not None and accept(r, info):
+                self.admit(r, info)
+                taken[r.address] = info
         return taken
+
+    def wait_probes(self, timeout: float | None = None) -> None:
+        """Block until the background probes now running have finished (or `timeout` passed)."""
+        futures_wait(list(self._probes.values()), timeout=timeout)
 
     # -- split calls -----------------------------------------------------------------------------
     def run_split(self, method: str, n_items: int, call: Callable[[C, range], P]) -> list[P]:

@@ -181,7 +181,10 @@ def test_removed_replica_is_readmitted_after_the_probe_interval() -> None:
     ref.logprobs(*_rows(4))
     assert clients["10.0.0.1:1"].seen == []
     clock.t = 6.0
-    ref.logprobs(*_rows(4))
+    ref.logprobs(*_rows(4))  # starts a background probe and does not wait for it
+    assert clients["10.0.0.1:1"].seen == []
+    ref.replicas.wait_probes(timeout=5)
+    ref.logprobs(*_rows(4))  # takes its answer
     assert clients["10.0.0.1:1"].seen == [2]
     stats = {a: st for a, _ok, st in ref.replicas.snapshot()}["10.0.0.1:1"]
     assert stats.readmissions == 1 and stats.removals == 1
@@ -193,7 +196,10 @@ def test_dns_rediscovery_adds_and_drops_replicas() -> None:
     rs = ReplicaSet("reference", answers[0], FakeReference, probe_interval_s=5.0, clock=clock,
                     resolve=lambda: answers[1])
     ref = ReferenceReplicas(rs)
-    ref.info()  # the first info probes the removed ones too: the set looks at DNS now
+    ref.info()  # the first info looks at DNS: 10.0.0.0 is dropped, 10.0.0.2 probed in the background
+    assert [a for a, _ok, _ in rs.snapshot()] == ["10.0.0.1:1", "10.0.0.2:1"]
+    rs.wait_probes(timeout=5)
+    ref.info()
     assert sorted(a for a, ok, _ in rs.snapshot() if ok) == ["10.0.0.1:1", "10.0.0.2:1"]
 
 
@@ -442,5 +448,7 @@ def test_a_partitioned_generator_that_kept_its_weights_comes_back_without_a_push
     assert [a for a, ok, _ in gen.replicas.snapshot() if ok] == ["10.0.1.0:1"]
     gens["10.0.1.1:1"].down = False  # reachable again, still at version 1
     clock.t += 10
+    gen.info()
+    gen.replicas.wait_probes(timeout=5)
     gen.info()
     assert all(ok for _, ok, _ in gen.replicas.snapshot()) and gens["10.0.1.1:1"].version == 1
