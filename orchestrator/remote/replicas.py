@@ -88,7 +88,9 @@ class ReplicaSet(Generic[C]):
         self._lock = threading.Lock()
         self._last_probe = float("-inf")
         self._probes: dict[str, Future[ServiceInfo]] = {}  # address -> background GetInfo of a removed replica
-        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"quartet-{role}-replica")
+        # Room for one call and one background probe per replica, and for DNS to name more later.
+        self.pool = ThreadPoolExecutor(max_workers=max(16, 2 * len(self.replicas)),
+                                       thread_name_prefix=f"quartet-{role}-replica")
 
     # -- membership ------------------------------------------------------------------------------
     def admitted(self) -> list[Replica[C]]:
