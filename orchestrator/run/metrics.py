@@ -7,9 +7,11 @@ info-style gauge (value 1) whose label carries the identity.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from services.common.metrics import peak_rss_bytes
 
@@ -77,6 +79,48 @@ REJOINS: dict[str, tuple[str, str]] = {
 }
 
 
+class ReplicaCollector:
+    """Per-replica series of the role replica sets (orchestrator/remote/replicas.py), read at every scrape.
+
+    `sets`: objects with `.role` and `.snapshot()` -> [(address, admitted, ReplicaStats)]. The `replica`
+    label is the replica's address as the orchestrator dials it.
+    """
+
+    def __init__(self, sets: Sequence[Any]) -> None:
+        self.sets = list(sets)
+
+    def collect(self) -> Iterator[Metric]:
+        pair, triple = ["role", "replica"], ["role", "replica", "method"]
+        calls = CounterMetricFamily("quartet_replica_calls", "Calls a replica answered, by method.", labels=triple)
+        failures = CounterMetricFamily("quartet_replica_failures", "Calls a replica failed after its retries (it "
+                                       "was taken out), by method.", labels=triple)
+        share = GaugeMetricFamily("quartet_replica_share", "Fraction of the last split call's items the replica "
+                                  "answered.", labels=pair)
+        admitted = GaugeMetricFamily("quartet_replica_admitted", "1 while the replica takes work, 0 while it is "
+                                     "taken out.", labels=pair)
+        removals = CounterMetricFamily("quartet_replica_removals", "Times the replica was taken out.", labels=pair)
+        readmissions = CounterMetricFamily("quartet_replica_readmissions", "Times the replica came back and was "
+                                           "re-admitted.", labels=pair)
+        sync = GaugeMetricFamily("quartet_replica_weight_sync_seconds", "Seconds of the generator replica's last "
+                                 "UpdateWeights.", labels=pair)
+        for s in self.sets:
+            for address, ok, st in s.snapshot():
+                for method, n in st.calls.items():
+                    calls.add_metric([s.role, address, method], n)
+                for method, n in st.failures.items():
+                    failures.add_metric([s.role, address, method], n)
+                share.add_metric([s.role, address], st.share)
+                admitted.add_metric([s.role, address], 1.0 if ok else 0.0)
+                removals.add_metric([s.role, address], st.removals)
+                readmissions.add_metric([s.role, address], st.readmissions)
+                if s.role == "generator":
+                    sync.add_metric([s.role, address], st.sync_seconds)
+        yield from (calls, failures, share, admitted, removals, readmissions, sync)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # no fixed series: the replicas are known only once a run connects
+
+
 class RunMetrics:
     """Holds the registry and updates it from one step record."""
 
@@ -122,6 +166,11 @@ class RunMetrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+    def watch_replicas(self, sets: Sequence[Any]) -> None:
+        """Expose the per-replica series of these replica sets (see ReplicaCollector)."""
+        if sets:
+            self.registry.register(ReplicaCollector(sets))
 
     def rejoin(self, action: str, n: int = 1) -> None:
         """Count a rejoin action (a key of REJOINS) as it happens, not at the step's end."""

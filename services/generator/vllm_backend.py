@@ -306,7 +306,7 @@ class VLLMBackend(GeneratorBackend):
                     params.append(vllm.SamplingParams(
                         n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                         max_tokens=p.max_new_tokens, stop_token_ids=stops,
-                        seed=sample_seed(seed, i, j), logprobs=0, detokenize=False))
+                        seed=sample_seed(seed, req.first_prompt + i, j), logprobs=0, detokenize=False))
                     owner.append((r, i))
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         out: list[list[GeneratedSample]] = [[] for _ in requests]
