@@ -49,6 +49,7 @@ from orchestrator.step.policy import (
     micro_batch_rows,
     response_logits,
 )
+from orchestrator.step.ranks import Ranks
 from rl.masked import lookup, masked_mean
 from rl.trpo import mean_categorical_kl, trpo_step
 
@@ -147,6 +148,11 @@ class PolicyTrainer:
         self._shuffle = torch.Generator().manual_seed(seed)
         self.updates = 0
         self._ahead: _Ahead | None = None
+        # Several trainer ranks (orchestrator.step.distributed): the rows this rank trains on, the module the
+        # loss forwards go through (the DDP wrapper of `model`), and a hook that hands each experience to them.
+        self.ranks = Ranks()
+        self.module: torch.nn.Module = model
+        self.before_update: Callable[[Experience], None] | None = None
 
     def forward_samples(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
                         pad_token_id: int) -> Tensor | None:
@@ -162,7 +168,7 @@ class PolicyTrainer:
             return trainer_logprobs(prompt_ids, completion_ids, self.model, pad_token_id=pad_token_id,
                                     micro_batch_tokens=self.micro_batch_tokens)
         batch = pad_sequences(prompt_ids, completion_ids, pad_token_id=pad_token_id)
-        if len(micro_batch_rows(batch, self.micro_batch_tokens)) == 1:
+        if not self.ranks.several and len(micro_batch_rows(batch, self.micro_batch_tokens)) == 1:
             on_device = batch.to(self.device)
             out = self._logprobs(on_device)
             self._ahead = _Ahead(batch.input_ids, self.updates, out)
@@ -178,6 +184,8 @@ class PolicyTrainer:
 
     def update(self, exp: Experience) -> UpdateStats:
         """One policy update on ``exp`` with ``cfg.name``'s algorithm."""
+        if self.before_update is not None:
+            self.before_update(exp)
         stats = lookup(_UPDATES, self.cfg.name, "algorithm")(self, exp)
         self.updates += 1
         return stats
@@ -204,7 +212,7 @@ class PolicyTrainer:
 
     def _logprobs(self, batch: TokenBatch) -> TokenLogProbs:
         """The loss forward: log-probs with their graph, and the entropy (in the graph only for a bonus)."""
-        return logprobs_from_logits(response_logits(self.model, batch), batch, with_entropy=True,
+        return logprobs_from_logits(response_logits(self.module, batch), batch, with_entropy=True,
                                     entropy_grad=self.cfg.entropy_coef > 0)
 
     def _minibatch_step(self, exp: Experience, rows: Tensor, loss_fn: LossFn, totals: _Totals,
@@ -214,6 +222,7 @@ class PolicyTrainer:
         A pending experience (no old log-probs): each micro-batch's old log-probs are the detached
         log-probs of its own forward (ratio exactly 1), written into ``old_out`` [B, T] at their rows.
         ``ahead``: that forward, run already on ``rows`` as one micro-batch (``forward_samples``).
+        Several ranks: this rank's share of ``rows`` only, normalised over all of them (see ``ranks``).
         """
         cfg = self.cfg
         mb = Minibatch.take(exp, rows, self.device)
@@ -223,26 +232,33 @@ class PolicyTrainer:
         tokens = max(float(mb.mask.sum()), 1.0)
         sums = dict.fromkeys(("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_ref"), 0.0)
         self.optimizer.zero_grad(set_to_none=True)
-        pieces = [slice(None)] if ahead is not None else micro_batch_rows(mb.batch, self.micro_batch_tokens)
-        for piece in pieces:
-            part = mb.rows(piece)
-            out = ahead if ahead is not None else self._logprobs(part.batch)
-            if exp.pending:
-                part = replace(part, old_logprobs=out.logprobs.detach())
-                old_out[rows[piece]] = part.old_logprobs.to(old_out.device)  # type: ignore[index]
-            parts = loss_fn(out.logprobs, part, cfg, norm)
-            loss = parts.loss
-            if cfg.entropy_coef > 0:  # else the entropy stays out of the graph's backward
-                loss = loss - cfg.entropy_coef * aggregate_like(out.entropy, part, cfg, norm)
-            loss.backward()
+        mine, weight = self.ranks.share(len(rows)), 1.0
+        if len(mine) == 0:  # fewer rows than ranks: DDP still needs this rank's backward, of a row weighted 0
+            mine, weight = torch.arange(1), 0.0
+        pieces = ([slice(None)] if ahead is not None
+                  else [mine[g] for g in micro_batch_rows(mb.rows(mine).batch, self.micro_batch_tokens)])
+        for i, piece in enumerate(pieces):
+            with self.ranks.accumulate(self.module, last=i == len(pieces) - 1):
+                part = mb.rows(piece)
+                out = ahead if ahead is not None else self._logprobs(part.batch)
+                if exp.pending:
+                    part = replace(part, old_logprobs=out.logprobs.detach())
+                    if weight:
+                        old_out[rows[piece]] = part.old_logprobs.to(old_out.device)  # type: ignore[index]
+                parts = loss_fn(out.logprobs, part, cfg, norm)
+                loss = parts.loss
+                if cfg.entropy_coef > 0:  # else the entropy stays out of the graph's backward
+                    loss = loss - cfg.entropy_coef * aggregate_like(out.entropy, part, cfg, norm)
+                (loss * weight).backward()
             # The loss pieces already carry the global normaliser, so they add up; the per-token
             # means are re-weighted by each piece's share of the real tokens.
-            share = float(part.mask.sum()) / tokens
-            sums["policy_loss"] += float(parts.policy_loss.detach())
+            share = weight * float(part.mask.sum()) / tokens
+            sums["policy_loss"] += weight * float(parts.policy_loss.detach())
             sums["clipfrac"] += float(parts.clipfrac) * share
             sums["approx_kl"] += float(parts.approx_kl) * share
             sums["entropy"] += float(masked_mean(out.entropy.detach(), part.mask.bool())) * share
             sums["kl_ref"] += kl_ref(out.logprobs.detach(), part, cfg) * share
+        sums = self.ranks.sum_floats(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         totals.add(**sums, grad_norm=float(grad_norm))
@@ -264,6 +280,8 @@ def _clipped_update(trainer: PolicyTrainer, exp: Experience, loss_fn: LossFn) ->
             order = torch.arange(exp.num_sequences)
         for start in range(0, exp.num_sequences, size):
             trainer._minibatch_step(exp, order[start : start + size], loss_fn, totals, old_out, ahead)
+    if old_out is not None:  # each rank wrote its own rows; the others are 0
+        old_out = trainer.ranks.sum(old_out)
     n = max(totals.steps, 1)
     return UpdateStats(
         policy_loss=totals.policy_loss / n,

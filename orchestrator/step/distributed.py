@@ -1,0 +1,171 @@
+"""The trainer under torch.distributed: `quartet train` launched by torchrun with N ranks.
+
+Rank 0 runs the whole run: the services and every RPC (called once, not N times), the experience,
+checkpoints, the weight sync to the generator, metrics, logs and progress. Ranks 1..N-1 run no
+session: each holds a replica of the policy and its optimizer and takes part in every policy update
+(``follow``). The policy is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU), the
+batch is sharded across the ranks and the update equals one rank's (see ``orchestrator.step.ranks``).
+
+What rank 0 sends the others (``broadcast_object_list``, in this order):
+
+- ``join``: once its policy and trainer state are final (restored from the checkpoint on resume):
+  the optimizer state, shuffle RNG and update count. Every rank then wraps its policy in DDP, whose
+  constructor copies rank 0's parameters to all: every rank starts from the same state.
+- ``update``: before each update, the experience; every rank runs ``PolicyTrainer.update`` on it.
+- ``stop``: rank 0 is done, finished or failed; the others return.
+
+TRPO is refused under several ranks: its conjugate gradient and line search take ``autograd.grad``
+over one graph of the whole batch, which DDP does not all-reduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from orchestrator.run.config import ConfigError, RunConfig
+from orchestrator.step.ranks import Ranks, sum_gradients_hook
+from orchestrator.step.trainer import PolicyTrainer
+from services.common.command import silence_progress_bars
+from services.common.hf import load_causal_lm, resolve_device, resolve_dtype
+
+# How long a rank waits for the others. Ranks 1..N-1 wait through rank 0's whole rollout between two
+# updates, so this bounds a step, not a message; a rank that fails ends the others sooner (torchrun
+# stops the whole group when one exits with an error, and rank 0 sends `stop` whenever it ends).
+WAIT = timedelta(hours=24)
+JOIN, UPDATE, STOP = "join", "update", "stop"
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
+
+
+def check(cfg: RunConfig, world_size: int) -> None:
+    """The config errors that only several trainer ranks make (ConfigError naming the field)."""
+    if world_size <= 1:
+        return
+    if cfg.algorithm.name == "trpo":
+        raise ConfigError(
+            f"algorithm.name=trpo runs on one trainer process, not {world_size} torchrun ranks: its conjugate "
+            "gradient and line search need the gradients of one graph over the whole batch. Launch it without "
+            "torchrun (or --nproc-per-node 1), or set algorithm.name to ppo or grpo")
+    device = cfg.models.device.strip().lower()
+    if device.startswith("cuda:"):
+        raise ConfigError(
+            f"models.device={cfg.models.device!r} puts all {world_size} ranks on one GPU: set models.device: cuda "
+            "(each rank takes the GPU of its LOCAL_RANK)")
+
+
+def start(cfg: RunConfig) -> Ranks:
+    """This process's rank: ``Ranks()`` without torchrun (WORLD_SIZE unset or 1), else the process group
+    joined (gloo when models.device is the CPU, NCCL on CUDA, each rank on the GPU of its LOCAL_RANK)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    check(cfg, size)
+    if size <= 1:
+        return Ranks()
+    device = resolve_device(cfg.models.device, field="models.device")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=WAIT)
+    return Ranks(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+
+
+def attach(trainer: PolicyTrainer, ranks: Ranks) -> None:
+    """Wrap the trainer's policy in DDP (collective: every rank calls it; rank 0's parameters win)."""
+    ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+    # No buffer broadcast at each forward: the policy's buffers (rotary tables) never change, and the ranks
+    # run different numbers of forwards per step. (torch >= 2.13 names the switch forward_sync_buffers.)
+    key = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_ARGS else "broadcast_buffers"
+    ddp = DistributedDataParallel(trainer.model, device_ids=ids, **{key: False})
+    ddp.register_comm_hook(None, sum_gradients_hook)
+    trainer.module, trainer.ranks = ddp, ranks
+
+
+def _cpu(obj: Any) -> Any:
+    """``obj`` with every tensor on the CPU: an object broadcast unpickles a tensor on the device it was
+    pickled from, which on rank 1 is rank 0's GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                                           if f.init})
+    return obj
+
+
+def _broadcast(ranks: Ranks, message: tuple[str, Any] | None = None) -> tuple[str, Any]:
+    box = [_cpu(message) if ranks.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=ranks.device if ranks.device.type == "cuda" else None)
+    return box[0]
+
+
+class Leader:
+    """Rank 0's side: hands the trainer state and each experience to the other ranks, and stops them.
+
+    A context manager: leaving it (the run finished, or failed anywhere) sends ``stop`` and leaves
+    the process group.
+    """
+
+    def __init__(self, ranks: Ranks) -> None:
+        self.ranks = ranks
+        self._stopped = False
+
+    def join(self, trainer: PolicyTrainer) -> None:
+        """Call once the trainer's state is final (after a resume's restore), before the first update."""
+        _broadcast(self.ranks, (JOIN, {"state": trainer.state_dict(), "max_len": trainer.max_len,
+                                       "micro_batch_tokens": trainer.micro_batch_tokens}))
+        attach(trainer, self.ranks)
+        trainer.before_update = lambda exp: _broadcast(self.ranks, (UPDATE, exp))
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            _broadcast(self.ranks, (STOP, None))
+            dist.destroy_process_group()
+
+    def __enter__(self) -> Leader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def follow(cfg: RunConfig, ranks: Ranks) -> int:
+    """Ranks 1..N-1: a policy replica that takes part in rank 0's updates until it stops; returns the
+    number of updates taken part in."""
+    silence_progress_bars()
+    torch.manual_seed(cfg.seed)
+    if cfg.models.threads is not None:
+        torch.set_num_threads(cfg.models.threads)
+    # The architecture and dtype only: DDP's constructor (join) overwrites the weights with rank 0's.
+    dtype = resolve_dtype(cfg.models.dtype, device=ranks.device, field="models.dtype")
+    policy = load_causal_lm(cfg.models.policy, dtype=dtype, device=ranks.device)
+    trainer = PolicyTrainer(policy, cfg.algorithm, seed=cfg.seed)
+    updates = 0
+    try:
+        while True:
+            kind, payload = _broadcast(ranks)
+            if kind == STOP:
+                return updates
+            if kind == JOIN:
+                trainer.max_len, trainer.micro_batch_tokens = payload["max_len"], payload["micro_batch_tokens"]
+                trainer.load_state_dict(payload["state"])
+                attach(trainer, ranks)
+            elif kind == UPDATE:
+                trainer.update(payload)
+                updates += 1
+            else:
+                raise RuntimeError(f"rank {ranks.rank}: unknown message {kind!r} from rank 0")
+    finally:
+        dist.destroy_process_group()
+
+
+__all__ = ["WAIT", "Leader", "attach", "check", "follow", "start"]
