@@ -21,6 +21,7 @@ over one graph of the whole batch, which DDP does not all-reduce.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import os
 from datetime import timedelta
@@ -86,6 +87,13 @@ def attach(trainer: PolicyTrainer, ranks: Ranks) -> None:
     trainer.module, trainer.ranks = ddp, ranks
 
 
+def detach(trainer: PolicyTrainer) -> None:
+    """Undo ``attach``, and free the DDP wrapper now: one collected after its process group is destroyed
+    hung the process at exit (gloo, about one run in four)."""
+    trainer.module, trainer.ranks, trainer.before_update = trainer.model, Ranks(), None
+    gc.collect()
+
+
 def _cpu(obj: Any) -> Any:
     """``obj`` with every tensor on the CPU: an object broadcast unpickles a tensor on the device it was
     pickled from, which on rank 1 is rank 0's GPU."""
@@ -117,6 +125,7 @@ class Leader:
     def __init__(self, ranks: Ranks) -> None:
         self.ranks = ranks
         self._stopped = False
+        self._trainer: PolicyTrainer | None = None
 
     def join(self, trainer: PolicyTrainer) -> None:
         """Call once the trainer's state is final (after a resume's restore), before the first update."""
@@ -124,12 +133,16 @@ class Leader:
                                        "micro_batch_tokens": trainer.micro_batch_tokens}))
         attach(trainer, self.ranks)
         trainer.before_update = lambda exp: _broadcast(self.ranks, (UPDATE, exp))
+        self._trainer = trainer
 
     def stop(self) -> None:
         if not self._stopped:
             self._stopped = True
             _broadcast(self.ranks, (STOP, None))
-            dist.destroy_process_group()
+            if self._trainer is not None:
+                detach(self._trainer)
+                self._trainer = None
+            _leave()
 
     def __enter__(self) -> Leader:
         return self
@@ -154,7 +167,7 @@ def follow(cfg: RunConfig, ranks: Ranks) -> int:
         while True:
             kind, payload = _broadcast(ranks)
             if kind == STOP:
-                return updates
+                break
             if kind == JOIN:
                 trainer.max_len, trainer.micro_batch_tokens = payload["max_len"], payload["micro_batch_tokens"]
                 trainer.load_state_dict(payload["state"])
@@ -164,8 +177,20 @@ def follow(cfg: RunConfig, ranks: Ranks) -> int:
                 updates += 1
             else:
                 raise RuntimeError(f"rank {ranks.rank}: unknown message {kind!r} from rank 0")
-    finally:
+    except BaseException:
+        detach(trainer)
         dist.destroy_process_group()
+        raise
+    detach(trainer)
+    _leave()
+    return updates
 
 
-__all__ = ["WAIT", "Leader", "attach", "check", "follow", "start"]
+def _leave() -> None:
+    """Leave the process group together: a root's broadcast can return before the others have its
+    message, and a group destroyed under it leaves them waiting (seen with gloo)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+__all__ = ["WAIT", "Leader", "attach", "check", "detach", "follow", "start"]

@@ -6,6 +6,7 @@ micro-batches under a token budget), and the config checks of several ranks."""
 from __future__ import annotations
 
 import copy
+import gc
 import socket
 
 import pytest
@@ -62,6 +63,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save(results, out)
     finally:
+        gc.collect()  # the cases' DDP wrappers go before their process group (see distributed.detach)
         dist.destroy_process_group()
 
 
