@@ -102,10 +102,14 @@ def _start_ranks(cfg, console, retries: int):
         if retries and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--retries resumes one trainer process; under torchrun use torchrun --max-restarts N "
                               "and pass --resume (a resume with no checkpoint yet starts from step 0)")
-        return start(cfg)
+        ranks = start(cfg)
     except ConfigError as e:
-        console.print(Text.assemble(("config error: ", "bold red"), str(e)))
+        if os.environ.get("RANK", "0") == "0":  # every rank finds it; one says it
+            console.print(Text.assemble(("config error: ", "bold red"), str(e)))
         raise typer.Exit(2) from None
+    if ranks.several and ranks.rank == 0:
+        console.print(f"[dim]trainer: {ranks.size} torchrun ranks ({ranks.backend}); rank 0 runs the services[/]")
+    return ranks
 
 
 def _leading(ranks):

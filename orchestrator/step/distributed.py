@@ -72,7 +72,7 @@ def start(cfg: RunConfig) -> Ranks:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=WAIT)
+    dist.init_process_group(Ranks(device=device).backend, timeout=WAIT)
     return Ranks(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
 
 

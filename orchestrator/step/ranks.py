@@ -31,6 +31,11 @@ class Ranks:
     def several(self) -> bool:
         return self.size > 1
 
+    @property
+    def backend(self) -> str:
+        """The torch.distributed backend of ``device``: NCCL on CUDA, gloo on the CPU."""
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
     def share(self, rows: int) -> Tensor:
         """[≤ ceil(rows / size)] int64 positions 0..rows-1 of a minibatch this rank trains on: every
         size-th one from ``rank``, so the ranks' shares differ by one row at most."""
