@@ -123,3 +123,21 @@ def test_one_rank_is_untouched_by_torch_distributed():
     values = torch.tensor([1.0, 2.0])
     assert ranks.sum(values) is values and ranks.sum_floats({"a": 1.0}) == {"a": 1.0}
     assert Ranks(rank=1, size=3).share(7).tolist() == [1, 4]
+
+
+def test_retries_under_torchrun_point_to_torchrun_restarts(monkeypatch, tmp_path):
+    import io
+
+    import typer
+    from rich.console import Console
+
+    from cli.train import _start_ranks
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = e2e_config("grpo", tmp_path, {"train": tmp_path / "t.jsonl", "root": tmp_path}, tmp_path / "run")
+    console = Console(file=io.StringIO(), width=200)
+    with pytest.raises(typer.Exit) as exit_:
+        _start_ranks(cfg, console, retries=1)  # refused before any process group is joined
+    assert exit_.value.exit_code == 2
+    assert "torchrun --max-restarts N" in console.file.getvalue() and "--resume" in console.file.getvalue()
