@@ -147,8 +147,14 @@ class Leader:
     def __enter__(self) -> Leader:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            self.stop()
+        except Exception:
+            # A rank that failed with the same error (an update raises on every rank alike) has left the
+            # group: the error the run ends with is the one that ended it, not this one.
+            if exc_type is None:
+                raise
 
 
 def follow(cfg: RunConfig, ranks: Ranks) -> int:
