@@ -14,8 +14,8 @@ What rank 0 sends the others (``broadcast_object_list``, in this order):
 - ``update``: before each update, the experience; every rank runs ``PolicyTrainer.update`` on it.
 - ``stop``: rank 0 is done, finished or failed; the others return.
 
-TRPO is refused under several ranks: its conjugate gradient and line search take ``autograd.grad``
-over one graph of the whole batch, which DDP does not all-reduce.
+TRPO takes ``autograd.grad``, which DDP does not all-reduce: its step sums the ranks' shares itself
+(``rl.trpo.trpo_step``'s ``all_sum``) and runs on the unwrapped policy.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def check(cfg: RunConfig, world_size: int) -> None:
     """The config errors that only several trainer ranks make (ConfigError naming the field)."""
     if world_size <= 1:
         return
-    if cfg.algorithm.name == "trpo":
+    batch = cfg.prompts_per_step * cfg.samples_per_prompt
+    if cfg.algorithm.name == "trpo" and batch < world_size:
         raise ConfigError(
-            f"algorithm.name=trpo runs on one trainer process, not {world_size} torchrun ranks: its conjugate "
-            "gradient and line search need the gradients of one graph over the whole batch. Launch it without "
-            "torchrun (or --nproc-per-node 1), or set algorithm.name to ppo or grpo")
+            f"prompts_per_step x samples_per_prompt = {batch} sequences cannot give each of {world_size} torchrun "
+            "ranks a row of TRPO's batch: raise prompts_per_step or launch fewer ranks")
     device = cfg.models.device.strip().lower()
     if device.startswith("cuda:"):
         raise ConfigError(
@@ -166,7 +166,9 @@ def follow(cfg: RunConfig, ranks: Ranks) -> int:
         torch.set_num_threads(cfg.models.threads)
     # The architecture and dtype only: DDP's constructor (join) overwrites the weights with rank 0's.
     dtype = resolve_dtype(cfg.models.dtype, device=ranks.device, field="models.dtype")
-    policy = load_causal_lm(cfg.models.policy, dtype=dtype, device=ranks.device)
+    # As rank 0's: TRPO's Fisher-vector products need double backprop through attention.
+    attn = "eager" if cfg.algorithm.name == "trpo" else None
+    policy = load_causal_lm(cfg.models.policy, dtype=dtype, device=ranks.device, attn_implementation=attn)
     trainer = PolicyTrainer(policy, cfg.algorithm, seed=cfg.seed)
     updates = 0
     try:

@@ -310,13 +310,18 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
     The KL constraint is the exact mean KL(π_old || π) between full next-token distributions at the
     response tokens, π_old being the policy at the start of this update. Memory: the whole batch in
     one forward pass plus the old distribution [B, T, V] and trpo_step's double-backprop graph (no
-    micro-batching: the Fisher-vector products need one graph over the batch).
+    micro-batching: the Fisher-vector products need one graph over the batch). Several ranks: each
+    takes its share of the rows, every normaliser stays the whole batch's, and ``trpo_step`` sums the
+    ranks' losses, KLs, gradients and Fisher-vector products: every rank takes the one-rank step.
     """
-    cfg, model = trainer.cfg, trainer.model
+    cfg, model, ranks = trainer.cfg, trainer.model, trainer.ranks
     if exp.pending:
         raise ValueError("TRPO's surrogate needs the old log-probs before its step: build the experience with them")
-    mb = Minibatch.take(exp, slice(None), trainer.device)
-    norm = Norm(num_items=None, max_len=trainer._max_len(exp))
+    mine = ranks.share(exp.num_sequences)
+    mb = Minibatch.take(exp, mine if ranks.several else slice(None), trainer.device)
+    num_items = lookup(NUM_ITEMS, cfg.aggregation, "aggregation")(exp.mask) if ranks.several else None
+    norm = Norm(num_items=num_items, max_len=trainer._max_len(exp))
+    share = float(mb.mask.sum()) / max(float(exp.mask.sum()), 1.0)  # this rank's part of a token mean
     with torch.no_grad():
         start_logits = response_logits(model, mb.batch)
         start = logprobs_from_logits(start_logits, mb.batch, with_entropy=True)
@@ -329,16 +334,20 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         return trpo_objective(out, mb, cfg, norm).loss
 
     def kl_fn() -> Tensor:
-        return mean_categorical_kl(response_logits(model, mb.batch), old_distribution, mb.mask)
+        return mean_categorical_kl(response_logits(model, mb.batch), old_distribution, mb.mask) * share
 
     every = max(1, round(1.0 / cfg.trpo_fisher_fraction))
     fisher_kl_fn = None
-    if every > 1 and mb.mask.shape[0] > every:
-        rows = slice(None, None, every)
+    if every > 1 and exp.num_sequences > every:
+        # The batch's rows 0, every, 2 every, ...: those of them this rank holds.
+        rows = torch.nonzero(mine % every == 0).squeeze(1) if ranks.several else slice(None, None, every)
+        sub_share = float(mb.mask[rows].sum()) / max(float(exp.mask[::every].sum()), 1.0)
+        if ranks.several and len(rows) == 0:  # none here: the others' products still need this rank's, 0
+            rows = torch.arange(1)
         sub, sub_old = mb.rows(rows), old_distribution[rows]
 
         def fisher_kl_fn() -> Tensor:
-            return mean_categorical_kl(response_logits(model, sub.batch), sub_old, sub.mask)
+            return mean_categorical_kl(response_logits(model, sub.batch), sub_old, sub.mask) * sub_share
 
     result = trpo_step(
         trainer.params,
@@ -350,15 +359,18 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         backtrack_coef=cfg.trpo_backtrack_coef,
         max_backtracks=cfg.trpo_max_backtracks,
         fisher_kl_fn=fisher_kl_fn,
+        all_sum=ranks.sum if ranks.several else None,
     )
+    means = ranks.sum_floats({"kl_ref": kl_ref(start.logprobs, mb, cfg) * share,
+                              "entropy": float(masked_mean(start.entropy, mb.mask.bool())) * share})
     index = result.accepted_index
     final_kl = result.trial_kls[index] if index is not None else 0.0
     return UpdateStats(
         policy_loss=result.trial_losses[index] if index is not None else result.loss_before,
-        kl_ref=kl_ref(start.logprobs, mb, cfg),
+        kl_ref=means["kl_ref"],
         clipfrac=0.0,
         approx_kl=final_kl,
-        entropy=float(masked_mean(start.entropy, mb.mask.bool())),
+        entropy=means["entropy"],
         grad_norm=result.grad_norm,
         lr=0.0,
         optimizer_steps=int(index is not None),

@@ -34,6 +34,11 @@ CASES: dict[str, tuple[dict, int]] = {
     "ppo_minibatches": ({"name": "ppo", "lr": 1e-3, "epochs": 2, "minibatch_size": 3}, 1),
     "grpo_token_mean_entropy": ({"name": "grpo", "lr": 1e-3, "aggregation": "token_mean", "entropy_coef": 0.01,
                                  "reuse_loss_forward": False}, 16384),
+    # TRPO sums the ranks' losses, KLs, gradients and Fisher-vector products itself (no DDP).
+    "trpo": ({"name": "trpo", "kl_coef": 0.0, "trpo_max_kl": 0.002}, 16384),
+    # The Fisher KL on rows 0 and 2 of 4, both rank 0's: rank 1's products are 0 (a row weighted 0).
+    "trpo_fisher_half": ({"name": "trpo", "kl_coef": 0.0, "trpo_fisher_fraction": 0.5,
+                          "aggregation": "seq_mean_token_mean"}, 16384),
 }
 
 
@@ -42,6 +47,7 @@ def run_case(name: str, ranks: Ranks) -> dict:
     settings, budget = CASES[name]
     cfg = AlgorithmConfig(**settings)
     model = make_tiny_qwen()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
     exp = experience(model, cfg)
     trainer = PolicyTrainer(model, cfg, seed=5, micro_batch_tokens=budget)
     if ranks.several:
@@ -50,8 +56,9 @@ def run_case(name: str, ranks: Ranks) -> dict:
     return {
         "stats": [s.as_dict() for s in stats],
         "old_logprobs": [s.old_logprobs for s in stats],
-        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},  # none: TRPO
         "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "moved": max_diff(start, {n: p.detach() for n, p in model.named_parameters()}),
     }
 
 
@@ -99,18 +106,22 @@ def test_two_ranks_update_like_one(two_ranks, name):
         if o1 is not None:  # rank 1's rows came back from it
             torch.testing.assert_close(o2, o1, atol=1e-6, rtol=1e-5)
     # Gradients of the last step, after DDP's all-reduce: the one-rank gradient, not twice it nor half.
-    grad_diff = max_diff(one["grads"], two["grads"])
-    assert grad_diff < 1e-6
+    grad_diff = max_diff(one["grads"], two["grads"]) if one["grads"] else 0.0
+    assert grad_diff < 1e-6 and (one["grads"] or name.startswith("trpo"))
     weight_diff = max_diff(one["weights"], two["weights"])
-    print(f"{name}: max |grad diff| {grad_diff:.2e}, max |weight diff| {weight_diff:.2e}")
-    assert weight_diff < 1e-5
+    print(f"{name}: max |grad diff| {grad_diff:.2e}, max |weight diff| {weight_diff:.2e} "
+          f"(the updates moved a weight by up to {one['moved']:.1e})")
+    assert weight_diff < 1e-5 and one["moved"] > 100 * weight_diff
+    assert all(s["optimizer_steps"] >= 1 for s in one["stats"])  # every update stepped (TRPO: accepted)
 
 
-def test_several_ranks_refuse_trpo_and_a_fixed_gpu(tmp_path):
-    cfg = e2e_config("trpo", tmp_path, {"train": tmp_path / "t.jsonl", "root": tmp_path}, tmp_path / "run")
+def test_several_ranks_refuse_a_trpo_batch_smaller_than_the_ranks_and_a_fixed_gpu(tmp_path):
+    cfg = e2e_config("trpo", tmp_path, {"train": tmp_path / "t.jsonl", "root": tmp_path}, tmp_path / "run",
+                     "prompts_per_step=1", "samples_per_prompt=2")
     check(cfg, 1)  # one rank: anything goes
-    with pytest.raises(ConfigError, match=r"algorithm\.name=trpo .* 2 torchrun ranks"):
-        check(cfg, 2)
+    check(cfg, 2)
+    with pytest.raises(ConfigError, match=r"prompts_per_step x samples_per_prompt = 2 .* 3 torchrun ranks"):
+        check(cfg, 3)
     gpu = copy.deepcopy(cfg).model_copy(update={"algorithm": AlgorithmConfig(name="grpo"),
                                                 "models": cfg.models.model_copy(update={"device": "cuda:1"})})
     with pytest.raises(ConfigError, match=r"models\.device='cuda:1'"):
