@@ -88,3 +88,18 @@ def test_two_ranks_train_and_resume_like_one_process(tiny_checkpoint, task, tmp_
     start = final_weights(tmp_path / "two", 2)
     assert max(float((start[k] - got[k]).abs().max()) for k in got) > 100 * max(weight_diff, 1e-7)
     assert torch.isfinite(torch.tensor([line["policy_loss"] for line in b])).all()
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_on_rank_0_stops_the_other_ranks(tiny_checkpoint, task, tmp_path) -> None:  # noqa: F811
+    # The reward service cannot start: rank 0 fails in its session, before any update; rank 1, waiting
+    # for rank 0's next message, must be told to stop and exit cleanly rather than wait out its timeout.
+    cfg = e2e_config("grpo", tiny_checkpoint, task, tmp_path / "run", "metrics_port=null",
+                     "services.local_options.reward.plugin=no_such_module:score")
+    proc = quartet_train(write_config(cfg, tmp_path / "bad.yaml"), ranks=2, out=tmp_path / "bad.out")
+    assert proc.wait(timeout=120) != 0
+    out = tmp_path / "bad.out"
+    text = " ".join(out.read_text().split())
+    assert "local reward service exited" in text, text
+    # torchrun's report: rank 0 failed, and no other rank did.
+    assert "local_rank: 0" in text and "<NO_OTHER_FAILURES>" in text, text
