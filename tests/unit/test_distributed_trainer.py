@@ -94,6 +94,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.slow  # two spawned processes importing torch and transformers: ~15 s on 2 cores
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_update_like_one(two_ranks, name):
     one, two = run_case(name, Ranks()), two_ranks[name]
