@@ -7,10 +7,11 @@ Typer context object: a change to the loaded config and a callback after each st
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -69,34 +70,69 @@ def train(
         raise typer.Exit(2) from None
     if hooks.configure is not None:
         hooks.configure(cfg)
-    try:  # what the config points at (models, dataset, ports, outputs): every problem now, not after start-up
-        from orchestrator.run.preflight import require
+    ranks = _start_ranks(cfg, console, retries)
+    if ranks.rank > 0:  # under torchrun: a policy replica that takes part in rank 0's updates, nothing else
+        from orchestrator.step.distributed import follow
 
-        require(cfg)
-    except ConfigError as e:
-        console.print(Text.assemble(("config error: ", "bold red"), str(e)))
-        raise typer.Exit(2) from None
-    overrides = [arg for item in set_ or [] for arg in ("--set", item)]
-    command = shlex.join(["quartet", "train", str(config), *overrides, "--resume"])
-    results = run_with_progress(cfg, resume=resume, overwrite=overwrite, max_steps=max_steps, console=console,
-                                on_step=hooks.on_step, resume_command=command, retries=retries)
+        follow(cfg, ranks)
+        return
+    with _leading(ranks) as leader:
+        try:  # what the config points at (models, dataset, ports, outputs): every problem now, not after start-up
+            from orchestrator.run.preflight import require
+
+            require(cfg)
+        except ConfigError as e:
+            console.print(Text.assemble(("config error: ", "bold red"), str(e)))
+            raise typer.Exit(2) from None
+        overrides = [arg for item in set_ or [] for arg in ("--set", item)]
+        command = shlex.join(["quartet", "train", str(config), *overrides, "--resume"])
+        results = run_with_progress(cfg, resume=resume, overwrite=overwrite, max_steps=max_steps, console=console,
+                                    on_step=hooks.on_step, resume_command=command, retries=retries, leader=leader)
     print_summary(console, cfg, results)
 
 
+def _start_ranks(cfg, console, retries: int):
+    """This process's trainer rank (torchrun sets WORLD_SIZE); a config that several ranks cannot run exits 2."""
+    from rich.text import Text
+
+    from orchestrator.run.config import ConfigError
+    from orchestrator.step.distributed import start
+
+    try:
+        if retries and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--retries resumes one trainer process; under torchrun use torchrun --max-restarts N "
+                              "and pass --resume (a resume with no checkpoint yet starts from step 0)")
+        ranks = start(cfg)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank finds it; one says it
+            console.print(Text.assemble(("config error: ", "bold red"), str(e)))
+        raise typer.Exit(2) from None
+    if ranks.several and ranks.rank == 0:
+        console.print(f"[dim]trainer: {ranks.size} torchrun ranks ({ranks.backend}); rank 0 runs the services[/]")
+    return ranks
+
+
+def _leading(ranks):
+    """Rank 0 of several: the Leader that the other ranks follow (stopped on leaving); else nothing."""
+    from orchestrator.step.distributed import Leader
+
+    return Leader(ranks) if ranks.several else nullcontext()
+
+
 def run_with_progress(cfg, *, resume: bool, console, on_step=None, resume_command: str | None = None,
-                      retries: int = 0, overwrite: bool = False, max_steps: int | None = None):
+                      retries: int = 0, overwrite: bool = False, max_steps: int | None = None, leader=None):
     """Open the session, run every step under a rich progress bar; returns the StepResults.
 
     A service that stays down past its retry budget ends the run with exit code 1, the error (service,
     call, last status) and where the run state was saved, with the command that continues it. With
     `retries`, such a run (or one whose services could not be reached or started) is first resumed from
-    its last complete checkpoint, up to `retries` times, after a growing backoff.
+    its last complete checkpoint, up to `retries` times, after a growing backoff. `leader`: see `Session`.
     """
     from orchestrator.remote.clients import ServiceError
     from services.launcher import LaunchError
 
     run = partial(_run_session, cfg, console=console, on_step=on_step, resume_command=resume_command,
-                  max_steps=max_steps)
+                  max_steps=max_steps, leader=leader)
     delay = RETRY_BACKOFF_S
     for attempt in range(retries):
         try:
@@ -113,7 +149,7 @@ def run_with_progress(cfg, *, resume: bool, console, on_step=None, resume_comman
 
 
 def _run_session(cfg, *, resume: bool, console, on_step, resume_command: str | None, overwrite: bool = False,
-                 max_steps: int | None = None):
+                 max_steps: int | None = None, leader=None):
     """One session, start to end (or to the error, printed here and raised: run_with_progress decides)."""
     from rich.text import Text
 
@@ -126,7 +162,7 @@ def _run_session(cfg, *, resume: bool, console, on_step, resume_command: str | N
 
     try:
         with Session(cfg, resume=resume, overwrite=overwrite, max_steps=max_steps,
-                     log=lambda m: console.print(f"[dim]{m}[/]")) as session:
+                     log=lambda m: console.print(f"[dim]{m}[/]"), leader=leader) as session:
             o = session.orchestrator
             if session.metrics is not None and session.metrics.port:
                 console.print(f"[dim]metrics: http://127.0.0.1:{session.metrics.port}/metrics[/]")

@@ -134,7 +134,8 @@ def _flat(tensors: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
 
 
 def make_fisher_vector_product(
-    kl_fn: Callable[[], Tensor], params: Sequence[Tensor], *, damping: float = 0.1
+    kl_fn: Callable[[], Tensor], params: Sequence[Tensor], *, damping: float = 0.1,
+    all_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """Build v -> (H + damping I) v with H the Hessian of ``kl_fn()`` w.r.t. ``params`` at their
     current values, by double backpropagation (Pearlmutter 1994; Schulman et al. 2015, appendix C.1).
@@ -148,8 +149,11 @@ def make_fisher_vector_product(
         kl_fn: () -> [] scalar, differentiable w.r.t. params (e.g. ``mean_categorical_kl``).
         params: the N trainable tensors, in the order of the flat vectors.
         damping: added times the identity (Tikhonov damping) to keep the system well conditioned.
+        all_sum: see ``trpo_step``: the Hessian-vector products of the ranks' KL shares are summed
+            before the damping is added (once).
     """
     params = list(params)
+    total = all_sum or _same
     with math_attention():
         kl = kl_fn()
         grads = torch.autograd.grad(kl, params, create_graph=True, allow_unused=True)
@@ -161,7 +165,7 @@ def make_fisher_vector_product(
             return damping * v
         with math_attention():
             hv = torch.autograd.grad(flat_grad @ v, params, retain_graph=True, allow_unused=True)
-        return _flat(hv, params) + damping * v
+        return total(_flat(hv, params)) + damping * v
 
     return fvp
 
@@ -196,6 +200,10 @@ def fisher_vector_product(
         return mean_categorical_kl(logits, old, mask)
 
     return make_fisher_vector_product(kl_fn, params, damping=damping)(v)
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
 
 
 def _trainable(params: Iterable[Tensor] | torch.nn.Module) -> list[Tensor]:
@@ -234,13 +242,14 @@ def _line_search(
     max_kl: float,
     backtrack_coef: float,
     max_backtracks: int,
+    total: Callable[[Tensor], Tensor],
 ) -> _LineSearch:
     kls: list[float] = []
     losses: list[float] = []
     for index in range(max_backtracks):
         _write_flat(params, old_flat + backtrack_coef**index * full_step)
         with torch.no_grad():
-            loss, kl = float(loss_fn()), float(kl_fn())
+            loss, kl = total(torch.stack([loss_fn().detach().double(), kl_fn().detach().double()])).tolist()
         kls.append(kl)
         losses.append(loss)
         # NaN fails both comparisons, so a non-finite trial is rejected.
@@ -262,6 +271,7 @@ def trpo_step(
     backtrack_coef: float = 0.8,
     max_backtracks: int = 10,
     fisher_kl_fn: Callable[[], Tensor] | None = None,
+    all_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> TRPOResult:
     """One TRPO update, in place (Schulman et al. 2015, section 6 and appendix C).
 
@@ -287,6 +297,10 @@ def trpo_step(
             ``kl_fn``: the KL over a subsample of the batch makes every Fisher-vector product cheaper
             (OpenAI Baselines' TRPO uses every 5th sample), while the trust region is still checked
             with ``kl_fn`` over the whole batch in the line search. None: ``kl_fn``.
+        all_sum: data-parallel ranks: a tensor summed over them (the same result on every rank). Each
+            rank's ``loss_fn``, ``kl_fn`` and ``fisher_kl_fn`` then return its share of the batch's
+            value (its rows, divided by the whole batch's normaliser), and the losses, KLs, gradient
+            and Fisher-vector products are summed: every rank takes the one-rank step. None: one rank.
 
     Memory: about 6 flat copies of the trainable parameters (old parameters, gradient, CG's x, r, p
     and Ap; the full step reuses one), plus one double-backprop graph of the KL (activations, the
@@ -296,11 +310,12 @@ def trpo_step(
         TRPOResult. With no usable direction (zero gradient or a non-positive sᵀFs) nothing is tried.
     """
     params = _trainable(params)
+    total = all_sum or _same
     old_flat = torch.nn.utils.parameters_to_vector([p.detach() for p in params])
     loss = loss_fn()
-    loss_before = float(loss.detach())
-    grad = _flat(torch.autograd.grad(loss, params, allow_unused=True), params).detach()
-    fvp = make_fisher_vector_product(fisher_kl_fn or kl_fn, params, damping=damping)
+    loss_before = float(total(loss.detach().double()))
+    grad = total(_flat(torch.autograd.grad(loss, params, allow_unused=True), params).detach())
+    fvp = make_fisher_vector_product(fisher_kl_fn or kl_fn, params, damping=damping, all_sum=all_sum)
     cg = conjugate_gradient(fvp, -grad, iters=cg_iters, residual_tol=cg_residual_tol)
     shs = float(cg.x @ fvp(cg.x))
     del fvp  # frees the KL graph before the line search
@@ -319,7 +334,7 @@ def trpo_step(
     step_size = math.sqrt(2.0 * max_kl / shs)
     full_step = step_size * cg.x
     search = _line_search(
-        params, old_flat, full_step, loss_fn, kl_fn, loss_before, max_kl, backtrack_coef, max_backtracks
+        params, old_flat, full_step, loss_fn, kl_fn, loss_before, max_kl, backtrack_coef, max_backtracks, total
     )
     return TRPOResult(
         accepted_index=search.accepted_index,

@@ -53,11 +53,14 @@ class Session:
 
     `max_steps`: run at most this many steps in this session (the run's `steps` stays its target: a later
     resume continues); `.cfg` is then the config with `steps` lowered to where this session stops.
+    `leader`: rank 0's `orchestrator.step.distributed.Leader` under torchrun; the other ranks join the
+    trainer once its state is restored.
     """
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, max_steps: int | None = None,
-                 log: Callable[[str], None] = lambda _msg: None):
+                 log: Callable[[str], None] = lambda _msg: None, leader=None):
         self.cfg, self.resume, self.overwrite, self.max_steps, self.log = cfg, resume, overwrite, max_steps, log
+        self.leader = leader
         self.run_id: str | None = None
         self.stack: LocalStack | None = None
         self.services: Services | None = None
@@ -158,6 +161,8 @@ class Session:
         prompts = PromptStream(load_rows(cfg.dataset, tokenizer, self.log), seed=cfg.seed, shuffle=cfg.dataset.shuffle)
         served = self.infos["generator"].weight_version
         state, value_save = self._restore(restored, trainer, services, run_dir, served)
+        if self.leader is not None:
+            self.leader.join(trainer)
         self._serve_metrics(cfg)
         self.metrics.watch_replicas([c.replicas for c in (services.generator, *services.rewards, services.reference)
                                      if getattr(c, "replicas", None) is not None])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from rl.masked import zero_padding
 from services.common.batching import plan_micro_batches
@@ -84,7 +85,9 @@ def response_logits(model: torch.nn.Module, batch: TokenBatch) -> Tensor:
     """
     width = int(batch.attention_mask.sum(dim=1).max())
     keep = width - (int(batch.response_start.min()) - 1)
-    extra = {"logits_to_keep": keep} if _takes_logits_to_keep(type(model)) else {}
+    # A DistributedDataParallel wrapper passes keyword arguments on to the model it wraps.
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    extra = {"logits_to_keep": keep} if _takes_logits_to_keep(type(inner)) else {}
     out = model(
         input_ids=batch.input_ids[:, :width],
         attention_mask=batch.attention_mask[:, :width],

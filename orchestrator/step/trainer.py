@@ -16,7 +16,7 @@ Shapes: ``B`` sequences, ``T`` response tokens, ``V`` vocabulary; ``mask`` is 1 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,37 +50,12 @@ from orchestrator.step.policy import (
     micro_batch_rows,
     response_logits,
 )
+from orchestrator.step.ranks import Ranks
+from orchestrator.step.stats import Totals, UpdateStats
 from rl.masked import lookup, masked_mean
 from rl.trpo import mean_categorical_kl, trpo_step
 
 __all__ = ["PolicyTrainer", "UpdateStats", "ValueTrainInputs", "value_train_inputs"]
-
-
-@dataclass(frozen=True)
-class UpdateStats:
-    """What one policy update did; means over its optimizer steps (PPO / GRPO)."""
-
-    policy_loss: float  # clipped surrogate without KL terms (PPO / GRPO); TRPO: its whole loss after the step
-    kl_ref: float  # mean per-token KL(π || π_ref) estimate (cfg.kl_estimator) of the policy being trained
-    clipfrac: float  # share of real tokens where the ratio clip was active (0 for TRPO)
-    approx_kl: float  # KL(π_old || π): k3 estimate before each step (PPO / GRPO), final exact KL (TRPO)
-    entropy: float  # mean next-token entropy over real tokens
-    grad_norm: float  # policy gradient L2 norm before clipping
-    lr: float  # optimizer learning rate (0 for TRPO: its step size is trpo_step_size)
-    optimizer_steps: int  # minibatch steps taken (TRPO: 1 if accepted, else 0)
-    trpo_accepted: float = 0.0  # 1 if the line search accepted a step, else 0 (0 for PPO / GRPO)
-    trpo_backtracks: float = 0.0  # trials rejected before the accepted one (all of them if none)
-    trpo_step_size: float = 0.0  # β scaling the natural-gradient direction
-    trpo_final_kl: float = 0.0  # mean KL(π_old || π_new) of the accepted step (0 if rejected)
-    is_weight_mean: float | None = None  # mean truncated IS weight min(π_old / π_gen, tis_cap); None: tis_cap off
-    is_truncated_fraction: float | None = None  # share of real tokens whose IS weight was cut to tis_cap
-    # [B, T] log π_old taken from the loss forward, for a pending experience (complete_experience); not a metric
-    old_logprobs: Tensor | None = None
-
-    def as_dict(self) -> dict[str, float]:
-        """The metrics: every float field."""
-        return {f.name: float(v) for f in fields(self)
-                if f.name != "old_logprobs" and (v := getattr(self, f.name)) is not None}
 
 
 @dataclass(frozen=True)
@@ -90,27 +65,6 @@ class _Ahead:
     input_ids: Tensor  # [B, L] the rows it ran on, to match them with the update's experience
     updates: int  # PolicyTrainer.updates when it ran: the parameters it saw
     out: TokenLogProbs  # [B, T] log-probs and entropy, rows in the experience's order
-
-
-@dataclass
-class _Totals:
-    """Running sums over optimizer steps (PPO / GRPO)."""
-
-    policy_loss: float = 0.0
-    clipfrac: float = 0.0
-    approx_kl: float = 0.0
-    entropy: float = 0.0
-    kl_ref: float = 0.0
-    grad_norm: float = 0.0
-    is_weight_mean: float | None = None
-    is_truncated: float | None = None
-    steps: int = 0
-
-    def add(self, **step: float) -> None:
-        for name, value in step.items():
-            if value is not None:
-                setattr(self, name, (getattr(self, name) or 0.0) + value)
-        self.steps += 1
 
 
 class PolicyTrainer:
@@ -154,6 +108,11 @@ class PolicyTrainer:
         self._shuffle = torch.Generator().manual_seed(seed)
         self.updates = 0
         self._ahead: _Ahead | None = None
+        # Several trainer ranks (orchestrator.step.distributed): the rows this rank trains on, the module the
+        # loss forwards go through (the DDP wrapper of `model`), and a hook that hands each experience to them.
+        self.ranks = Ranks()
+        self.module: torch.nn.Module = model
+        self.before_update: Callable[[Experience], None] | None = None
 
     def forward_samples(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], *,
                         pad_token_id: int) -> Tensor | None:
@@ -169,7 +128,7 @@ class PolicyTrainer:
             return trainer_logprobs(prompt_ids, completion_ids, self.model, pad_token_id=pad_token_id,
                                     micro_batch_tokens=self.micro_batch_tokens)
         batch = pad_sequences(prompt_ids, completion_ids, pad_token_id=pad_token_id)
-        if len(micro_batch_rows(batch, self.micro_batch_tokens)) == 1:
+        if not self.ranks.several and len(micro_batch_rows(batch, self.micro_batch_tokens)) == 1:
             on_device = batch.to(self.device)
             out = self._logprobs(on_device)
             self._ahead = _Ahead(batch.input_ids, self.updates, out)
@@ -185,6 +144,8 @@ class PolicyTrainer:
 
     def update(self, exp: Experience) -> UpdateStats:
         """One policy update on ``exp`` with ``cfg.name``'s algorithm."""
+        if self.before_update is not None:
+            self.before_update(exp)
         stats = lookup(_UPDATES, self.cfg.name, "algorithm")(self, exp)
         self.updates += 1
         return stats
@@ -211,16 +172,17 @@ class PolicyTrainer:
 
     def _logprobs(self, batch: TokenBatch) -> TokenLogProbs:
         """The loss forward: log-probs with their graph, and the entropy (in the graph only for a bonus)."""
-        return logprobs_from_logits(response_logits(self.model, batch), batch, with_entropy=True,
+        return logprobs_from_logits(response_logits(self.module, batch), batch, with_entropy=True,
                                     entropy_grad=self.cfg.entropy_coef > 0)
 
-    def _minibatch_step(self, exp: Experience, rows: Tensor, loss_fn: LossFn, totals: _Totals,
+    def _minibatch_step(self, exp: Experience, rows: Tensor, loss_fn: LossFn, totals: Totals,
                         old_out: Tensor | None = None, ahead: TokenLogProbs | None = None) -> None:
         """Accumulate gradients over micro-batches of ``rows``, clip, take one optimizer step.
 
         A pending experience (no old log-probs): each micro-batch's old log-probs are the detached
         log-probs of its own forward (ratio exactly 1), written into ``old_out`` [B, T] at their rows.
         ``ahead``: that forward, run already on ``rows`` as one micro-batch (``forward_samples``).
+        Several ranks: this rank's share of ``rows`` only, normalised over all of them (see ``ranks``).
         """
         cfg = self.cfg
         mb = Minibatch.take(exp, rows, self.device)
@@ -230,22 +192,28 @@ class PolicyTrainer:
         tokens = max(float(mb.mask.sum()), 1.0)
         sums = dict.fromkeys(("policy_loss", "clipfrac", "approx_kl", "entropy", "kl_ref"), 0.0)
         self.optimizer.zero_grad(set_to_none=True)
-        pieces = [slice(None)] if ahead is not None else micro_batch_rows(mb.batch, self.micro_batch_tokens)
-        for piece in pieces:
-            part = mb.rows(piece)
-            out = ahead if ahead is not None else self._logprobs(part.batch)
-            if exp.pending:
-                part = replace(part, old_logprobs=out.logprobs.detach())
-                old_out[rows[piece]] = part.old_logprobs.to(old_out.device)  # type: ignore[index]
-            parts = loss_fn(out.logprobs, part, cfg, norm)
-            loss = parts.loss
-            if cfg.entropy_coef > 0:  # else the entropy stays out of the graph's backward
-                loss = loss - cfg.entropy_coef * aggregate_like(out.entropy, part, cfg, norm)
-            loss.backward()
+        mine, weight = self.ranks.share(len(rows)), 1.0
+        if len(mine) == 0:  # fewer rows than ranks: DDP still needs this rank's backward, of a row weighted 0
+            mine, weight = torch.arange(1), 0.0
+        pieces = ([slice(None)] if ahead is not None
+                  else [mine[g] for g in micro_batch_rows(mb.rows(mine).batch, self.micro_batch_tokens)])
+        for i, piece in enumerate(pieces):
+            with self.ranks.accumulate(self.module, last=i == len(pieces) - 1):
+                part = mb.rows(piece)
+                out = ahead if ahead is not None else self._logprobs(part.batch)
+                if exp.pending:
+                    part = replace(part, old_logprobs=out.logprobs.detach())
+                    if weight:
+                        old_out[rows[piece]] = part.old_logprobs.to(old_out.device)  # type: ignore[index]
+                parts = loss_fn(out.logprobs, part, cfg, norm)
+                loss = parts.loss
+                if cfg.entropy_coef > 0:  # else the entropy stays out of the graph's backward
+                    loss = loss - cfg.entropy_coef * aggregate_like(out.entropy, part, cfg, norm)
+                (loss * weight).backward()
             # The loss pieces already carry the global normaliser, so they add up; the per-token
             # means are re-weighted by each piece's share of the real tokens.
-            share = float(part.mask.sum()) / tokens
-            sums["policy_loss"] += float(parts.policy_loss.detach())
+            share = weight * float(part.mask.sum()) / tokens
+            sums["policy_loss"] += weight * float(parts.policy_loss.detach())
             sums["clipfrac"] += float(parts.clipfrac) * share
             sums["approx_kl"] += float(parts.approx_kl) * share
             sums["entropy"] += float(masked_mean(out.entropy.detach(), part.mask.bool())) * share
@@ -253,6 +221,7 @@ class PolicyTrainer:
             if parts.is_weight_mean is not None:
                 sums["is_weight_mean"] = sums.get("is_weight_mean", 0.0) + float(parts.is_weight_mean) * share
                 sums["is_truncated"] = sums.get("is_truncated", 0.0) + float(parts.is_truncated) * share
+        sums = self.ranks.sum_floats(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         totals.add(**sums, grad_norm=float(grad_norm))
@@ -267,13 +236,15 @@ def _clipped_update(trainer: PolicyTrainer, exp: Experience, loss_fn: LossFn) ->
                          "(epochs 1, one minibatch): build it without from_update")
     old_out = torch.zeros_like(exp.mask) if exp.pending else None
     ahead = trainer._claim_ahead(exp)
-    totals = _Totals()
+    totals = Totals()
     for _ in range(cfg.epochs):
         order = torch.randperm(exp.num_sequences, generator=trainer._shuffle)
         if ahead is not None:  # one step over the whole batch, whose order is immaterial: the forward's
             order = torch.arange(exp.num_sequences)
         for start in range(0, exp.num_sequences, size):
             trainer._minibatch_step(exp, order[start : start + size], loss_fn, totals, old_out, ahead)
+    if old_out is not None:  # each rank wrote its own rows; the others are 0
+        old_out = trainer.ranks.sum(old_out)
     n = max(totals.steps, 1)
     return UpdateStats(
         policy_loss=totals.policy_loss / n,
@@ -304,13 +275,18 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
     The KL constraint is the exact mean KL(π_old || π) between full next-token distributions at the
     response tokens, π_old being the policy at the start of this update. Memory: the whole batch in
     one forward pass plus the old distribution [B, T, V] and trpo_step's double-backprop graph (no
-    micro-batching: the Fisher-vector products need one graph over the batch).
+    micro-batching: the Fisher-vector products need one graph over the batch). Several ranks: each
+    takes its share of the rows, every normaliser stays the whole batch's, and ``trpo_step`` sums the
+    ranks' losses, KLs, gradients and Fisher-vector products: every rank takes the one-rank step.
     """
-    cfg, model = trainer.cfg, trainer.model
+    cfg, model, ranks = trainer.cfg, trainer.model, trainer.ranks
     if exp.pending:
         raise ValueError("TRPO's surrogate needs the old log-probs before its step: build the experience with them")
-    mb = Minibatch.take(exp, slice(None), trainer.device)
-    norm = Norm(num_items=None, max_len=trainer._max_len(exp))
+    mine = ranks.share(exp.num_sequences)
+    mb = Minibatch.take(exp, mine if ranks.several else slice(None), trainer.device)
+    num_items = lookup(NUM_ITEMS, cfg.aggregation, "aggregation")(exp.mask) if ranks.several else None
+    norm = Norm(num_items=num_items, max_len=trainer._max_len(exp))
+    share = float(mb.mask.sum()) / max(float(exp.mask.sum()), 1.0)  # this rank's part of a token mean
     with torch.no_grad():
         start_logits = response_logits(model, mb.batch)
         start = logprobs_from_logits(start_logits, mb.batch, with_entropy=True)
@@ -323,16 +299,20 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         return trpo_objective(out, mb, cfg, norm).loss
 
     def kl_fn() -> Tensor:
-        return mean_categorical_kl(response_logits(model, mb.batch), old_distribution, mb.mask)
+        return mean_categorical_kl(response_logits(model, mb.batch), old_distribution, mb.mask) * share
 
     every = max(1, round(1.0 / cfg.trpo_fisher_fraction))
     fisher_kl_fn = None
-    if every > 1 and mb.mask.shape[0] > every:
-        rows = slice(None, None, every)
+    if every > 1 and exp.num_sequences > every:
+        # The batch's rows 0, every, 2 every, ...: those of them this rank holds.
+        rows = torch.nonzero(mine % every == 0).squeeze(1) if ranks.several else slice(None, None, every)
+        sub_share = float(mb.mask[rows].sum()) / max(float(exp.mask[::every].sum()), 1.0)
+        if ranks.several and len(rows) == 0:  # none here: the others' products still need this rank's, 0
+            rows = torch.arange(1)
         sub, sub_old = mb.rows(rows), old_distribution[rows]
 
         def fisher_kl_fn() -> Tensor:
-            return mean_categorical_kl(response_logits(model, sub.batch), sub_old, sub.mask)
+            return mean_categorical_kl(response_logits(model, sub.batch), sub_old, sub.mask) * sub_share
 
     result = trpo_step(
         trainer.params,
@@ -344,16 +324,22 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         backtrack_coef=cfg.trpo_backtrack_coef,
         max_backtracks=cfg.trpo_max_backtracks,
         fisher_kl_fn=fisher_kl_fn,
+        all_sum=ranks.sum if ranks.several else None,
     )
     iw = is_weights(mb, cfg)
+    stats = {"kl_ref": kl_ref(start.logprobs, mb, cfg) * share,
+             "entropy": float(masked_mean(start.entropy, mb.mask.bool())) * share}
+    if iw.mean is not None:
+        stats |= {"is_weight_mean": float(iw.mean) * share, "is_truncated": float(iw.truncated) * share}
+    means = ranks.sum_floats(stats)
     index = result.accepted_index
     final_kl = result.trial_kls[index] if index is not None else 0.0
     return UpdateStats(
         policy_loss=result.trial_losses[index] if index is not None else result.loss_before,
-        kl_ref=kl_ref(start.logprobs, mb, cfg),
+        kl_ref=means["kl_ref"],
         clipfrac=0.0,
         approx_kl=final_kl,
-        entropy=float(masked_mean(start.entropy, mb.mask.bool())),
+        entropy=means["entropy"],
         grad_norm=result.grad_norm,
         lr=0.0,
         optimizer_steps=int(index is not None),
@@ -361,8 +347,8 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         trpo_backtracks=float(index if index is not None else len(result.trial_kls)),
         trpo_step_size=result.step_size,
         trpo_final_kl=final_kl,
-        is_weight_mean=None if iw.mean is None else float(iw.mean),
-        is_truncated_fraction=None if iw.truncated is None else float(iw.truncated),
+        is_weight_mean=means.get("is_weight_mean"),
+        is_truncated_fraction=means.get("is_truncated"),
     )
 
 

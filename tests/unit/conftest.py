@@ -27,6 +27,11 @@ def tiny_qwen() -> Qwen2ForCausalLM:
     """A random Qwen2 (hidden 64, 2 layers, GQA 4/2 heads, vocab 32, pad id PAD), fp32, eval mode, with
     transformers' default attention (sdpa): TRPO's double backprop must work on it. Shared by a module:
     a test that trains it takes a copy."""
+    return make_tiny_qwen()
+
+
+def make_tiny_qwen() -> Qwen2ForCausalLM:
+    """The model of ``tiny_qwen``, built anew (the same weights every time): for a process of its own."""
     config = Qwen2Config(
         hidden_size=64,
         num_hidden_layers=2,

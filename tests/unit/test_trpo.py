@@ -314,3 +314,28 @@ def test_fisher_on_a_subsample_solves_with_that_subsample_and_checks_the_whole_b
     assert result.grad_norm == pytest.approx(grad_norm) == pytest.approx(default.grad_norm)
     # The trust region is the whole batch's KL, whatever matrix the direction came from.
     assert _exact_mean_kl(x[mask], w0, w.detach()).item() <= 0.05
+
+
+def test_all_sum_of_rank_shares_takes_the_one_rank_step() -> None:
+    # n ranks holding identical shares: each loss / KL is 1/n of the batch's and all_sum multiplies by
+    # n, so the step must be the one-rank step exactly; the damping enters once, not n times.
+    x, w, mask = _policy(torch.float64, 4)
+    gen = torch.Generator().manual_seed(11)
+    actions = torch.randint(0, V, (B, T), generator=gen)
+    advantages = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    w0 = w.detach().clone()
+    loss, kl = _surrogate_and_kl(x, w, mask, actions, advantages)
+    one = trpo_step([w], loss, kl, max_kl=0.05, damping=0.1)
+    w_one = w.detach().clone()
+    with torch.no_grad():
+        w.copy_(w0)
+    n = 4
+    loss, kl = _surrogate_and_kl(x, w, mask, actions, advantages)
+    shared = trpo_step([w], lambda: loss() / n, lambda: kl() / n, max_kl=0.05, damping=0.1,
+                       all_sum=lambda t: n * t)
+    assert one.accepted_index is not None and shared.accepted_index == one.accepted_index
+    assert shared.step_size == pytest.approx(one.step_size, rel=1e-12)
+    assert shared.trial_kls == pytest.approx(one.trial_kls, rel=1e-12)
+    assert shared.loss_before == pytest.approx(one.loss_before, rel=1e-12)
+    assert shared.grad_norm == pytest.approx(one.grad_norm, rel=1e-12)
+    torch.testing.assert_close(w.detach(), w_one, rtol=1e-12, atol=1e-12)
