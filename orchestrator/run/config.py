@@ -31,9 +31,26 @@ from orchestrator.run.services_config import (
 from services.common.settings import ConfigError, apply_sets, load
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DatasetConfig", "Deadlines", "Endpoint", "LocalServices", "LocalTls",
-    "ModelsConfig", "ProgressConfig", "ReportTo", "RetryConfig", "RewardEndpoint", "RunConfig", "SamplingConfig", "ServicesConfig",
-    "apply_overrides", "build_config", "dump_config", "load_config",
+    "CheckpointConfig",
+    "ConfigError",
+    "DatasetConfig",
+    "Deadlines",
+    "Endpoint",
+    "EvalConfig",
+    "LocalServices",
+    "LocalTls",
+    "ModelsConfig",
+    "ProgressConfig",
+    "ReportTo",
+    "RetryConfig",
+    "RewardEndpoint",
+    "RunConfig",
+    "SamplingConfig",
+    "ServicesConfig",
+    "apply_overrides",
+    "build_config",
+    "dump_config",
+    "load_config",
 ]
 
 #: `--set` into a nested dict (list items by index: services.rewards.0.weight=2); the shared parser.
@@ -107,6 +124,10 @@ _LOADER_ONLY = ("reader", "split", "question", "answer", "reference", "metadata"
                 "bad_rows", "limit", "eval_size", "eval_path", "eval_seed")
 
 
+#: Dataset fields the eval rows do not take from the run's dataset section (the eval set is every row loaded).
+_NOT_INHERITED = ("limit", "eval_size", "eval_path", "eval_seed", "shuffle")
+
+
 class CheckpointConfig(Strict):
     """Where and how often the run state is saved."""
 
@@ -138,6 +159,29 @@ class ProgressConfig(Strict):
                                  "more after the previous line, so slow steps are still seen.")
 
 
+class EvalConfig(Strict):
+    """Held-out evaluation inside `quartet train`: greedy pass@1 through the generator (it serves the policy),
+    scored by the answer rule, written to run_dir/eval.jsonl (orchestrator/run/evaluation.py)."""
+
+    every: int = Field(0, ge=0, description="Evaluate after every N-th step and after the last one (0: only at_start).")
+    at_start: bool = Field(False, description="Also evaluate the starting policy, before step 1.")
+    max_samples: int = Field(200, ge=0, description="Problems per evaluation: the first N eval rows (0 = all).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Most tokens per greedy answer; default: "
+                                       "sampling.max_new_tokens.")
+    dataset: dict[str, Any] | None = Field(
+        None, description="The eval rows as changes to the run's dataset section (the rest, e.g. kind, template, "
+        "system_prompt, is the run's), e.g. {path: data/gsm8k_test.jsonl} or {split: test}; every row is used. "
+        "Unset: the run's held-out rows (dataset.eval_size / dataset.eval_path).")
+    rule: Literal["auto", "math", "arithmetic"] = Field(
+        "auto", description="Correctness rule (the reward service's): auto = the local reward's rule when it is math "
+        "or arithmetic, else arithmetic for dataset kind prompts and math for the others.")
+    extract: list[Literal["boxed", "answer_is", "hash", "last_number"]] | None = Field(
+        None, description="Rule math: answer extraction order; default: the local reward's extract, else all four.")
+    batch_size: int = Field(32, ge=1, description="Prompts per Generate call.")
+    seed: int = Field(0, ge=0, description="Generate seed of the evaluation (greedy answers do not depend on it); "
+                      "the run's own seeds and RNG streams are never used.")
+
+
 class RunConfig(Strict):
     """One RL run: models, services, algorithm, data, checkpoints."""
 
@@ -164,6 +208,7 @@ class RunConfig(Strict):
         "e.g. quartet_reward_mean. The step log steps.jsonl is written regardless.",
     )
     progress: ProgressConfig = Field(default_factory=ProgressConfig, description="Progress bar or log lines.")
+    eval: EvalConfig | None = Field(None, description="Periodic held-out evaluation (unset: none).")
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -213,7 +258,33 @@ class RunConfig(Strict):
                 f"dataset.answer_key={self.dataset.answer_key!r} but the local reward reads "
                 f"answer_key={reward.get('answer_key', 'answer')!r}: set both to the same key"
             )
+        if self.eval is not None:
+            self._check_eval(self.eval)
         return self
+
+    def _check_eval(self, ev: EvalConfig) -> None:
+        if ev.dataset is not None:
+            self.eval_dataset()
+        elif self.dataset.kind == "prompts":
+            raise ValueError("eval: dataset kind prompts has no held-out split; set eval.dataset.path to a file of "
+                             "eval prompts")
+        elif not (self.dataset.eval_size or self.dataset.eval_path):
+            raise ValueError("eval reads the run's held-out rows but dataset.eval_size is 0 and dataset.eval_path is "
+                             "unset: set one of them, or eval.dataset (e.g. {path: data/gsm8k_test.jsonl})")
+
+    def eval_dataset(self) -> DatasetConfig | None:
+        """The eval rows' dataset section: the run's with eval.dataset's changes, every row kept; None: the run's
+        held-out rows. ValueError naming eval.dataset."""
+        if self.eval is None or self.eval.dataset is None:
+            return None
+        base = self.dataset.model_dump(exclude_unset=True, exclude={*_NOT_INHERITED})
+        if self.eval.dataset.get("kind", base.get("kind")) != base.get("kind"):
+            for key in ("question", "answer", "reference"):  # the run's kind's columns mean nothing to another kind
+                base.pop(key, None)
+        try:
+            return DatasetConfig.model_validate({**base, **self.eval.dataset})
+        except ValueError as e:
+            raise ValueError(f"eval.dataset: {e}") from None
 
     @property
     def uses_value(self) -> bool:

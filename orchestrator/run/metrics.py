@@ -39,6 +39,15 @@ GAUGES: dict[str, tuple[str, str]] = {
     "response_length_mean": ("quartet_response_length_tokens", "Mean completion length in tokens."),
 }
 REWARD_STATS = ("mean", "std", "min", "max")
+# EvalResult field -> (metric name, help): the last held-out evaluation (orchestrator/run/evaluation.py).
+EVAL_GAUGES: dict[str, tuple[str, str]] = {
+    "step": ("quartet_eval_step", "Completed steps when the last evaluation ran (0: the starting policy)."),
+    "accuracy": ("quartet_eval_accuracy", "Greedy pass@1 on the held-out problems at the last evaluation."),
+    "format_rate": ("quartet_eval_format_rate", "Share of held-out answers stating an answer in the rule's format."),
+    "length_mean": ("quartet_eval_response_length_tokens", "Mean held-out answer length in tokens."),
+    "truncated_fraction": ("quartet_eval_truncated_fraction", "Share of held-out answers cut by max_new_tokens."),
+    "seconds": ("quartet_eval_seconds", "Wall time of the last evaluation."),
+}
 
 
 def metric_names(metrics: Mapping[str, float], phases: Mapping[str, float],
@@ -91,6 +100,7 @@ class RunMetrics:
                                 "accepted a step, over the run.", registry=r)
         self._trpo = [0, 0]  # accepted, steps
         self.rejoins = {key: Counter(name, doc, registry=r) for key, (name, doc) in REJOINS.items()}
+        self.eval = {key: Gauge(name, doc, registry=r) for key, (name, doc) in EVAL_GAUGES.items()}
         self.server = None
         self.port: int | None = None
 
@@ -110,6 +120,11 @@ class RunMetrics:
     def rejoin(self, action: str, n: int = 1) -> None:
         """Count a rejoin action (a key of REJOINS) as it happens, not at the step's end."""
         self.rejoins[action].inc(n)
+
+    def record_eval(self, result: Mapping[str, float]) -> None:
+        """Set the eval gauges from one evaluation (EvalResult.as_dict())."""
+        for key, gauge in self.eval.items():
+            gauge.set(float(result[key]))
 
     def record(self, metrics: Mapping[str, float], phases: Mapping[str, float], rewards: Mapping[str, float],
                reward_services: Mapping[str, float], generated_tokens: int) -> None:

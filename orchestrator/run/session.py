@@ -27,10 +27,10 @@ from orchestrator.remote.clients import (
 from orchestrator.remote.retry import RetryPolicy
 from orchestrator.run import checkpoint
 from orchestrator.run.config import ConfigError, Endpoint, RewardEndpoint, RunConfig, dump_config
-from orchestrator.run.data import PromptStream, load_rows
+from orchestrator.run.data import PromptRow, PromptStream, load_split
 from orchestrator.run.metrics import RunMetrics
 from orchestrator.run.reporting import Reporting
-from orchestrator.step.loop import Orchestrator, RunState, Services
+from orchestrator.step.loop import Orchestrator, RunState, Services, StepResult
 from services.common.command import silence_progress_bars
 from services.common.hf import (
     load_causal_lm,
@@ -70,6 +70,7 @@ class Session:
         self.metrics: RunMetrics | None = None
         self.reporting: Reporting | None = None
         self.orchestrator: Orchestrator | None = None
+        self.evaluation = None  # evaluation.RunEvaluation when the config has an eval section
         self.infos: dict[str, ServiceInfo] = {}
         self.resumed_from: Path | None = None
 
@@ -159,7 +160,8 @@ class Session:
         from orchestrator.step.trainer import PolicyTrainer
 
         trainer = PolicyTrainer(policy, cfg.algorithm, seed=cfg.seed)
-        prompts = PromptStream(load_rows(cfg.dataset, tokenizer, self.log), seed=cfg.seed, shuffle=cfg.dataset.shuffle)
+        train_rows, held_out = load_split(cfg.dataset, tokenizer, self.log)
+        prompts = PromptStream(train_rows, seed=cfg.seed, shuffle=cfg.dataset.shuffle)
         served = self.infos["generator"].weight_version
         state, value_save = self._restore(restored, trainer, services, run_dir, served)
         self._serve_metrics(cfg)
@@ -172,6 +174,38 @@ class Session:
         if restored is not None or served != 0:
             # The generator must serve exactly the trainer's policy before the first Generate.
             self.orchestrator.weights.push(served + 1)
+        if cfg.eval is not None:
+            self._open_evaluation(cfg, tokenizer, held_out, state.step)
+
+    def _open_evaluation(self, cfg: RunConfig, tokenizer, held_out: list[PromptRow], step: int) -> None:
+        from orchestrator.run.evaluation import EVAL_LOG, EvalLog, Evaluator, RunEvaluation, grader_for
+
+        EvalLog(Path(cfg.run_dir) / EVAL_LOG).truncate(step)  # later steps run again, and so do their evaluations
+        rows = held_out
+        if (eval_data := cfg.eval_dataset()) is not None:
+            if not eval_data.limit and eval_data.kind != "prompts" and cfg.eval.max_samples:
+                eval_data = eval_data.model_copy(update={"limit": cfg.eval.max_samples})
+            rows = load_split(eval_data, tokenizer, lambda m: self.log(f"eval {m}"))[0]
+        evaluator = Evaluator(rows, tokenizer, grader_for(cfg), max_samples=cfg.eval.max_samples,
+                              max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
+                              batch_size=cfg.eval.batch_size)
+        self.evaluation = RunEvaluation(cfg, evaluator, self.orchestrator.weights, metrics=self.metrics,
+                                        reporting=self.reporting, log=self.log)
+
+    def run(self, on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
+        """The run's steps (Orchestrator.run), with the held-out evaluation after the steps it is due."""
+        o, ev = self.orchestrator, self.evaluation
+        assert o is not None, "open() the session first"
+        if ev is None:
+            return o.run(on_step)
+        ev.after(o.state.step)  # the starting policy (eval.at_start), unless already evaluated
+
+        def after(result: StepResult) -> None:
+            if on_step is not None:
+                on_step(result)
+            ev.after(result.step)
+
+        return o.run(after)
 
     def _load_policy(self, cfg: RunConfig, restored: checkpoint.Restored | None):
         """The trainable policy: the checkpoint's on resume, else models.policy, on models.device / dtype."""
@@ -246,6 +280,8 @@ class Session:
         return o.save_checkpoint(log_line=o.last_log_line)
 
     def close(self) -> None:
+        if self.evaluation is not None:
+            self.evaluation.close()
         if self.orchestrator is not None:
             self.orchestrator.close()
         if self.services is not None:

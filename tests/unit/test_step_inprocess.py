@@ -69,7 +69,10 @@ class FakeGenerator:
                 ids: list[int] = []
                 while len(ids) < max_new_tokens and (not ids or ids[-1] not in eos):
                     logits = self.model(torch.tensor([list(prompt) + ids])).logits[0, -1].float()
-                    ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng)))
+                    if temperature == 0:  # greedy, as the real generator reads temperature 0
+                        ids.append(int(logits.argmax()))
+                    else:
+                        ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng)))
                 completions.append(ids)
                 logprobs.append(_token_logprobs(self.model, list(prompt), ids).tolist())
                 finished.append(ids[-1] in eos)
