@@ -10,6 +10,7 @@ completions so the expected accuracy is known before the run.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,26 @@ def test_eval_metrics_are_exported() -> None:
     get = m.registry.get_sample_value
     assert (get("quartet_eval_step"), get("quartet_eval_accuracy"), get("quartet_eval_format_rate")) == (5, 0.5, 1.0)
     assert (get("quartet_eval_truncated_fraction"), get("quartet_eval_response_length_tokens")) == (0.5, 3.0)
+
+
+def test_quartet_train_prints_the_evaluation_and_plots_it(tmp_path: Path, policy_dir: Path,
+                                                          contacted: list[str]) -> None:  # noqa: F811
+    import yaml
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    path, expected = _eval_file(tmp_path, policy_dir, max_new_tokens=4)
+    cfg = config(tmp_path, policy_dir, "eval.every=2", "eval.at_start=true", f"eval.dataset.path={path}",
+                 "eval.max_new_tokens=4")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["train", str(config_file)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert f"eval after step 0: accuracy {expected:.1%} of {len(EVAL_PROMPTS)}" in out, out
+    assert "eval after step 2:" in out and "eval after step 1:" not in out
+    last = EvalLog(Path(cfg.run_dir) / "eval.jsonl").read()[-1]
+    row = rf"eval accuracy\W+{expected:.1%}\W+{last['accuracy']:.1%}".replace(".", r"\.")
+    assert re.search(row, out), out  # the summary: first vs last evaluation
+    assert (Path(cfg.run_dir) / "curves.png").stat().st_size > 1000
