@@ -130,6 +130,7 @@ class Evaluator:
         self.prompts = [r.token_ids(tokenizer) for r in self.rows]
         self.grader = grader
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.last: Samples | None = None  # the answers of the last run(), row order
 
     def answers(self, generate: Generate, on_batch: Callable[[int], None] | None = None) -> Samples:
         """One greedy answer per row, in row order; on_batch(rows done) after each Generate."""
@@ -147,7 +148,7 @@ class Evaluator:
     def run(self, step: int, generate: Generate, on_batch: Callable[[int], None] | None = None) -> EvalResult:
         """Evaluate the policy `generate` answers with, as of `step` completed steps."""
         started = time.perf_counter()
-        s = self.answers(generate, on_batch)
+        s = self.last = self.answers(generate, on_batch)
         correct, failures = self.grader.correct(s.texts, [r.metadata for r in self.rows])
         formatted = [self.grader.formatted(t) for t in s.texts]
         return summarize(step, correct, formatted, [len(c) for c in s.completion_ids], s.finished,

@@ -207,3 +207,22 @@ def test_quartet_train_prints_the_evaluation_and_plots_it(tmp_path: Path, policy
     row = rf"eval accuracy\W+{expected:.1%}\W+{last['accuracy']:.1%}".replace(".", r"\.")
     assert re.search(row, out), out  # the summary: first vs last evaluation
     assert (Path(cfg.run_dir) / "curves.png").stat().st_size > 1000
+
+
+def test_quartet_eval_on_a_task_file(tmp_path: Path, policy_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    path, expected = _eval_file(tmp_path, policy_dir, max_new_tokens=4)
+    result = CliRunner().invoke(app, ["eval", str(policy_dir), "--task", str(path), "--max-new-tokens", "4"],
+                                terminal_width=300)
+    assert result.exit_code == 0, result.output
+    n = len(EVAL_PROMPTS)
+    assert f"accuracy {expected:.1%} ({round(expected * n)}/{n})" in " ".join(result.output.split()), result.output
+    both = CliRunner().invoke(app, ["eval", str(policy_dir), "--task", str(path), "--dataset", "gsm8k"],
+                                terminal_width=300)
+    assert both.exit_code == 2 and "exactly one of --task" in both.output
+    missing = CliRunner().invoke(app, ["eval", str(policy_dir), "--task", str(tmp_path / "nope.jsonl")],
+                                   terminal_width=300)
+    assert missing.exit_code == 2 and "nope.jsonl" in missing.output, missing.output
