@@ -80,6 +80,18 @@ class SamplingConfig(Strict):
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 = off.")
     max_new_tokens: int = Field(6, ge=1, description="Most tokens generated per sample.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra stop tokens (EOS always stops).")
+    stop: list[str] = Field(
+        default_factory=list, max_length=16, description="Stop strings (1-200 characters each, both generator "
+        "backends): a sample ends with the token that completes one. The stop text is kept and nothing is cut, so "
+        "the trainer gets exactly the sampled tokens; e.g. [\"\\n\\nQuestion:\"] for a base model.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str]) -> list[str]:
+        bad = [s for s in value if not 0 < len(s) <= 200]
+        if bad:
+            raise ValueError(f"stop strings must have 1 to 200 characters; fix or drop {bad[:3]}")
+        return value
 
 
 class DatasetConfig(DatasetSpec):

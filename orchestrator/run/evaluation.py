@@ -192,6 +192,7 @@ class _Greedy:
 
     max_new_tokens: int
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -213,7 +214,8 @@ class RunEvaluation:
         self._step = 0
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> Samples:
-        greedy = _Greedy(max_new_tokens, tuple(self.cfg.sampling.stop_token_ids))
+        sampling = self.cfg.sampling
+        greedy = _Greedy(max_new_tokens, tuple(sampling.stop_token_ids), tuple(sampling.stop))
         return self.weights.generate(prompts, n=1, sampling=greedy, seed=self.cfg.eval.seed, step=self._step)
 
     def after(self, step: int) -> EvalResult | None:

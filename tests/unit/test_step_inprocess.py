@@ -59,8 +59,9 @@ class FakeGenerator:
 
     @torch.no_grad()
     def generate(self, prompt_ids, *, n, temperature, top_p, top_k, max_new_tokens, stop_token_ids, seed,
-                 request_id) -> Samples:
+                 request_id, stop=()) -> Samples:
         eos = {self.tokenizer.eos_token_id, *stop_token_ids}
+        self.stop_strings = tuple(stop)  # the run's sampling.stop, as sent; the char model's tests set none
         self.prompts += [list(p) for p in prompt_ids]
         completions, logprobs, finished = [], [], []
         for i, prompt in enumerate(prompt_ids):
