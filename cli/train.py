@@ -207,7 +207,8 @@ def _resume_hint(e, command: str) -> str:
 # Step-log keys each algorithm's summary shows, first vs last step (a key the run did not log is left out):
 # TRPO has no ratio clipping (clipfrac is always 0) but a line search; PPO's critic is judged by its loss
 # and explained variance.
-_COMMON_KEYS = ("entropy", "grad_norm", "logprob_gap_mean", "tokens_per_second", "step_seconds")
+_COMMON_KEYS = ("entropy", "grad_norm", "logprob_gap_mean", "response_length_mean", "truncated_fraction",
+                "tokens_per_second", "step_seconds")
 SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     "grpo": ("kl_ref", "policy_loss", "value_loss", "clipfrac", "approx_kl", *_COMMON_KEYS),
     "ppo": ("kl_ref", "policy_loss", "clipfrac", "approx_kl", "value_loss", "value_explained_variance",

@@ -7,7 +7,7 @@ info-style gauge (value 1) whose label carries the identity.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -37,6 +37,8 @@ GAUGES: dict[str, tuple[str, str]] = {
     "sync_bytes": ("quartet_weight_sync_last_bytes", "Bytes of the last weight broadcast."),
     "weight_version": ("quartet_weight_version", "Weight version the generator serves."),
     "response_length_mean": ("quartet_response_length_tokens", "Mean completion length in tokens."),
+    "truncated_fraction": ("quartet_truncated_fraction", "Share of the last step's samples that reached "
+                           "max_new_tokens without an end token, stop token or stop string."),
 }
 REWARD_STATS = ("mean", "std", "min", "max")
 # EvalResult field -> (metric name, help): the last held-out evaluation (orchestrator/run/evaluation.py).
@@ -48,6 +50,12 @@ EVAL_GAUGES: dict[str, tuple[str, str]] = {
     "truncated_fraction": ("quartet_eval_truncated_fraction", "Share of held-out answers cut by max_new_tokens."),
     "seconds": ("quartet_eval_seconds", "Wall time of the last evaluation."),
 }
+
+
+def stop_fractions(finished: Sequence[bool]) -> dict[str, float]:
+    """finished_fraction and truncated_fraction (cut by max_new_tokens) of B samples' [B] finished flags."""
+    n = max(1, len(finished))
+    return {"finished_fraction": sum(finished) / n, "truncated_fraction": sum(not f for f in finished) / n}
 
 
 def metric_names(metrics: Mapping[str, float], phases: Mapping[str, float],

@@ -40,7 +40,7 @@ from orchestrator.remote.rejoin import CriticKeeper, Rejoined
 from orchestrator.run import checkpoint as ckpt
 from orchestrator.run.config import RunConfig
 from orchestrator.run.data import Cursor, PromptRow, PromptStream
-from orchestrator.run.metrics import RunMetrics
+from orchestrator.run.metrics import RunMetrics, stop_fractions
 from orchestrator.run.reporting import Reporting, metric_names
 from orchestrator.step.experience import Experience, Rollout, build_experience
 from orchestrator.step.recovery import (
@@ -372,7 +372,7 @@ class Orchestrator:
         metrics.update(
             step_seconds=seconds, tokens_per_second=n_tokens / seconds if seconds > 0 else 0.0,
             response_length_mean=n_tokens / max(1, len(samples.completion_ids)),
-            finished_fraction=sum(samples.finished) / max(1, len(samples.finished)),
+            **stop_fractions(samples.finished),
         )
         if sync is not None:  # None: the sync failed; the resume re-sends the weights
             metrics.update(sync_seconds=sync.seconds, sync_bytes=float(sync.bytes), weight_version=float(sync.version))

@@ -78,6 +78,7 @@ class FakeGenerator:
                 logprobs.append(_token_logprobs(self.model, list(prompt), ids).tolist())
                 finished.append(ids[-1] in eos)
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        self.finished = finished  # [B] of the last call: True = stopped on EOS / a stop token
         return Samples(completions, logprobs, finished, texts, self.version)
 
     def update_weights(self, named_tensors, version: int) -> WeightSync:
@@ -221,6 +222,8 @@ def test_one_step_of_each_algorithm_with_fake_services(algo, tokenizer, tmp_path
     assert reg.get_sample_value("quartet_steps_total") == 1.0
     assert reg.get_sample_value("quartet_reward", {"stat": "mean"}) == pytest.approx(result.rewards["mean"])
     assert reg.get_sample_value("quartet_reward_service_info", {"identity": "rule:digits", "weight": "1"}) == 1.0
+    truncated = sum(not f for f in gen.finished) / len(gen.finished)  # reached max_new_tokens without EOS
+    assert result.metrics["truncated_fraction"] == truncated == reg.get_sample_value("quartet_truncated_fraction")
     saved = checkpoint.read(checkpoint.latest(cfg.checkpoint_dir))
     assert (saved.step, saved.weight_version) == (1, 1)
     assert saved.log_line is not None and json.loads(saved.log_line)["step"] == 1
