@@ -32,6 +32,7 @@ from rl.losses import (
     value_loss,
 )
 from rl.masked import lookup, masked_mean, zero_padding
+from rl.offpolicy import ISWeights, truncated_is_weights
 from rl.trpo import (
     CGResult,
     TRPOResult,
@@ -52,6 +53,7 @@ __all__ = [
     "GAEOutput",
     "GRPOLossOutput",
     "GroupScale",
+    "ISWeights",
     "KLEstimate",
     "KLKind",
     "PolicyLossOutput",
@@ -75,6 +77,7 @@ __all__ = [
     "token_rewards",
     "trpo_step",
     "trpo_surrogate",
+    "truncated_is_weights",
     "value_loss",
     "zero_padding",
 ]

@@ -124,6 +124,7 @@ def _clipped_surrogate(
     clip_low: float,
     clip_high: float,
     dual_clip: float | None,
+    is_weights: Tensor | None = None,
 ) -> _Surrogate:
     if advantages.ndim == 1:
         advantages = advantages[:, None].expand_as(real)
@@ -138,6 +139,8 @@ def _clipped_surrogate(
         # Learning", section "Dual-clip PPO"): for A < 0
         # the objective is bounded below by dual_clip * A, i.e. the loss above by -dual_clip * A.
         per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
+    if is_weights is not None:  # decoupled PPO: the clipped term, weighted by π_old / μ (rl/offpolicy.py)
+        per_token = per_token * zero_padding(is_weights.detach(), real)
     with torch.no_grad():
         # k3 of KL(π_old || π) with samples from π_old: r = π / π_old, k3 = (r - 1) - log r.
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, real)
@@ -165,6 +168,7 @@ def policy_loss(
     max_len: int | None = None,
     num_items: Count | None = None,
     dual_clip: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate, to minimise (Schulman et al. 2017, "Proximal Policy Optimization
     Algorithms", eq. 7), with the asymmetric "clip-higher" range of DAPO (Yu et al. 2025, section 3.1) and
@@ -180,6 +184,8 @@ def policy_loss(
         clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
         aggregation, max_len, num_items: see the module doc.
         dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c A; None disables it.
+        is_weights: [B, T] per-token importance weights (detached) multiplying each token's clipped
+            term, for samples drawn by another policy than π_old (``rl.offpolicy``); None: all 1.
 
     Returns:
         PolicyLossOutput(loss [], per_token_loss [B, T], clipfrac [], approx_kl []). clipfrac is the
@@ -188,7 +194,8 @@ def policy_loss(
     """
     _check_clips(clip_low, clip_high, dual_clip)
     real = mask.bool()
-    surrogate = _clipped_surrogate(logprobs, old_logprobs, advantages, real, clip_low, clip_high, dual_clip)
+    surrogate = _clipped_surrogate(logprobs, old_logprobs, advantages, real, clip_low, clip_high, dual_clip,
+                                   is_weights)
     return PolicyLossOutput(
         loss=aggregate(surrogate.per_token, real, aggregation, max_len=max_len, num_items=num_items),
         per_token_loss=surrogate.per_token,
@@ -256,6 +263,7 @@ def grpo_loss(
     aggregation: Aggregation = "seq_mean_token_mean",
     max_len: int | None = None,
     num_items: Count | None = None,
+    is_weights: Tensor | None = None,
 ) -> GRPOLossOutput:
     """GRPO loss, to minimise (Shao et al. 2024, DeepSeekMath, eq. 3 with the k3 KL of eq. 4):
 
@@ -268,14 +276,16 @@ def grpo_loss(
         advantages: [B] group advantages (see ``group_advantages``) or [B, T] (detached).
         mask: [B, T] 1 on real response tokens.
         beta: KL coefficient; 0 drops the KL term (as DAPO and Dr. GRPO do).
-        clip_low, clip_high, aggregation, max_len, num_items: as in ``policy_loss``.
+        clip_low, clip_high, aggregation, max_len, num_items, is_weights: as in ``policy_loss`` (the
+            weights scale the surrogate only: the KL term is a penalty on the current policy, not an
+            estimate of the sampled return).
 
     Returns:
         GRPOLossOutput with loss = policy_loss + beta * kl, each part aggregated the same way.
     """
     _check_clips(clip_low, clip_high, None)
     real = mask.bool()
-    surrogate = _clipped_surrogate(logprobs, old_logprobs, advantages, real, clip_low, clip_high, None)
+    surrogate = _clipped_surrogate(logprobs, old_logprobs, advantages, real, clip_low, clip_high, None, is_weights)
     kl = kl_estimate(logprobs, ref_logprobs, real, "k3").per_token
     per_token = surrogate.per_token + beta * kl
 
@@ -301,6 +311,7 @@ def trpo_surrogate(
     aggregation: Aggregation = "token_mean",
     max_len: int | None = None,
     num_items: Count | None = None,
+    is_weights: Tensor | None = None,
 ) -> Tensor:
     """TRPO's surrogate loss -E[r_t A_t], r_t = π(a_t|s_t) / π_old(a_t|s_t) (Schulman et al. 2015, eq. 14).
 
@@ -313,6 +324,8 @@ def trpo_surrogate(
         advantages: [B, T] advantage per token.
         mask: [B, T] 1 on real response tokens.
         aggregation, max_len, num_items: as in ``aggregate``.
+        is_weights: [B, T] per-token importance weights π_old / μ (detached) for samples drawn by another
+            policy μ; None: all 1.
 
     Returns:
         [] the aggregated loss to minimise.
@@ -320,4 +333,6 @@ def trpo_surrogate(
     real = mask.bool()
     ratio = torch.exp(zero_padding(logprobs, real) - zero_padding(old_logprobs, real))
     per_token = zero_padding(-advantages * ratio, real)
+    if is_weights is not None:
+        per_token = per_token * zero_padding(is_weights.detach(), real)
     return aggregate(per_token, mask, aggregation, max_len=max_len, num_items=num_items)

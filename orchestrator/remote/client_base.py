@@ -41,6 +41,8 @@ class ServiceInfo:
     weight_version: int
     vocab_size: int
     last_step_id: int
+    max_batch_sequences: int = 0  # Limits.max_batch_sequences (0: not reported); replicas are balanced by it
+    queue_depth: int = 0  # calls the service reported waiting (extra["queue_depth"]; 0: none or not reported)
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,12 @@ def _channel(ep: Endpoint, *, admin: bool) -> grpc.Channel:
     root = Path(ep.tls_ca).read_bytes() if ep.tls_ca else None
     cert = Path(ep.tls_client_cert).read_bytes() if ep.tls_client_cert else None
     key = Path(ep.tls_client_key).read_bytes() if ep.tls_client_key else None
-    return open_channel(ep.address, token=token, root_cert=root, client_cert=cert, client_key=key,
-                        options=RECONNECT_OPTIONS)
+    if not isinstance(ep.address, str):
+        raise ValueError(f"one client per address, got {ep.address!r}: orchestrator.remote.discovery builds replica sets")
+    options = RECONNECT_OPTIONS
+    if ep.tls_server_name:  # a replica dialled by IP presents the certificate of its Service's name
+        options = (*options, ("grpc.ssl_target_name_override", ep.tls_server_name))
+    return open_channel(ep.address, token=token, root_cert=root, client_cert=cert, client_key=key, options=options)
 
 
 class RoleClient:
@@ -150,8 +156,9 @@ class RoleClient:
     def _fail(self, call: str, problem: str) -> ServiceError:
         return ServiceError(self.name, call, problem)
 
-    def _info(self, stub) -> ServiceInfo:
-        m = self._call(stub.GetInfo, common_pb2.GetInfoRequest(), call="GetInfo", timeout=self.info_deadline_s)
+    def _info(self, stub, *, retry: bool = True) -> ServiceInfo:
+        m = self._call(stub.GetInfo, common_pb2.GetInfoRequest(), call="GetInfo", timeout=self.info_deadline_s,
+                       retry=retry)
         if m.vocab_size < 0:
             raise self._fail("GetInfo", f"vocab_size {m.vocab_size} is negative")
         if m.last_step_id < -1:
@@ -160,6 +167,7 @@ class RoleClient:
             role=m.role, identity=m.identity or f"{m.role}/{m.backend}@{self.endpoint.address}", model_path=m.model_path,
             backend=m.backend, tokenizer_fingerprint=m.tokenizer_fingerprint, weight_version=int(m.weight_version),
             vocab_size=int(m.vocab_size), last_step_id=int(m.last_step_id),
+            max_batch_sequences=max(0, int(m.limits.max_batch_sequences)), queue_depth=_queue_depth(m.extra),
         )
 
     def _rows(self, msg, *, call: str, field: str, lengths: Sequence[int], logprobs: bool = False) -> list[torch.Tensor]:
@@ -188,6 +196,12 @@ class RoleClient:
         if self._admin_channel is not self._channel:
             self._admin_channel.close()
 
+
+
+def _queue_depth(extra: Mapping[str, str]) -> int:
+    """GetInfo's extra["queue_depth"]: a load hint, so a missing or malformed one counts as an idle service."""
+    text = extra.get("queue_depth", "0")
+    return max(0, int(text)) if text.isdigit() else 0
 
 
 def check_tokenizers(infos: Mapping[str, ServiceInfo], *, trainer_fingerprint: str | None = None) -> None:

@@ -100,8 +100,8 @@ class GeneratorClient(RoleClient):
         self.vocab_size: int | None = None
         self.weight_transport = WeightTransport(weights_transport or getattr(ep, "weights_transport", "auto"), ep.address)
 
-    def info(self) -> ServiceInfo:
-        info = self._info(self._stub)
+    def info(self, *, retry: bool = True) -> ServiceInfo:
+        info = self._info(self._stub, retry=retry)
         if info.vocab_size < 1:
             raise self._fail("GetInfo", f"vocab_size {info.vocab_size}: a generator must report its vocabulary size "
                                         "(sampled token ids are checked against it)")
@@ -110,21 +110,23 @@ class GeneratorClient(RoleClient):
 
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], *, n: int, temperature: float, top_p: float, top_k: int,
-        max_new_tokens: int, stop_token_ids: Sequence[int], seed: int, request_id: str, stop: Sequence[str] = (),
+        max_new_tokens: int, stop_token_ids: Sequence[int], seed: int, request_id: str, prompt_index_offset: int = 0,
+        stop: Sequence[str] = (),
     ) -> Samples:
-        """n samples for each of P prompts; per-sample seeds derive from (seed, prompt, sample)."""
+        """n samples for each of P prompts; per-sample seeds derive from (seed, prompt_index_offset + prompt, sample)."""
         params = generator_pb2.SamplingParams(
             n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
             stop_token_ids=list(stop_token_ids), seed=seed, stop=list(stop),
         )
         req = generator_pb2.GenerateRequest(
             prompt_ids=encode_ragged([torch.tensor(p, dtype=torch.int64) for p in prompt_ids], torch.int64),
-            params=params, request_id=request_id, return_text=True,
+            params=params, request_id=request_id, return_text=True, prompt_index_offset=prompt_index_offset,
         )
         resp = self._call(self._stub.Generate, req, call="Generate")
-        return self._check_samples(resp, n_prompts=len(prompt_ids), n=n, max_new_tokens=max_new_tokens)
+        return self._check_samples(resp, n_prompts=len(prompt_ids), n=n, max_new_tokens=max_new_tokens,
+                                   offset=prompt_index_offset)
 
-    def _check_samples(self, resp, *, n_prompts: int, n: int, max_new_tokens: int) -> Samples:
+    def _check_samples(self, resp, *, n_prompts: int, n: int, max_new_tokens: int, offset: int = 0) -> Samples:
         call, b = "Generate", n_prompts * n
         try:
             ids = decode_ragged(resp.completion_ids, field="completion_ids", dtypes=(torch.int64, torch.int32), rows=b)
@@ -145,7 +147,12 @@ class GeneratorClient(RoleClient):
         unknown = set(resp.finish_reasons) - _FINISH_REASONS
         if unknown:
             raise self._fail(call, f"finish_reasons holds {sorted(unknown)}, expected STOP ({_STOP}) or LENGTH ({_LENGTH})")
-        if list(resp.prompt_index) and list(resp.prompt_index) != [k // n for k in range(b)]:
+        index = list(resp.prompt_index)
+        if offset and index in ([], [k // n for k in range(b)]):
+            # Without the offset it sampled prompt i as prompt i: not what one generator gives for the whole batch.
+            raise self._fail(call, f"ignored prompt_index_offset={offset} (an older generator): it cannot serve as one "
+                                   "of several replicas; upgrade it or give the role a single address")
+        if index and index != [offset + k // n for k in range(b)]:
             raise self._fail(call, "samples are not prompt-major (prompt_index disagrees)")
         # Reward services score these texts: a missing one would be scored as an empty completion.
         if len(resp.completion_text) != b:
@@ -224,8 +231,8 @@ class RewardClient(RoleClient):
         self.weight = weight
         self._stub = reward_pb2_grpc.RewardStub(self._channel)
 
-    def info(self) -> ServiceInfo:
-        return self._info(self._stub)
+    def info(self, *, retry: bool = True) -> ServiceInfo:
+        return self._info(self._stub, retry=retry)
 
     def score(
         self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], prompt_text: Sequence[str],
@@ -263,8 +270,8 @@ class ReferenceClient(RoleClient):
         super().__init__(ep, deadline_s=deadline_s, **kw)
         self._stub = reference_pb2_grpc.ReferenceStub(self._channel)
 
-    def info(self) -> ServiceInfo:
-        return self._info(self._stub)
+    def info(self, *, retry: bool = True) -> ServiceInfo:
+        return self._info(self._stub, retry=retry)
 
     def logprobs(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """log π_ref of every response token: B rows, row i of length len(completion_ids[i])."""
@@ -283,8 +290,8 @@ class ValueClient(RoleClient):
         self._stub = value_pb2_grpc.ValueStub(self._channel)
         self._admin = value_pb2_grpc.ValueStub(self._admin_channel)
 
-    def info(self) -> ServiceInfo:
-        return self._info(self._stub)
+    def info(self, *, retry: bool = True) -> ServiceInfo:
+        return self._info(self._stub, retry=retry)
 
     def values(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """V(s_t) at every response token: B rows aligned with completion_ids."""

@@ -178,6 +178,14 @@ class AlgorithmConfig(BaseModel):
         "(detached: the ratio is exactly 1) and skip the separate no-grad log-prob pass; the generator-vs-trainer "
         "gap and kl_ref are then measured on that forward. false: always run the separate pass.",
     )
+    tis_cap: float | None = Field(
+        None,
+        gt=0.0,
+        description="Truncated importance sampling: each token's policy loss is weighted by min(π_old / π_gen, "
+        "tis_cap), π_gen being the generator's log-probs of the samples, which correct for samples drawn by "
+        "other weights (rollout.pipeline) or other numerics (a bf16 sampler). null: off, except that "
+        "rollout.pipeline uses 2.0 unless set. No effect with old_logprobs: generator (the weight is then 1).",
+    )
     trpo_max_kl: float = Field(0.01, gt=0.0, description="TRPO trust region: mean KL(old || new) per token.")
     trpo_cg_iters: int = Field(10, ge=1, description="TRPO conjugate-gradient iterations.")
     trpo_damping: float = Field(0.1, ge=0.0, description="TRPO damping added to the Fisher matrix.")

@@ -2,7 +2,8 @@
 
 Layout of `<checkpoint dir>/step-00000012/`:
     policy/           save_pretrained (safetensors) + tokenizer: loads with plain transformers
-    trainer.pt        optimizer state (trainer.state_dict()) and RNG states (torch, python, numpy)
+    trainer.pt        optimizer state (trainer.state_dict()), RNG states (torch, python, numpy) and, with
+                      pipelined rollouts, the next step's samples drawn already
     state.json        step, data cursor, weight version, value checkpoint name and the critic it holds,
                       the step's step-log line (restored by a resume when a crash came before it was logged)
     config.yaml       the resolved run config
@@ -80,6 +81,7 @@ class Snapshot:
     value_last_step_id: int | None  # TrainStep id that saved critic last applied
     log_line: str | None  # the step-log line of `step` (restored by a resume when a crash beat the log)
     config: RunConfig  # the resolved run config (config.yaml)
+    pending_rollout: dict[str, Any] | None = None  # pipelined rollouts: the next step's samples (pipeline.Pending)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Restored:
     trainer_state: Any
     rng: dict[str, Any]
     log_line: str | None  # the step-log line of `step`
+    pending_rollout: dict[str, Any] | None = None  # pipelined rollouts: the next step's samples, drawn already
 
 
 def rng_states() -> dict[str, Any]:
@@ -135,7 +138,8 @@ def save(ckpt_dir: Path, snap: Snapshot, *, keep: int = 2) -> Path:
     tmp.mkdir(parents=True)
     snap.policy.save_pretrained(tmp / "policy", safe_serialization=True)
     snap.tokenizer.save_pretrained(tmp / "policy")
-    torch.save({"trainer": snap.trainer_state, "rng": snap.rng}, tmp / "trainer.pt")
+    torch.save({"trainer": snap.trainer_state, "rng": snap.rng, "pending_rollout": snap.pending_rollout},
+               tmp / "trainer.pt")
     meta = {"step": snap.step, "cursor": {"epoch": snap.cursor.epoch, "position": snap.cursor.position},
             "weight_version": snap.weight_version, "value_checkpoint": snap.value_checkpoint,
             "value_last_step_id": snap.value_last_step_id, "log_line": snap.log_line, "run_id": run_id}
@@ -221,6 +225,7 @@ def read(path: Path) -> Restored:
         path=path, step=int(meta["step"]), cursor=Cursor(**meta["cursor"]), weight_version=int(meta["weight_version"]),
         value_checkpoint=meta.get("value_checkpoint"), value_last_step_id=meta.get("value_last_step_id"),
         trainer_state=blob["trainer"], rng=blob["rng"], log_line=meta.get("log_line"),
+        pending_rollout=blob.get("pending_rollout"),
     )
 
 

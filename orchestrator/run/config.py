@@ -194,6 +194,22 @@ class EvalConfig(Strict):
                       "the run's own seeds and RNG streams are never used.")
 
 
+class RolloutConfig(Strict):
+    """When the samples of a step are drawn."""
+
+    pipeline: bool = Field(
+        False,
+        description="Pipelined (one-step off-policy) rollouts: the generator samples step k+1 while the trainer "
+        "scores and updates on step k, so a step trains on samples of the weights one version back, corrected "
+        "by truncated importance sampling (algorithm.tis_cap). false: each step samples the weights it trains.",
+    )
+    max_staleness: int = Field(
+        1, ge=1,
+        description="Pipelined rollouts: samples drawn by weights more than this many versions behind the weights "
+        "being trained are discarded and drawn again (e.g. after a generator restart); counted in the step log.",
+    )
+
+
 class RunConfig(Strict):
     """One RL run: models, services, algorithm, data, checkpoints."""
 
@@ -203,6 +219,7 @@ class RunConfig(Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling parameters of the generator.")
     dataset: DatasetConfig = Field(..., description="The prompt set.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoint directory and interval.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Synchronous or pipelined rollouts.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts per step.")
     samples_per_prompt: int = Field(8, ge=1, description="Samples per prompt G (>= 2 for group advantages).")
     steps: int = Field(100, ge=1, description="Steps (updates) in the run; a resumed run stops at the same total.")
@@ -261,6 +278,8 @@ class RunConfig(Strict):
                 "services.local: true starts its own services: remove services.generator/reference/value/rewards, "
                 "or set services.local: false to use them"
             )
+        if self.rollout.pipeline and algo.tis_cap is None and algo.old_logprobs == "trainer":
+            self.algorithm = algo.model_copy(update={"tis_cap": 2.0})  # the documented default of a pipelined run
         if sum(r.weight for r in svc.rewards) == 0 and svc.rewards:
             raise ValueError("services.rewards weights sum to 0: give at least one reward a non-zero weight")
         reward = svc.local_options.reward

@@ -7,9 +7,13 @@ info-style gauge (value 1) whose label carries the identity.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from services.common.metrics import peak_rss_bytes
 
 PHASES = ("generate", "score", "reference", "values", "update", "value_train", "sync", "checkpoint")
 
@@ -37,6 +41,13 @@ GAUGES: dict[str, tuple[str, str]] = {
     "sync_bytes": ("quartet_weight_sync_last_bytes", "Bytes of the last weight broadcast."),
     "weight_version": ("quartet_weight_version", "Weight version the generator serves."),
     "response_length_mean": ("quartet_response_length_tokens", "Mean completion length in tokens."),
+    "group_signal_fraction": ("quartet_group_signal_fraction", "Share of the last step's prompt groups whose "
+                              "samples' rewards differ (the groups a group-relative advantage learns from)."),
+    "rollout_staleness": ("quartet_rollout_staleness", "Pipelined rollouts: weight versions between the weights "
+                          "that sampled the last step and the weights it trained."),
+    "is_weight_mean": ("quartet_is_weight_mean", "Mean truncated importance weight min(pi_old / pi_gen, tis_cap)."),
+    "is_truncated_fraction": ("quartet_is_truncated_fraction", "Share of tokens whose importance weight was cut "
+                              "to tis_cap."),
     "truncated_fraction": ("quartet_truncated_fraction", "Share of the last step's samples that reached "
                            "max_new_tokens without an end token, stop token or stop string."),
 }
@@ -78,7 +89,53 @@ REJOINS: dict[str, tuple[str, str]] = {
     "value_lost_train_steps": ("quartet_value_lost_train_steps_total", "Critic TrainSteps lost to value service "
                                "restarts (applied after the last value save)."),
     "rollout_redos": ("quartet_rollout_redos_total", "Step rollouts redone (same seed) after a service rejoined."),
+    "stale_rollouts": ("quartet_stale_rollouts_total", "Pipelined rollouts: prefetched samples discarded and drawn "
+                       "again (too stale, or from weights the run never served: a restarted generator)."),
+    "prefetch_failures": ("quartet_prefetch_failures_total", "Pipelined rollouts: prefetched Generate calls that "
+                          "failed (the step then sampled synchronously)."),
 }
+
+
+class ReplicaCollector:
+    """Per-replica series of the role replica sets (orchestrator/remote/replicas.py), read at every scrape.
+
+    `sets`: objects with `.role` and `.snapshot()` -> [(address, admitted, ReplicaStats)]. The `replica`
+    label is the replica's address as the orchestrator dials it.
+    """
+
+    def __init__(self, sets: Sequence[Any]) -> None:
+        self.sets = list(sets)
+
+    def collect(self) -> Iterator[Metric]:
+        pair, triple = ["role", "replica"], ["role", "replica", "method"]
+        calls = CounterMetricFamily("quartet_replica_calls", "Calls a replica answered, by method.", labels=triple)
+        failures = CounterMetricFamily("quartet_replica_failures", "Calls a replica failed after its retries (it "
+                                       "was taken out), by method.", labels=triple)
+        share = GaugeMetricFamily("quartet_replica_share", "Fraction of the last split call's items the replica "
+                                  "answered.", labels=pair)
+        admitted = GaugeMetricFamily("quartet_replica_admitted", "1 while the replica takes work, 0 while it is "
+                                     "taken out.", labels=pair)
+        removals = CounterMetricFamily("quartet_replica_removals", "Times the replica was taken out.", labels=pair)
+        readmissions = CounterMetricFamily("quartet_replica_readmissions", "Times the replica came back and was "
+                                           "re-admitted.", labels=pair)
+        sync = GaugeMetricFamily("quartet_replica_weight_sync_seconds", "Seconds of the generator replica's last "
+                                 "UpdateWeights.", labels=pair)
+        for s in self.sets:
+            for address, ok, st in s.snapshot():
+                for method, n in st.calls.items():
+                    calls.add_metric([s.role, address, method], n)
+                for method, n in st.failures.items():
+                    failures.add_metric([s.role, address, method], n)
+                share.add_metric([s.role, address], st.share)
+                admitted.add_metric([s.role, address], 1.0 if ok else 0.0)
+                removals.add_metric([s.role, address], st.removals)
+                readmissions.add_metric([s.role, address], st.readmissions)
+                if s.role == "generator":
+                    sync.add_metric([s.role, address], st.sync_seconds)
+        yield from (calls, failures, share, admitted, removals, readmissions, sync)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # no fixed series: the replicas are known only once a run connects
 
 
 class RunMetrics:
@@ -106,6 +163,9 @@ class RunMetrics:
         )
         self.trpo_ratio = Gauge("quartet_trpo_accepted_ratio", "TRPO: fraction of steps whose line search "
                                 "accepted a step, over the run.", registry=r)
+        self.peak_rss = Gauge("quartet_peak_rss_bytes", "Peak resident memory of this process (ru_maxrss), in bytes.",
+                              ["role"], registry=r)
+        self.peak_rss.labels("orchestrator").set_function(peak_rss_bytes)
         self._trpo = [0, 0]  # accepted, steps
         self.rejoins = {key: Counter(name, doc, registry=r) for key, (name, doc) in REJOINS.items()}
         self.eval = {key: Gauge(name, doc, registry=r) for key, (name, doc) in EVAL_GAUGES.items()}
@@ -124,6 +184,11 @@ class RunMetrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+
+    def watch_replicas(self, sets: Sequence[Any]) -> None:
+        """Expose the per-replica series of these replica sets (see ReplicaCollector)."""
+        if sets:
+            self.registry.register(ReplicaCollector(sets))
 
     def rejoin(self, action: str, n: int = 1) -> None:
         """Count a rejoin action (a key of REJOINS) as it happens, not at the step's end."""

@@ -31,7 +31,20 @@ class Endpoint(Strict):
     # Assignments are validated so a token set after loading (docker/entrypoint.py) is still a SecretStr.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
-    address: str = Field(..., description="host:port of the service, e.g. 127.0.0.1:50051.")
+    address: str | list[str] = Field(
+        ..., description="host:port of the service, e.g. 127.0.0.1:50051; or a list of host:port, the replicas of "
+        "this role (generator, reward, reference: batches are split across them, a failed replica is taken out "
+        "and its share redone on the others); or, with discovery: dns, one name:port that resolves to every replica.",
+    )
+    discovery: Literal["static", "dns"] = Field(
+        "static", description="'static': address is the replica list. 'dns': address is one name:port whose every "
+        "A/AAAA record is a replica (a Kubernetes headless Service), looked up at start and again every "
+        "services.replica_probe_interval_s, so replicas that come and go are followed.",
+    )
+    tls_server_name: str | None = Field(
+        None, description="Name the server certificate must carry, when it is not the host of the address "
+        "(default with discovery: dns and tls_ca: the DNS name, since replicas are dialled by IP).",
+    )
     token: SecretStr | None = Field(
         None, exclude=True,
         description="Call-scope bearer token inline (never written to config dumps); prefer token_file or token_env. "
@@ -58,6 +71,37 @@ class Endpoint(Strict):
         "and tls_ca).",
     )
     tls_client_key: str | None = Field(None, description="PEM private key of tls_client_cert.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Endpoint:
+        addresses = self.replica_addresses()
+        if not addresses or any(not a.strip() for a in addresses):
+            raise ValueError(f"address {self.address!r}: give host:port, or a non-empty list of host:port")
+        if len(set(addresses)) != len(addresses):
+            dup = next(a for a in addresses if addresses.count(a) > 1)
+            raise ValueError(f"address lists {dup} twice: each replica once")
+        if self.discovery == "dns":
+            host, _, port = addresses[0].rpartition(":")
+            if len(addresses) != 1 or not host or not port.isdigit():
+                raise ValueError(f"discovery: dns needs one name:port in address (e.g. quartet-generator-replicas:50051), "
+                                 f"got {self.address!r}")
+        return self
+
+    def replica_addresses(self) -> list[str]:
+        """The configured address(es) as a list (with discovery: dns, the one name to resolve)."""
+        return [self.address] if isinstance(self.address, str) else list(self.address)
+
+    @property
+    def replicated(self) -> bool:
+        """True when this endpoint names a replica set (several addresses, or a DNS name)."""
+        return self.discovery == "dns" or len(self.replica_addresses()) > 1
+
+    def for_replica(self, address: str) -> Endpoint:
+        """This endpoint's settings (tokens, TLS) for one replica's address."""
+        server_name = self.tls_server_name
+        if server_name is None and self.discovery == "dns" and self.tls_ca:
+            server_name = self.replica_addresses()[0].rpartition(":")[0]
+        return self.model_copy(update={"address": address, "discovery": "static", "tls_server_name": server_name})
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Endpoint:
@@ -232,8 +276,23 @@ class ServicesConfig(Strict):
     rewards: list[RewardEndpoint] = Field(default_factory=list, description="Reward endpoints; the reward is their weighted sum.")
     local_options: LocalServices = Field(default_factory=LocalServices, description="Options of the local services.")
     deadlines: Deadlines = Field(default_factory=Deadlines, description="Per-call deadlines.")
+    replica_probe_interval_s: float = Field(
+        5.0, gt=0, description="How often (seconds, at most) replicas taken out after a failure are asked GetInfo "
+        "again and DNS names (discovery: dns) looked up again; a reward or reference replica that answers is "
+        "re-admitted, a generator replica once it serves the current weights (pushed at the next update).",
+    )
     retry: RetryConfig = Field(
         default_factory=RetryConfig,
         description="Retries with exponential backoff and full jitter: idempotent calls (Generate with its seed, Score, "
         "LogProbs, Values, GetInfo), TrainStep with its step id, UpdateWeights as a whole stream with its version.",
     )
+
+    @model_validator(mode="after")
+    def _single_value(self) -> ServicesConfig:
+        if self.value is not None and self.value.replicated:
+            raise ValueError(
+                f"value: {self.value.address!r} names several replicas, but the value role takes one address: its "
+                "critic trains on every TrainStep and must stay one writer (replicas would each train on part of the "
+                "data and drift apart). Give the address of one value service; scale the generator, reward and "
+                "reference roles instead")
+        return self

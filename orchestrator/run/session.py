@@ -15,15 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.remote.clients import (
-    GeneratorClient,
-    ReferenceClient,
-    RewardClient,
-    ServiceError,
-    ServiceInfo,
-    ValueClient,
-    check_tokenizers,
-)
+from orchestrator.remote.clients import ServiceError, ServiceInfo, ValueClient, check_tokenizers
+from orchestrator.remote.discovery import connect_generator, connect_reference, connect_reward
 from orchestrator.remote.retry import RetryPolicy
 from orchestrator.run import checkpoint
 from orchestrator.run.config import ConfigError, Endpoint, RewardEndpoint, RunConfig, dump_config
@@ -31,6 +24,7 @@ from orchestrator.run.data import PromptRow, PromptStream, load_split
 from orchestrator.run.metrics import RunMetrics
 from orchestrator.run.reporting import Reporting
 from orchestrator.step.loop import Orchestrator, RunState, Services, StepResult
+from orchestrator.step.pipeline import Pending
 from services.common.command import silence_progress_bars
 from services.common.hf import (
     load_causal_lm,
@@ -119,9 +113,11 @@ class Session:
         cfg, d = self.cfg, self.cfg.services.deadlines
         eps = self._endpoints()
         common = {"info_deadline_s": d.info_s, "retry": RetryPolicy.from_config(cfg.services.retry)}
-        gen = GeneratorClient(eps["generator"], deadline_s=d.generate_s, weights_deadline_s=d.weights_s, **common)
-        rewards = [RewardClient(r, deadline_s=d.score_s, weight=r.weight, **common) for r in eps["rewards"]]
-        ref = ReferenceClient(eps["reference"], deadline_s=d.logprobs_s, **common) if cfg.uses_reference else None
+        # An endpoint naming several replicas (a list, or discovery: dns) gets a replica set with the same interface.
+        probe = {**common, "probe_interval_s": cfg.services.replica_probe_interval_s}
+        gen = connect_generator(eps["generator"], deadline_s=d.generate_s, weights_deadline_s=d.weights_s, **probe)
+        rewards = [connect_reward(r, deadline_s=d.score_s, **probe) for r in eps["rewards"]]
+        ref = connect_reference(eps["reference"], deadline_s=d.logprobs_s, **probe) if cfg.uses_reference else None
         val = (ValueClient(eps["value"], deadline_s=d.values_s, train_deadline_s=d.train_step_s,
                            checkpoint_deadline_s=d.checkpoint_s, **common) if cfg.uses_value else None)
         self.services = Services(gen, rewards, ref, val)
@@ -165,6 +161,8 @@ class Session:
         served = self.infos["generator"].weight_version
         state, value_save = self._restore(restored, trainer, services, run_dir, served)
         self._serve_metrics(cfg)
+        self.metrics.watch_replicas([c.replicas for c in (services.generator, *services.rewards, services.reference)
+                                     if getattr(c, "replicas", None) is not None])
         self.reporting = Reporting.open(cfg, start_step=state.step, say=self.log)
         self.orchestrator = Orchestrator(
             cfg, services, policy=policy, tokenizer=tokenizer, trainer=trainer, prompts=prompts, state=state,
@@ -236,7 +234,8 @@ class Session:
                 self.log(f"warning: value checkpoint {restored.value_checkpoint!r} now holds TrainStep id "
                          f"{loaded}, not {restored.value_last_step_id} as when {restored.path.name} was written")
             value_save = restored.value_checkpoint
-        state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served)
+        pending = None if restored.pending_rollout is None else Pending.from_state(restored.pending_rollout)
+        state = RunState(step=restored.step, cursor=restored.cursor, weight_version=served, pending=pending)
         checkpoint.truncate_step_log(run_dir / checkpoint.STEP_LOG, restored.step, restore=restored.log_line)
         self.log(f"resumed from {restored.path} at step {restored.step}")
         return state, value_save

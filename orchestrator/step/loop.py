@@ -11,15 +11,12 @@ last consistent state and raise StepFailed) is orchestrator/step/recovery.py. A 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,12 +24,8 @@ from typing import Any
 import torch
 
 from orchestrator.remote.clients import (
-    GeneratorClient,
-    ReferenceClient,
-    RewardClient,
     Samples,
     ServiceError,
-    ValueClient,
     ValueTrainResult,
     WeightSync,
 )
@@ -43,6 +36,8 @@ from orchestrator.run.data import Cursor, PromptRow, PromptStream
 from orchestrator.run.metrics import RunMetrics, stop_fractions
 from orchestrator.run.reporting import Reporting, metric_names
 from orchestrator.step.experience import Experience, Rollout, build_experience
+from orchestrator.step.pipeline import RolloutSource
+from orchestrator.step.records import PhaseTimer, RunState, Services, StepResult, _timed, sampling_seed
 from orchestrator.step.recovery import (
     RecoveryLog,
     StepFailed,
@@ -53,74 +48,6 @@ from orchestrator.step.recovery import (
 )
 
 log = logging.getLogger("quartet.orchestrator")
-
-
-@dataclass
-class Services:
-    """Clients of the four roles for one run."""
-
-    generator: GeneratorClient
-    rewards: list[RewardClient]
-    reference: ReferenceClient | None
-    value: ValueClient | None
-
-    def close(self) -> None:
-        for c in filter(None, (self.generator, *self.rewards, self.reference, self.value)):
-            c.close()
-
-
-@dataclass(frozen=True)
-class RunState:
-    """What the run must remember across a restart (besides weights and optimizer)."""
-
-    step: int = 0  # completed steps
-    cursor: Cursor = field(default_factory=Cursor)
-    weight_version: int = 0  # version the generator serves
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """One completed step: its step-log line and metric values."""
-
-    step: int  # 1-based number of the completed step
-    metrics: dict[str, float]
-    phases: dict[str, float]  # phase -> seconds
-    rewards: dict[str, float]  # mean / std / min / max of the total reward
-    reward_services: dict[str, float]  # identity -> weight of each reward service used
-    generated_tokens: int
-    recovery: dict[str, int] = field(default_factory=dict)  # rejoin actions during the step (absent: none)
-
-    def log_line(self) -> str:
-        line: dict[str, Any] = {"step": self.step, **self.metrics, "phases": self.phases, "reward": self.rewards,
-                                "reward_services": self.reward_services, "generated_tokens": self.generated_tokens}
-        if self.recovery:
-            line["recovery"] = self.recovery
-        return json.dumps(line, sort_keys=True)
-
-
-def sampling_seed(run_seed: int, step: int) -> int:
-    """The Generate seed of a step: sample j of prompt i is then drawn from (this seed, i, j)."""
-    digest = hashlib.blake2b(f"quartet-sampling:{run_seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class PhaseTimer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-def _timed(fn: Callable, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -140,6 +67,8 @@ class _StepRollout:
     """Everything of one step up to (not including) the policy update."""
 
     samples: Samples
+    cursor: Cursor  # the data cursor after the step's prompts
+    staleness: int  # weight versions between the sampling weights and the trained ones (pipeline.Drawn)
     rewards: torch.Tensor  # [B] weighted sum over reward services
     identities: dict[str, float]
     exp: Experience
@@ -176,6 +105,7 @@ class Orchestrator:
         self.recovery = RecoveryLog(metrics)
         self.weights = WeightKeeper(services.generator, policy, version=state.weight_version,
                                     recovery=self.recovery)
+        self.source = RolloutSource(cfg, prompts, tokenizer, self.weights, self.recovery, pending=state.pending)
         self._completed: _Completed | None = None
         self.critic: CriticKeeper | None = None
         if services.value is not None and cfg.uses_value:
@@ -190,6 +120,7 @@ class Orchestrator:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.source.close()
 
     def run(self, on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
         """Steps until cfg.steps are done (a resumed run continues to the same total)."""
@@ -221,8 +152,12 @@ class Orchestrator:
             if rollout.exp.pending:  # its old log-probs, KL and log-prob gap came from the loss forward
                 rollout = replace(rollout, exp=rollout.exp.completed(stats.old_logprobs, self.cfg.algorithm))
         self._completed = _Completed(timer, started, stats, rollout)
-        self._steps_done, self._cursor = step + 1, self.prompts.cursor
-        # 8. Broadcast the new weights; the answer confirms the generator serves the new version.
+        self._steps_done, self._cursor = step + 1, rollout.cursor
+        # 8. Broadcast the new weights; the answer confirms the generator serves the new version. Pipelined: once
+        # the next step's samples are drawn, all of them from the weights before this update.
+        if self.source.pipelined:
+            with timer("prefetch_wait"):
+                self.source.settle()
         with timer("sync"):
             self._completed.sync = self.weights.push(self.weights.version + 1)
         interval = self.cfg.checkpoint.interval
@@ -233,15 +168,11 @@ class Orchestrator:
         if self.critic is not None:
             self.critic.ensure()  # a value service that restarted since the last step is reloaded first
 
-        # 1. The next prompts (the cursor moves only when the step completes).
-        self.prompts.cursor = self._cursor
-        rows = self.prompts.next_batch(cfg.prompts_per_step)
-        prompts = [r.token_ids(self.tokenizer) for r in rows]
-
-        # 2. Generate G samples per prompt, seeded by (run seed, step): reproducible and retry-safe.
-        with timer("generate"):
-            samples = self.weights.generate(prompts, n=cfg.samples_per_prompt, sampling=cfg.sampling,
-                                            seed=sampling_seed(cfg.seed, step), step=step)
+        # 1-2. The next prompts (the cursor moves only when the step completes) and G samples per prompt, seeded
+        # by (run seed, step): sampled now, or while the last step trained (rollout.pipeline: orchestrator/step/pipeline.py).
+        drawn = self.source.draw(step, self._cursor, timer)
+        self.source.prefetch(step + 1, drawn.cursor)  # pipelined: the next step samples during this one's update
+        rows, prompts, samples = drawn.rows, drawn.prompts, drawn.samples
 
         # 3. In parallel: every reward service, reference logprobs, critic values.
         scored = self._score(rows, prompts, samples, timer)
@@ -258,7 +189,7 @@ class Orchestrator:
 
         # 6. The critic trains itself on the returns, once per step id, then is saved at its interval.
         value_stats = self._train_critic(step, rollout, exp, timer)
-        return _StepRollout(samples, scored.rewards, scored.identities, exp, value_stats)
+        return _StepRollout(samples, drawn.cursor, drawn.staleness, scored.rewards, scored.identities, exp, value_stats)
 
     def _score(self, rows: list[PromptRow], prompts: list[list[int]], samples: Samples, timer: PhaseTimer) -> _Scored:
         """Step 3: every reward service, reference logprobs and critic values at once, on the pool."""
@@ -348,6 +279,8 @@ class Orchestrator:
             value_checkpoint=value.name if value else None,
             value_last_step_id=value.state.last_step_id if value else None,
             log_line=log_line, config=self.cfg,
+            # A failure's checkpoint keeps no prefetched samples: the resumed run samples its first step anew.
+            pending_rollout=None if fallback else _state_of(self.source.pending(s.step)),
         )
 
     def save_checkpoint(self, *, log_line: str | None, rng: dict[str, Any] | None = None,
@@ -374,9 +307,14 @@ class Orchestrator:
             response_length_mean=n_tokens / max(1, len(samples.completion_ids)),
             **stop_fractions(samples.finished),
         )
+        if self.cfg.rollout.pipeline:
+            metrics.update(rollout_staleness=float(r.staleness))
         if sync is not None:  # None: the sync failed; the resume re-sends the weights
             metrics.update(sync_seconds=sync.seconds, sync_bytes=float(sync.bytes), weight_version=float(sync.version))
         rewards = r.rewards
+        # GRPO learns only from groups whose samples' rewards differ: the rest have zero advantage.
+        groups = rewards.reshape(-1, self.cfg.samples_per_prompt)
+        metrics.update(group_signal_fraction=float((groups.max(1).values > groups.min(1).values).float().mean()))
         reward_stats = {"mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False)),
                         "min": float(rewards.min()), "max": float(rewards.max())}
         return StepResult(self._steps_done, metrics, dict(done.timer.seconds), reward_stats, r.identities, n_tokens,
@@ -394,6 +332,10 @@ class Orchestrator:
             self.metrics.record({"step": result.step, **result.metrics}, result.phases, result.rewards,
                                 result.reward_services, result.generated_tokens)
         self.reporting.report(result.step, metric_names(result.metrics, result.phases, result.rewards))
+
+
+def _state_of(pending):
+    return None if pending is None else pending.to_state()
 
 
 __all__ = ["Orchestrator", "RunState", "Services", "StepFailed", "StepResult", "sampling_seed"]

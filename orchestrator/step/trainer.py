@@ -37,6 +37,7 @@ from orchestrator.step.objectives import (
     Norm,
     aggregate_like,
     grpo_objective,
+    is_weights,
     kl_ref,
     ppo_objective,
     trpo_objective,
@@ -71,12 +72,15 @@ class UpdateStats:
     trpo_backtracks: float = 0.0  # trials rejected before the accepted one (all of them if none)
     trpo_step_size: float = 0.0  # β scaling the natural-gradient direction
     trpo_final_kl: float = 0.0  # mean KL(π_old || π_new) of the accepted step (0 if rejected)
+    is_weight_mean: float | None = None  # mean truncated IS weight min(π_old / π_gen, tis_cap); None: tis_cap off
+    is_truncated_fraction: float | None = None  # share of real tokens whose IS weight was cut to tis_cap
     # [B, T] log π_old taken from the loss forward, for a pending experience (complete_experience); not a metric
     old_logprobs: Tensor | None = None
 
     def as_dict(self) -> dict[str, float]:
         """The metrics: every float field."""
-        return {f.name: float(getattr(self, f.name)) for f in fields(self) if f.name != "old_logprobs"}
+        return {f.name: float(v) for f in fields(self)
+                if f.name != "old_logprobs" and (v := getattr(self, f.name)) is not None}
 
 
 @dataclass(frozen=True)
@@ -98,11 +102,14 @@ class _Totals:
     entropy: float = 0.0
     kl_ref: float = 0.0
     grad_norm: float = 0.0
+    is_weight_mean: float | None = None
+    is_truncated: float | None = None
     steps: int = 0
 
     def add(self, **step: float) -> None:
         for name, value in step.items():
-            setattr(self, name, getattr(self, name) + value)
+            if value is not None:
+                setattr(self, name, (getattr(self, name) or 0.0) + value)
         self.steps += 1
 
 
@@ -243,6 +250,9 @@ class PolicyTrainer:
             sums["approx_kl"] += float(parts.approx_kl) * share
             sums["entropy"] += float(masked_mean(out.entropy.detach(), part.mask.bool())) * share
             sums["kl_ref"] += kl_ref(out.logprobs.detach(), part, cfg) * share
+            if parts.is_weight_mean is not None:
+                sums["is_weight_mean"] = sums.get("is_weight_mean", 0.0) + float(parts.is_weight_mean) * share
+                sums["is_truncated"] = sums.get("is_truncated", 0.0) + float(parts.is_truncated) * share
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         totals.add(**sums, grad_norm=float(grad_norm))
@@ -274,6 +284,8 @@ def _clipped_update(trainer: PolicyTrainer, exp: Experience, loss_fn: LossFn) ->
         grad_norm=totals.grad_norm / n,
         lr=float(trainer.optimizer.param_groups[0]["lr"]),
         optimizer_steps=totals.steps,
+        is_weight_mean=None if totals.is_weight_mean is None else totals.is_weight_mean / n,
+        is_truncated_fraction=None if totals.is_truncated is None else totals.is_truncated / n,
         old_logprobs=old_out,
     )
 
@@ -333,6 +345,7 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         max_backtracks=cfg.trpo_max_backtracks,
         fisher_kl_fn=fisher_kl_fn,
     )
+    iw = is_weights(mb, cfg)
     index = result.accepted_index
     final_kl = result.trial_kls[index] if index is not None else 0.0
     return UpdateStats(
@@ -348,6 +361,8 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
         trpo_backtracks=float(index if index is not None else len(result.trial_kls)),
         trpo_step_size=result.step_size,
         trpo_final_kl=final_kl,
+        is_weight_mean=None if iw.mean is None else float(iw.mean),
+        is_truncated_fraction=None if iw.truncated is None else float(iw.truncated),
     )
 
 

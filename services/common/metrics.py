@@ -8,6 +8,7 @@ their own metrics to the same registry (RoleContext.registry).
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,10 @@ class RuntimeMetrics:
         )
         self.ready = Gauge("quartet_service_ready", "1 while health is SERVING, else 0.", ["role"], registry=registry)
         self.ready.labels(role).set(0)
+        # Peak, not current, resident memory: what sizes a container's memory limit. Read at scrape time.
+        self.peak_rss = Gauge("quartet_peak_rss_bytes", "Peak resident memory of this process (ru_maxrss), in bytes.",
+                              ["role"], registry=registry)
+        self.peak_rss.labels(role).set_function(peak_rss_bytes)
 
     def set_info(self, backend: str, identity: str) -> None:
         self.info.clear()
@@ -52,6 +57,11 @@ class RuntimeMetrics:
 
     def set_ready(self, ready: bool) -> None:
         self.ready.labels(self.role).set(1 if ready else 0)
+
+
+def peak_rss_bytes() -> float:
+    """This process's peak resident set size in bytes (Linux reports ru_maxrss in KiB)."""
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 class _Measure(Around):

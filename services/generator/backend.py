@@ -5,8 +5,9 @@ A backend samples completions for batches of prompts and takes new weights. The 
 worker thread, so a backend never sees two of them at once and never needs its own lock.
 
 Seeding, the contract every backend keeps: sample j of prompt i of a request with seed s is drawn
-from a generator seeded by `sample_seed(s, i, j)`, so its tokens do not depend on what else is in
-the batch, on the batch order, or on how many samples the request asked for.
+from a generator seeded by `sample_seed(s, first_prompt + i, j)`, so its tokens do not depend on what
+else is in the batch, on the batch order, on how many samples the request asked for, or on how a
+caller split its prompts across generator replicas (`first_prompt` is the request's offset).
 
 Logprobs, the other contract: log pi(token | prefix) under the RAW policy (log-softmax of the
 unmodified logits in fp32, temperature 1, no top-k / top-p), the distribution the trainer
@@ -49,6 +50,8 @@ class GenerationRequest:
 
     prompts: list[list[int]]                    # [P] token id rows, each non-empty
     params: SamplingParams
+    first_prompt: int = 0                       # prompt i is seeded as prompt first_prompt + i of the caller's
+                                                # batch (GenerateRequest.prompt_index_offset: split across replicas)
 
     @property
     def num_sequences(self) -> int:
@@ -93,6 +96,10 @@ class Limits:
     max_new_tokens: int
     max_batch_sequences: int
     max_tokens_per_call: int
+
+
+# Largest prompt index of a request (its offset included): GenerateResponse.prompt_index is an int32.
+MAX_PROMPT_INDEX = 2**31 - 1
 
 
 #: Bounds on SamplingParams.stop (a stop string is matched against decoded text after every token).
@@ -181,6 +188,9 @@ def validate_request(request: GenerationRequest, limits: Limits, info: BackendIn
     p = request.params
     if not request.prompts:
         raise InvalidArgument("prompt_ids", "no prompts: send at least one row")
+    if request.first_prompt + len(request.prompts) > MAX_PROMPT_INDEX:  # answered as int32 prompt_index
+        raise OutOfRange("prompt_index_offset", f"{request.first_prompt} + {len(request.prompts)} prompts passes "
+                                                f"{MAX_PROMPT_INDEX}")
     if len(request.prompts) > limits.max_prompts:
         raise OutOfRange("prompt_ids", f"{len(request.prompts)} prompts, at most {limits.max_prompts} per call")
     if p.n < 1:

@@ -65,6 +65,11 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="generator-batcher", daemon=True)
         self._thread.start()
 
+    @property
+    def queue_depth(self) -> int:
+        """Generate calls waiting for a batch now (GetInfo reports it: callers balance replicas by it)."""
+        return len(self._queue)
+
     def submit(self, request: GenerationRequest) -> _Job:
         """Queue a validated request; Overloaded when `max_queue` calls already wait."""
         job = _Job(request)

@@ -61,17 +61,18 @@ def decode_request(request: generator_pb2.GenerateRequest, *, max_prompts: int |
         max_new_tokens=p.max_new_tokens, stop_token_ids=tuple(p.stop_token_ids), stop=tuple(p.stop),
         seed=p.seed if p.HasField("seed") else None,
     )
-    return GenerationRequest([r.tolist() for r in rows.rows()], params)
+    return GenerationRequest([r.tolist() for r in rows.rows()], params, first_prompt=int(request.prompt_index_offset))
 
 
-def encode_result(result: BatchResult, backend: GeneratorBackend, *, return_text: bool) -> generator_pb2.GenerateResponse:
+def encode_result(result: BatchResult, backend: GeneratorBackend, *, return_text: bool,
+                  first_prompt: int = 0) -> generator_pb2.GenerateResponse:
     samples = result.samples
     ids = RaggedTensor.from_rows([s.token_ids for s in samples], dtype=torch.int64)
     lps = RaggedTensor.from_rows([s.logprobs for s in samples], dtype=torch.float32)
     return generator_pb2.GenerateResponse(
         completion_ids=encode_ragged(ids), logprobs=encode_ragged(lps),
         finish_reasons=[_FINISH[s.finish_reason] for s in samples],
-        prompt_index=[s.prompt_index for s in samples],
+        prompt_index=[first_prompt + s.prompt_index for s in samples],
         weight_version=result.weight_version,
         completion_text=[backend.decode(s.token_ids) for s in samples] if return_text else [],
         logprob_mode=LOGPROB_MODE,
@@ -111,7 +112,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         validate_request(req, self.role.limits, backend.info)
         job = batcher.submit(req)
         context.add_callback(lambda: setattr(job, "cancelled", True))  # skip it if the caller left
-        return encode_result(job.future.result(), backend, return_text=request.return_text)
+        return encode_result(job.future.result(), backend, return_text=request.return_text,
+                             first_prompt=req.first_prompt)
 
     def UpdateWeights(self, request_iterator, context: grpc.ServicerContext):
         return self.role.update_weights(request_iterator, context)
@@ -132,7 +134,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 max_queue=opts.max_queue, max_message_bytes=self.role.ctx.max_message_bytes),
             identity=self.role.identity,
             version=quartet_version(), last_step_id=-1,
-            extra={"logprobs": LOGPROB_MODE, "seeding": "sample j of prompt i: blake2b(seed:i:j)",
+            extra={"logprobs": LOGPROB_MODE, "seeding": "sample j of prompt i: blake2b(seed:offset+i:j)",
+                   "queue_depth": str(self.role.batcher.queue_depth if self.role.batcher else 0),
                    "max_batch_tokens": str(opts.max_batch_tokens), "max_prompts": str(limits.max_prompts),
                    "eos_token_ids": ",".join(map(str, info.eos_token_ids))},
         )

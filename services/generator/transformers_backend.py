@@ -70,7 +70,7 @@ def _expand(requests: list[GenerationRequest], eos: tuple[int, ...], device: tor
                 max_new.append(p.max_new_tokens)
                 stops.append(stop)
                 texts.append(p.stop)
-                gen = torch.Generator().manual_seed(sample_seed(seed, i, j))
+                gen = torch.Generator().manual_seed(sample_seed(seed, req.first_prompt + i, j))
                 # a row's t-th token uses its t-th draw: the same whatever else is batched
                 draws.append(torch.rand(width, generator=gen) if p.max_new_tokens == width else
                              torch.cat([torch.rand(p.max_new_tokens, generator=gen),

@@ -309,7 +309,7 @@ class VLLMBackend(GeneratorBackend):
                     params.append(vllm.SamplingParams(
                         n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                         max_tokens=p.max_new_tokens, stop_token_ids=stops,
-                        seed=sample_seed(seed, i, j), logprobs=0, detokenize=bool(p.stop),
+                        seed=sample_seed(seed, req.first_prompt + i, j), logprobs=0, detokenize=bool(p.stop),
                         stop=list(p.stop) or None, include_stop_str_in_output=True))
                     owner.append((r, i))
                     stop_text.append(p.stop)

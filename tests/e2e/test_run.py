@@ -82,7 +82,9 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
 
 @pytest.mark.parametrize(
     ("algo", "extra"),
-    [("grpo", ()), ("ppo", ("algorithm.advantage=gae", "algorithm.epochs=2")), ("trpo", ("algorithm.trpo_max_kl=0.05", "algorithm.trpo_cg_iters=4"))],
+    [("grpo", ()), ("ppo", ("algorithm.advantage=gae", "algorithm.epochs=2")), ("trpo", ("algorithm.trpo_max_kl=0.05", "algorithm.trpo_cg_iters=4")),
+     ("grpo", ("rollout.pipeline=true",))],
+    ids=["grpo", "ppo", "trpo", "grpo-pipelined"],
 )
 def test_three_steps_through_the_embedded_stack(algo, extra, tiny_checkpoint, task, tmp_path) -> None:
     from orchestrator.run.session import Session
@@ -114,6 +116,9 @@ def test_three_steps_through_the_embedded_stack(algo, extra, tiny_checkpoint, ta
         assert sum(r.metrics["trpo_accepted"] for r in results) >= 1
         assert metrics[("quartet_trpo_accepted_ratio", ())] > 0
 
+    if "rollout.pipeline=true" in extra:  # steps 2 and 3 sampled during the update before them, through gRPC
+        assert [r.metrics["rollout_staleness"] for r in results] == [0.0, 1.0, 1.0]
+        assert metrics[("quartet_rollout_staleness", ())] == 1.0 and metrics[("quartet_is_weight_mean", ())] > 0
     log = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
     assert [line["step"] for line in log] == [1, 2, 3]
 

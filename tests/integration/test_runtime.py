@@ -57,6 +57,8 @@ def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(
         assert _check(channel) == health_pb2.HealthCheckResponse.SERVING
         assert _check(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
         assert srv.registry.get_sample_value("quartet_service_ready", {"role": "echo"}) == 1
+        # The process's peak resident memory, read at scrape time (this test process holds torch: > 50 MB).
+        assert srv.registry.get_sample_value("quartet_peak_rss_bytes", {"role": "echo"}) > 50e6
 
         # Drain with a call in flight: a Watch opened before sees NOT_SERVING, the call still completes.
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=20)

@@ -261,13 +261,15 @@ def test_dashboard_metric_names_exist_in_the_code() -> None:
     from services.common.metrics import RuntimeMetrics
     from services.generator.metrics import GeneratorMetrics
 
-    reg = CollectorRegistry()
-    RunMetrics(reg)
-    RuntimeMetrics(reg, "generator")
-    GeneratorMetrics(reg)
+    # One registry per process, as deployed (both export quartet_peak_rss_bytes, labelled by role).
+    orchestrator, service = CollectorRegistry(), CollectorRegistry()
+    RunMetrics(orchestrator)
+    RuntimeMetrics(service, "generator")
+    GeneratorMetrics(service)
     # Labelled families export no samples until used: derive their series names from the type.
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    names = {m.name + sfx for m in reg.collect() for sfx in suffixes.get(m.type, ("",))}
+    names = {m.name + sfx for reg in (orchestrator, service) for m in reg.collect()
+             for sfx in suffixes.get(m.type, ("",))}
     used = {n for _, e in dashboard_exprs() for n in re.findall(r"\bquartet_[a-z_]+", e)}
     assert used and used <= names, f"unknown metrics in the dashboard: {sorted(used - names)}"
 

@@ -60,8 +60,8 @@ class FakeGenerator:
     @torch.no_grad()
     def generate(self, prompt_ids, *, n, temperature, top_p, top_k, max_new_tokens, stop_token_ids, seed,
                  request_id, stop=()) -> Samples:
+        assert not stop, "stop strings are not simulated here (tests/integration/test_generator.py has them)"
         eos = {self.tokenizer.eos_token_id, *stop_token_ids}
-        self.stop_strings = tuple(stop)  # the run's sampling.stop, as sent; the char model's tests set none
         self.prompts += [list(p) for p in prompt_ids]
         completions, logprobs, finished = [], [], []
         for i, prompt in enumerate(prompt_ids):
@@ -100,8 +100,12 @@ class FakeReward:
     def info(self) -> ServiceInfo:
         return _info("reward")
 
+    def __init__(self) -> None:
+        self.returned: list[torch.Tensor] = []  # the rewards of each call
+
     def score(self, prompt_ids, completion_ids, prompt_text, completion_text, metadata) -> Scores:
         rewards = torch.tensor([sum(c.isdigit() for c in t) / max(1, len(t)) for t in completion_text])
+        self.returned.append(rewards)
         return Scores(rewards, [False] * len(completion_ids), "rule:digits")
 
     def close(self) -> None:
@@ -190,7 +194,8 @@ def test_one_step_of_each_algorithm_with_fake_services(algo, tokenizer, tmp_path
     policy = build_tiny_model(tokenizer, **TEST_MODEL, seed=0)
     start = {k: v.detach().clone() for k, v in policy.named_parameters()}
     gen, value = FakeGenerator(policy, tokenizer), FakeValue()
-    services = Services(gen, [FakeReward()], FakeReference(policy) if cfg.uses_reference else None,
+    reward = FakeReward()
+    services = Services(gen, [reward], FakeReference(policy) if cfg.uses_reference else None,
                         value if cfg.uses_value else None)
     metrics = RunMetrics(trpo=algo == "trpo")
     # The second row carries the loader's token ids (as a chat-templated prompt does): sent as they are.
@@ -210,6 +215,10 @@ def test_one_step_of_each_algorithm_with_fake_services(algo, tokenizer, tmp_path
     assert gen.prompts == [tokenizer(PROMPTS[0])["input_ids"], list(loader_ids)]
     assert math.isfinite(result.metrics["policy_loss"]), result.metrics
     assert result.rewards["std"] > 0, "the rule gives varied rewards: every algorithm has a gradient"
+    # Groups are the G = 4 consecutive samples of a prompt; a group "carries signal" when its rewards differ.
+    (scores,) = reward.returned
+    groups = [scores[i : i + 4].tolist() for i in range(0, len(scores), 4)]
+    assert result.metrics["group_signal_fraction"] == sum(len(set(g)) > 1 for g in groups) / len(groups)
     same = [k for k, p in policy.named_parameters() if torch.equal(p.detach(), start[k])]
     assert same == [], f"{algo}: parameters the step did not change: {same}"
     # The new weights went to the generator as version 1, and it serves exactly the trainer's policy.

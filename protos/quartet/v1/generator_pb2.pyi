@@ -38,18 +38,20 @@ class SamplingParams(_message.Message):
     def __init__(self, n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt_ids", "prompt_text", "params", "request_id", "return_text")
+    __slots__ = ("prompt_ids", "prompt_text", "params", "request_id", "return_text", "prompt_index_offset")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_INDEX_OFFSET_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: _common_pb2.Ragged
     prompt_text: _containers.RepeatedScalarFieldContainer[str]
     params: SamplingParams
     request_id: str
     return_text: bool
-    def __init__(self, prompt_ids: _Optional[_Union[_common_pb2.Ragged, _Mapping]] = ..., prompt_text: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., return_text: _Optional[bool] = ...) -> None: ...
+    prompt_index_offset: int
+    def __init__(self, prompt_ids: _Optional[_Union[_common_pb2.Ragged, _Mapping]] = ..., prompt_text: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., return_text: _Optional[bool] = ..., prompt_index_offset: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("completion_ids", "logprobs", "finish_reasons", "prompt_index", "weight_version", "completion_text", "logprob_mode")

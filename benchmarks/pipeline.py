@@ -1,0 +1,114 @@
+"""Pipelined (one-step off-policy) rollouts against synchronous ones: step time and learning curve (issue 14).
+
+From the demo's warm-up checkpoint, GRPO through the embedded stack, the same steps, data and seeds with
+`rollout.pipeline` false and true, seed by seed (sync then pipelined, so that a load change on the box
+hits both). Per run: the median step and phase seconds from its step log, greedy test accuracy before and
+after, the mean reward of the first and last 10 steps, and the reward / accuracy curve. The learning
+curves are compared against the seed-to-seed spread of the synchronous runs (the noise).
+
+    python benchmarks/pipeline.py [--steps 60] [--seeds 0 1] [--eval-every 20] [--set key=value ...]
+
+Writes <run-dir>/pipeline.json and <run-dir>/pipeline.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+import torch
+
+PHASES = ("generate", "score", "reference", "update", "prefetch_wait", "sync")
+
+
+def _step_log(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "steps.jsonl").read_text().splitlines()]
+
+
+def _medians(lines: list[dict], skip: int) -> dict[str, float]:
+    rows = lines[skip:] or lines
+    out = {"step_seconds": statistics.median(r["step_seconds"] for r in rows)}
+    for phase in PHASES:
+        values = [r["phases"].get(phase, 0.0) for r in rows]
+        if any(values):
+            out[phase] = statistics.median(values)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--skip", type=int, default=3, help="first steps left out of the timing medians")
+    ap.add_argument("--run-dir", type=Path, default=Path("runs/bench-pipeline"))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="run-config override for every run")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # as the orchestrator (models.threads) and the local services
+
+    from demo.run import prepare, run_demo
+
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    prep = prepare(args.run_dir, seed=0, log=print)
+    report: dict = {"steps": args.steps, "load_before": os.getloadavg(), "runs": []}
+    for seed in args.seeds:
+        for pipelined in (False, True):
+            mode = "pipelined" if pipelined else "sync"
+            overrides = [*args.sets, f"rollout.pipeline={str(pipelined).lower()}"]
+            s = run_demo(algo="grpo", steps=args.steps, run_dir=args.run_dir / f"{mode}-seed{seed}", seed=seed,
+                         eval_every=args.eval_every, overrides=overrides, prepared=prep, log=lambda _m: None)
+            lines = _step_log(s.run_dir)
+            run = {"mode": mode, "seed": seed, "accuracy_before": s.accuracy_before, "accuracy_after": s.accuracy_after,
+                   "reward_first10": statistics.mean(r["reward"]["mean"] for r in lines[:10]),
+                   "reward_last10": statistics.mean(r["reward"]["mean"] for r in lines[-10:]),
+                   "medians": _medians(lines, args.skip), "curve": s.curve,
+                   "staleness": sorted({r.get("rollout_staleness", 0.0) for r in lines}),
+                   "is_weight_mean": statistics.mean(r.get("is_weight_mean", 1.0) for r in lines)}
+            report["runs"].append(run)
+            m = run["medians"]
+            print(f"seed {seed} {mode:9s}: {m['step_seconds']:.3f} s/step "
+                  f"({', '.join(f'{k} {v:.3f}' for k, v in m.items() if k != 'step_seconds')}); accuracy "
+                  f"{s.accuracy_before:.1%} -> {s.accuracy_after:.1%}; reward {run['reward_first10']:.3f} -> "
+                  f"{run['reward_last10']:.3f}", flush=True)
+    report["load_after"] = os.getloadavg()
+    by_mode = {mode: [r for r in report["runs"] if r["mode"] == mode] for mode in ("sync", "pipelined")}
+    summary = {}
+    for mode, runs in by_mode.items():
+        summary[mode] = {"step_seconds": statistics.median(r["medians"]["step_seconds"] for r in runs),
+                         "accuracy_after": [r["accuracy_after"] for r in runs],
+                         "reward_last10": [r["reward_last10"] for r in runs]}
+    summary["speedup"] = summary["sync"]["step_seconds"] / summary["pipelined"]["step_seconds"]
+    report["summary"] = summary
+    print(json.dumps(summary, indent=1))
+    (args.run_dir / "pipeline.json").write_text(json.dumps(report, indent=1))
+    _plot(report, args.run_dir / "pipeline.png")
+    print(f"wrote {args.run_dir / 'pipeline.json'} and {args.run_dir / 'pipeline.png'}")
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (reward_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in report["runs"]:
+        style = "-" if run["mode"] == "sync" else "--"
+        label = f"{run['mode']} seed {run['seed']}"
+        points = [p for p in run["curve"] if "reward" in p]
+        reward_ax.plot([p["step"] for p in points], [p["reward"] for p in points], style, label=label, alpha=0.8)
+        acc = [p for p in run["curve"] if "accuracy" in p]
+        acc_ax.plot([p["step"] for p in acc], [p["accuracy"] for p in acc], style + "o", label=label)
+    reward_ax.set(xlabel="step", ylabel="mean reward", title="GRPO reward: sync vs pipelined")
+    acc_ax.set(xlabel="step", ylabel="greedy test accuracy", title="held-out accuracy")
+    reward_ax.legend(fontsize=7)
+    acc_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
