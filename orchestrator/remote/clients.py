@@ -229,6 +229,7 @@ class RewardClient(RoleClient):
     def __init__(self, ep: Endpoint, *, deadline_s: float, weight: float = 1.0, **kw) -> None:
         super().__init__(ep, deadline_s=deadline_s, **kw)
         self.weight = weight
+        self.label: str | None = getattr(ep, "name", None)  # the config's name of this reward (step log, metrics)
         self._stub = reward_pb2_grpc.RewardStub(self._channel)
 
     def info(self, *, retry: bool = True) -> ServiceInfo:

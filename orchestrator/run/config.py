@@ -282,13 +282,15 @@ class RunConfig(Strict):
             self.algorithm = algo.model_copy(update={"tis_cap": 2.0})  # the documented default of a pipelined run
         if sum(r.weight for r in svc.rewards) == 0 and svc.rewards:
             raise ValueError("services.rewards weights sum to 0: give at least one reward a non-zero weight")
-        reward = svc.local_options.reward
-        if (svc.local and self.dataset.kind != "prompts" and reward.get("rule") in ("math", "arithmetic")
-                and reward.get("answer_key", "answer") != self.dataset.answer_key):
-            raise ValueError(
-                f"dataset.answer_key={self.dataset.answer_key!r} but the local reward reads "
-                f"answer_key={reward.get('answer_key', 'answer')!r}: set both to the same key"
-            )
+        for local in svc.local_options.reward_services():
+            reward = local.options
+            if (svc.local and self.dataset.kind != "prompts" and reward.get("rule") in ("math", "arithmetic")
+                    and reward.get("answer_key", "answer") != self.dataset.answer_key):
+                raise ValueError(
+                    f"dataset.answer_key={self.dataset.answer_key!r} but the local reward "
+                    f"{local.name + ' ' if local.name else ''}reads "
+                    f"answer_key={reward.get('answer_key', 'answer')!r}: set both to the same key"
+                )
         if self.eval is not None:
             self._check_eval(self.eval)
         return self

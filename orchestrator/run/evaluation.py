@@ -243,7 +243,9 @@ class RunEvaluation:
 
 def grader_for(cfg: Any) -> Grader:
     """The Grader of a run config's eval section (rule resolved against the local reward options)."""
-    reward = dict(cfg.services.local_options.reward) if cfg.services.local else {}
+    # The local reward that checks answers (of several, the first math / arithmetic rule) sets the rule's options.
+    rewards = [r.options for r in cfg.services.local_options.reward_services()] if cfg.services.local else []
+    reward = dict(next((r for r in rewards if r.get("rule") in ("math", "arithmetic")), rewards[0] if rewards else {}))
     rule, extract = resolve_rule(cfg.eval.rule, cfg.eval.extract, reward=reward, dataset_kind=cfg.dataset.kind)
     answer_key = reward.get("answer_key") or cfg.dataset.answer_key
     return Grader(rule, extract, answer_key=answer_key, math_engine=reward.get("math_engine", "auto"))

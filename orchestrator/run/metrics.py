@@ -161,6 +161,10 @@ class RunMetrics:
             "quartet_reward_service_info", "Reward service identity used at the last step (value 1).",
             ["identity", "weight"], registry=r,
         )
+        self.reward_component = Gauge(
+            "quartet_reward_component_mean", "Mean of each reward service's own (unweighted) rewards at the last "
+            "step; the total reward is the weighted sum.", ["identity"], registry=r,
+        )
         self.trpo_ratio = Gauge("quartet_trpo_accepted_ratio", "TRPO: fraction of steps whose line search "
                                 "accepted a step, over the run.", registry=r)
         self.peak_rss = Gauge("quartet_peak_rss_bytes", "Peak resident memory of this process (ru_maxrss), in bytes.",
@@ -200,7 +204,8 @@ class RunMetrics:
             gauge.set(float(result[key]))
 
     def record(self, metrics: Mapping[str, float], phases: Mapping[str, float], rewards: Mapping[str, float],
-               reward_services: Mapping[str, float], generated_tokens: int) -> None:
+               reward_services: Mapping[str, float], generated_tokens: int, *,
+               components: Mapping[str, float] | None = None) -> None:
         """Update every gauge from one completed step."""
         for key, gauge in self.gauges.items():
             if key in metrics:
@@ -214,6 +219,9 @@ class RunMetrics:
         self.reward_service.clear()
         for identity, weight in reward_services.items():
             self.reward_service.labels(identity=identity, weight=f"{weight:g}").set(1)
+        self.reward_component.clear()
+        for identity, mean in (components or {}).items():
+            self.reward_component.labels(identity=identity).set(mean)
         if self.trpo and "trpo_accepted" in metrics:
             self._trpo[0] += int(metrics["trpo_accepted"] > 0)
             self._trpo[1] += 1

@@ -39,7 +39,10 @@ from services.launcher import LocalStack, RestartPolicy, ServiceSpec, TlsFiles
 def local_specs(cfg: RunConfig) -> list[ServiceSpec]:
     """The services `local: true` starts for this config (reference / value only when used)."""
     m, opts = cfg.models, cfg.services.local_options
-    specs = [ServiceSpec("generator", m.policy, opts.generator), ServiceSpec("reward", None, opts.reward)]
+    specs = [ServiceSpec("generator", m.policy, opts.generator)]
+    # Several rewards: one service each, named reward-NAME (its own process, log and restarts).
+    specs += [ServiceSpec("reward", None, r.options, name=f"reward-{r.name}" if r.name else None)
+              for r in opts.reward_services()]
     if cfg.uses_reference:
         specs.append(ServiceSpec("reference", m.reference or m.policy, opts.reference))
     if cfg.uses_value:
@@ -102,12 +105,13 @@ class Session:
         secure = ({"tls_ca": tls.ca, "tls_client_cert": tls.client_cert, "tls_client_key": tls.client_key}
                   if tls else {})
 
-        def ep(label: str, cls: type[Endpoint] = Endpoint) -> Endpoint | None:
+        def ep(label: str, cls: type[Endpoint] = Endpoint, **extra: object) -> Endpoint | None:
             s = up.get(label)
-            return cls(address=s.address, token=s.token, admin_token=s.admin_token, **secure) if s else None
+            return cls(address=s.address, token=s.token, admin_token=s.admin_token, **secure, **extra) if s else None
 
-        return {"generator": ep("generator"), "reference": ep("reference"), "value": ep("value"),
-                "rewards": [ep("reward", RewardEndpoint)]}
+        rewards = [ep(f"reward-{r.name}" if r.name else "reward", RewardEndpoint, weight=r.weight, name=r.name or None)
+                   for r in opts.reward_services()]
+        return {"generator": ep("generator"), "reference": ep("reference"), "value": ep("value"), "rewards": rewards}
 
     def _connect(self) -> Services:
         cfg, d = self.cfg, self.cfg.services.deadlines
