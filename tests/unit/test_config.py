@@ -117,10 +117,18 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert load_config(path) == cfg
 
 
-@pytest.mark.parametrize("name", ["grpo", "ppo", "trpo", "gsm8k_grpo"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
 def test_examples_validate(name: str) -> None:
     cfg = load_config(EXAMPLES / f"{name}.yaml")
-    assert isinstance(cfg, RunConfig) and cfg.algorithm.name == name.removeprefix("gsm8k_")
+    assert isinstance(cfg, RunConfig) and cfg.algorithm.name == name.split("_")[-1]
+    if cfg.dataset.kind not in ("prompts", "custom"):  # a real-data example: evaluated, with a format reward
+        assert cfg.eval is not None and cfg.eval.every > 0
+        rules = [r.options.get("rule") for r in cfg.services.local_options.reward_services()]
+        assert "math" in rules and "final_answer" in rules, rules
+
+
+def test_example_list_holds_the_real_data_examples() -> None:
+    assert {"gsm8k_grpo.yaml", "math_grpo.yaml"} <= {p.name for p in EXAMPLES.glob("*.yaml")}
 
 
 def test_cursor_wraps_with_a_new_seeded_order() -> None:
