@@ -187,7 +187,7 @@ class Session:
         if (eval_data := cfg.eval_dataset()) is not None:
             if not eval_data.limit and eval_data.kind != "prompts" and cfg.eval.max_samples:
                 eval_data = eval_data.model_copy(update={"limit": cfg.eval.max_samples})
-            rows = load_split(eval_data, tokenizer, lambda m: self.log(f"eval {m}"))[0]
+            rows = load_split(eval_data, tokenizer, lambda m: self.log(f"eval {m}"), what="eval problems")[0]
         evaluator = Evaluator(rows, tokenizer, grader_for(cfg), max_samples=cfg.eval.max_samples,
                               max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
                               batch_size=cfg.eval.batch_size)
