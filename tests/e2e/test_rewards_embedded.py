@@ -4,7 +4,8 @@ Two local reward services, each its own process with its own options, name and w
 of the completion: varied for a random model) and the arithmetic rule. The step log holds each one's own mean
 (reward_components) beside the weights (reward_services), and the total reward's mean is their weighted sum;
 Prometheus has one quartet_reward_component_mean series per name. GRPO without a reference (kl_coef 0), so
-three service processes start.
+three service processes start. The run also evaluates through the real generator service, graded by the
+arithmetic reward's rule: its accuracy equals greedy decoding of the final checkpoint done here.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def test_two_weighted_reward_services(tiny_checkpoint: Path, tmp_path: Path) -> 
     from demo.modelkit.arithmetic import make_arithmetic_task
     from orchestrator.run.session import Session
 
-    train, _ = make_arithmetic_task(tmp_path / "task", n_train=16, n_test=4, seed=0, max_operand=9)
+    train, test = make_arithmetic_task(tmp_path / "task", n_train=16, n_test=12, seed=0, max_operand=9)
     (tmp_path / "digits_reward.py").write_text(PLUGIN)
     digits = {"kind": "plugin", "plugin": "digits_reward:score", "plugin_path": str(tmp_path), "workers": 1}
     rewards = [{"name": "digits", "weight": 1.0, "options": digits},
@@ -35,12 +36,13 @@ def test_two_weighted_reward_services(tiny_checkpoint: Path, tmp_path: Path) -> 
         "dataset": {"path": str(train)},
         "prompts_per_step": 4, "samples_per_prompt": 4, "steps": 2, "seed": 0, "metrics_port": 0,
         "run_dir": str(tmp_path / "run"),
+        "eval": {"every": 2, "dataset": {"path": str(test)}, "max_new_tokens": 4},
     })
     with Session(cfg) as session:
         assert sorted(session.stack.services) == ["generator", "reward-arith", "reward-digits"]
         results = session.run()
-        port = session.metrics.port
-        metrics = scrape(port)
+        metrics = scrape(session.metrics.port)
+        final = session.save_final()
     run_dir = tmp_path / "run"
     assert (run_dir / "services" / "reward-digits.log").is_file() and (run_dir / "services" / "reward-arith.log").is_file()
     lines = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
@@ -55,3 +57,20 @@ def test_two_weighted_reward_services(tiny_checkpoint: Path, tmp_path: Path) -> 
     last = results[-1].reward_components
     for name in ("digits", "arith"):
         assert metrics[("quartet_reward_component_mean", (("identity", name),))] == pytest.approx(last[name])
+
+    from transformers import AutoModelForCausalLM
+
+    from demo.modelkit.arithmetic import encode_prompt, load_jsonl
+    from demo.modelkit.evaluate import greedy_accuracy, greedy_complete
+    from services.common.hf import load_tokenizer
+
+    (evaluation,) = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    policy, tokenizer, rows = AutoModelForCausalLM.from_pretrained(final / "policy"), load_tokenizer(tiny_checkpoint), \
+        load_jsonl(test)
+    direct = greedy_accuracy(policy, tokenizer, rows, max_new_tokens=4)
+    answers = greedy_complete(policy, tokenizer, [encode_prompt(tokenizer, r["prompt"]) for r in rows], max_new_tokens=4)
+    lengths = [len(a) for a in answers]
+    cut = [len(a) == 4 and a[-1] != tokenizer.eos_token_id for a in answers]
+    assert (evaluation["step"], evaluation["n"]) == (2, 12) and evaluation["accuracy"] == pytest.approx(direct.accuracy)
+    assert evaluation["length_mean"] == pytest.approx(sum(lengths) / 12)
+    assert evaluation["truncated_fraction"] == pytest.approx(sum(cut) / 12)

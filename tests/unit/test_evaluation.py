@@ -155,13 +155,16 @@ def test_session_evaluates_the_served_policy_and_resumes(tmp_path: Path, policy_
     assert calls.count(0.0) == 1
 
 
-def test_evaluation_leaves_the_training_unchanged(tmp_path: Path, policy_dir: Path,
-                                                  contacted: list[str]) -> None:  # noqa: F811
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_evaluation_leaves_the_training_unchanged(tmp_path: Path, policy_dir: Path, contacted: list[str],  # noqa: F811
+                                                  pipeline: bool) -> None:
     path, _ = _eval_file(tmp_path, policy_dir, max_new_tokens=4)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    plain = config(tmp_path / "a", policy_dir)
-    evaluated = config(tmp_path / "b", policy_dir, "eval.every=1", "eval.at_start=true", f"eval.dataset.path={path}")
+    mode = f"rollout.pipeline={str(pipeline).lower()}"  # pipelined: the next step's samples are drawn meanwhile
+    plain = config(tmp_path / "a", policy_dir, mode)
+    evaluated = config(tmp_path / "b", policy_dir, mode, "eval.every=1", "eval.at_start=true",
+                       f"eval.dataset.path={path}")
     torch.manual_seed(123)  # the session seeds everything itself: this must not matter
     _session(plain)
     _session(evaluated)
