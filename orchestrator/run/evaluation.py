@@ -30,6 +30,7 @@ from typing import Any
 
 from orchestrator.remote.client_base import Samples
 from orchestrator.run.data import PromptRow
+from orchestrator.run.metrics import EVAL_GAUGES
 from services.common.answers import STATED_STRATEGIES, STRATEGIES, extract_answer
 from services.reward.rule import RuleSettings, extract_number, resolve_math_engine
 from services.reward.verify import ScorerSpec, VerifierPool
@@ -127,6 +128,10 @@ class Evaluator:
         if not rows:
             raise ValueError("the evaluation has no rows")
         self.rows = list(rows[:max_samples] if max_samples else rows)
+        missing = [i for i, r in enumerate(self.rows) if grader.answer_key not in r.metadata]
+        if missing:  # found now, not after the first step
+            raise ValueError(f"eval rows {missing[:5]} have no {grader.answer_key!r} in their metadata: the reference "
+                             "answer the rule checks (set dataset.metadata_columns / answer_key)")
         self.prompts = [r.token_ids(tokenizer) for r in self.rows]
         self.grader = grader
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
@@ -209,7 +214,7 @@ class RunEvaluation:
                  log: Callable[[str], None] = lambda _m: None) -> None:
         self.cfg, self.evaluator, self.weights = cfg, evaluator, weights
         self.metrics, self.reporting, self.say = metrics, reporting, log
-        self.log = EvalLog(Path(cfg.run_dir) / EVAL_LOG)
+        self.eval_log = EvalLog(Path(cfg.run_dir) / EVAL_LOG)
         self.results: list[EvalResult] = []
         self._step = 0
 
@@ -221,17 +226,18 @@ class RunEvaluation:
     def after(self, step: int) -> EvalResult | None:
         """Evaluate after `step` completed steps when due and not already logged (a resumed run)."""
         ev = self.cfg.eval
-        if not due(step, every=ev.every, at_start=ev.at_start, last=self.cfg.steps) or step in self.log.steps():
+        if not due(step, every=ev.every, at_start=ev.at_start, last=self.cfg.steps) or step in self.eval_log.steps():
             return None
         self._step = step
         result = self.evaluator.run(step, self._generate)
-        self.log.append(result)
+        self.eval_log.append(result)
         self.results.append(result)
         if self.metrics is not None:
             self.metrics.record_eval(result.as_dict())
         if self.reporting is not None:
-            self.reporting.report(step, {f"quartet_eval_{k}": float(v) for k, v in result.as_dict().items()
-                                         if k not in ("step", "n")})
+            values = result.as_dict()  # report_to takes the Prometheus names, as for the steps
+            self.reporting.report(step, {name: float(values[key]) for key, (name, _doc) in EVAL_GAUGES.items()
+                                         if key != "step"})
         self.say(f"eval after step {step}: accuracy {result.accuracy:.1%} of {result.n}, format "
                  f"{result.format_rate:.1%}, truncated {result.truncated_fraction:.1%}, {result.length_mean:.1f} "
                  f"tokens, {result.seconds:.1f} s")
@@ -251,4 +257,5 @@ def grader_for(cfg: Any) -> Grader:
     return Grader(rule, extract, answer_key=answer_key, math_engine=reward.get("math_engine", "auto"))
 
 
-__all__ = ["EVAL_LOG", "EvalLog", "EvalResult", "Evaluator", "Grader", "RunEvaluation", "due", "grader_for", "resolve_rule", "summarize"]
+__all__ = ["EVAL_LOG", "EvalLog", "EvalResult", "Evaluator", "Grader", "RunEvaluation", "due", "grader_for",
+           "resolve_rule", "summarize"]

@@ -188,9 +188,14 @@ class Session:
             if not eval_data.limit and eval_data.kind != "prompts" and cfg.eval.max_samples:
                 eval_data = eval_data.model_copy(update={"limit": cfg.eval.max_samples})
             rows = load_split(eval_data, tokenizer, lambda m: self.log(f"eval {m}"), what="eval problems")[0]
-        evaluator = Evaluator(rows, tokenizer, grader_for(cfg), max_samples=cfg.eval.max_samples,
-                              max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
-                              batch_size=cfg.eval.batch_size)
+        grader = grader_for(cfg)
+        try:
+            evaluator = Evaluator(rows, tokenizer, grader, max_samples=cfg.eval.max_samples,
+                                  max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
+                                  batch_size=cfg.eval.batch_size)
+        except ValueError as e:
+            grader.close()
+            raise ConfigError(f"eval: {e}") from None
         self.evaluation = RunEvaluation(cfg, evaluator, self.orchestrator.weights, metrics=self.metrics,
                                         reporting=self.reporting, log=self.log)
 

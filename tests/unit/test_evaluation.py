@@ -23,7 +23,8 @@ from demo.modelkit.evaluate import greedy_accuracy, greedy_complete
 from demo.modelkit.warmup import sft_warmup
 from orchestrator.run import checkpoint
 from orchestrator.run.config import ConfigError
-from orchestrator.run.evaluation import EvalLog, Grader, due, resolve_rule, summarize
+from orchestrator.run.data import PromptRow
+from orchestrator.run.evaluation import EvalLog, Evaluator, Grader, due, resolve_rule, summarize
 from orchestrator.run.metrics import RunMetrics
 from orchestrator.run.session import Session
 from services.reward.rule import extract_number
@@ -82,6 +83,9 @@ def test_math_grader_uses_the_reward_rule() -> None:
         assert [grader.formatted(t) for t in texts] == [True, True, False, False]  # last_number is not a stated answer
         with pytest.raises(ValueError, match="no 'answer'"):
             grader.correct(["1"], [{"other": "1"}])
+        with pytest.raises(ValueError, match=r"eval rows \[1\] have no 'answer'"):  # at start-up, before any step
+            Evaluator([PromptRow("q", {"answer": "1"}), PromptRow("q", {"ref": "1"})], None, grader, max_samples=0,
+                      max_new_tokens=4)
     finally:
         grader.close()
 
