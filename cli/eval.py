@@ -32,7 +32,8 @@ def eval_checkpoint(
                                        "test; the others: test).")] = "test",
     max_samples: Annotated[int, typer.Option("--max-samples", "--limit", min=0, help="Evaluate the first N rows "
                                              "(0 = all).")] = 0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens per answer.")] = 6,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="Tokens per answer "
+                                                       "(default: 6 with --task, 256 with --dataset).")] = None,
     system_prompt: Annotated[str | None, typer.Option("--system-prompt", help="System message (chat template).")] = None,
     rule: Annotated[str, typer.Option("--rule", help="auto (arithmetic for --task, math otherwise) | math | "
                                       "arithmetic.")] = "auto",
@@ -50,6 +51,7 @@ def eval_checkpoint(
     if (task is None) == (dataset is None):
         console.print(Text.assemble(("error: ", "bold red"), "give exactly one of --task FILE or --dataset NAME"))
         raise typer.Exit(2)
+    max_new_tokens = max_new_tokens or (6 if task is not None else 256)
     try:
         evaluator, backend, what = _prepare(model_dir, task, dataset, path, split, max_samples, max_new_tokens,
                                             system_prompt, rule, batch_size, device)
