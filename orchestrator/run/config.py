@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.run.algo_config import AlgorithmConfig
 from orchestrator.run.datasets import DatasetSpec
@@ -315,9 +315,22 @@ class RunConfig(Strict):
             for key in ("question", "answer", "reference"):  # the run's kind's columns mean nothing to another kind
                 base.pop(key, None)
         try:
-            return DatasetConfig.model_validate({**base, **self.eval.dataset})
-        except ValueError as e:
-            raise ValueError(f"eval.dataset: {e}") from None
+            data = DatasetConfig.model_validate({**base, **self.eval.dataset})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'dataset'}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+            raise ValueError(f"eval.dataset: {problems}") from None
+        # Evaluating on the training rows would pass silently for held-out accuracy: refuse it.
+        if (data.path, data.split, data.format) == (self.dataset.path, self.dataset.split, self.dataset.format):
+            raise ValueError(f"eval.dataset reads the training rows ({data.path}"
+                             + (f", split {data.split}" if data.split else "") + "): set eval.dataset.path to the eval "
+                             "file (or eval.dataset.split for a save_to_disk directory), or drop eval.dataset to use "
+                             "the held-out rows (dataset.eval_size)")
+        if data.split != self.dataset.split and data.reader != "datasets" and not Path(data.path).is_dir() \
+                and data.format != "hf_disk":
+            raise ValueError(f"eval.dataset.split={data.split!r} applies to a save_to_disk directory or reader: "
+                             f"datasets, not to the file {data.path}; set eval.dataset.path to the eval file instead")
+        return data
 
     @property
     def uses_value(self) -> bool:

@@ -22,7 +22,7 @@ from demo.modelkit.arithmetic import encode_prompt, make_arithmetic_rows
 from demo.modelkit.evaluate import greedy_accuracy, greedy_complete
 from demo.modelkit.warmup import sft_warmup
 from orchestrator.run import checkpoint
-from orchestrator.run.config import ConfigError
+from orchestrator.run.config import ConfigError, build_config
 from orchestrator.run.data import PromptRow
 from orchestrator.run.evaluation import EvalLog, Evaluator, Grader, due, resolve_rule, summarize
 from orchestrator.run.metrics import RunMetrics
@@ -93,8 +93,16 @@ def test_math_grader_uses_the_reward_rule() -> None:
 def test_eval_config_names_what_is_missing(tmp_path: Path, policy_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"eval\.dataset\.path"):
         config(tmp_path, policy_dir, "eval.every=1")
-    with pytest.raises(ConfigError, match=r"eval\.dataset"):
+    with pytest.raises(ConfigError, match="reads the training rows"):  # held-out accuracy on the training set
+        config(tmp_path, policy_dir, "eval.every=1", f"eval.dataset.path={tmp_path / 'prompts.jsonl'}")
+    with pytest.raises(ConfigError, match=r"eval\.dataset: kind: Input should be 'prompts'"):
         config(tmp_path, policy_dir, "eval.every=1", "eval.dataset.kind=nonsense")
+    gsm8k = build_config({"models": {"policy": "m"}, "services": {"local": True},
+                          "dataset": {"kind": "gsm8k", "path": "train.jsonl"}})
+    with pytest.raises(ConfigError, match=r"eval\.dataset\.split='test' applies to a save_to_disk directory"):
+        build_config(gsm8k.model_dump(mode="json"), ["eval.every=1", "eval.dataset.split=test"])
+    held_out = build_config(gsm8k.model_dump(mode="json"), ["eval.every=1", "eval.dataset.path=test.jsonl"])
+    assert (held_out.eval_dataset().path, held_out.eval_dataset().kind) == ("test.jsonl", "gsm8k")
 
 
 def _eval_file(tmp_path: Path, policy_dir: Path, max_new_tokens: int) -> tuple[Path, float]:
