@@ -182,7 +182,8 @@ class EvalConfig(Strict):
                                        "sampling.max_new_tokens.")
     dataset: dict[str, Any] | None = Field(
         None, description="The eval rows as changes to the run's dataset section (the rest, e.g. kind, template, "
-        "system_prompt, is the run's), e.g. {path: data/gsm8k_test.jsonl} or {split: test}; every row is used. "
+        "system_prompt, is the run's), e.g. {path: data/gsm8k_test.jsonl}, or {split: test} for a save_to_disk "
+        "directory; every row is used (the training rows themselves are refused). "
         "Unset: the run's held-out rows (dataset.eval_size / dataset.eval_path).")
     rule: Literal["auto", "math", "arithmetic"] = Field(
         "auto", description="Correctness rule (the reward service's): auto = the local reward's rule when it is math "
