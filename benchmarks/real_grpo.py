@@ -60,7 +60,8 @@ def _address(proc: subprocess.Popen, ready: Path, name: str, timeout: float = 30
 
 def _evaluate(model: Path, n: int, out: Path) -> dict:
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "real_math.py"), "--model", str(model), "--n", str(n),
-                    "--datasets", "gsm8k", "--max-new-tokens", "256", "--out", str(out)], check=True, cwd=REPO)
+                    "--datasets", "gsm8k", "--max-new-tokens", "256", "--system-prompt", SYSTEM, "--batch-size", "16",
+                    "--out", str(out)], check=True, cwd=REPO)
     return json.loads(out.read_text())
 
 

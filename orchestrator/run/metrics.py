@@ -99,15 +99,16 @@ REJOINS: dict[str, tuple[str, str]] = {
 class ReplicaCollector:
     """Per-replica series of the role replica sets (orchestrator/remote/replicas.py), read at every scrape.
 
-    `sets`: objects with `.role` and `.snapshot()` -> [(address, admitted, ReplicaStats)]. The `replica`
-    label is the replica's address as the orchestrator dials it.
+    `sets`: objects with `.role` and `.snapshot()` -> [(address, admitted, ReplicaStats)]. The `address`
+    label is the replica's address as the orchestrator dials it (not `replica`: Prometheus sets that target
+    label to the scraped process itself, the orchestrator's pod, and would rename a clashing one).
     """
 
     def __init__(self, sets: Sequence[Any]) -> None:
         self.sets = list(sets)
 
     def collect(self) -> Iterator[Metric]:
-        pair, triple = ["role", "replica"], ["role", "replica", "method"]
+        pair, triple = ["role", "address"], ["role", "address", "method"]
         calls = CounterMetricFamily("quartet_replica_calls", "Calls a replica answered, by method.", labels=triple)
         failures = CounterMetricFamily("quartet_replica_failures", "Calls a replica failed after its retries (it "
                                        "was taken out), by method.", labels=triple)

@@ -2,7 +2,8 @@
 (tests/e2e/netns.py), one service process per role on its own host, the orchestrator (`quartet train`)
 on another, TLS and bearer tokens on every connection. A GRPO run of a few steps completes; a host
 whose cable is pulled mid-run is waited for (calls past their deadline are retried) and the run goes on
-when it comes back.
+when it comes back; a generator replica whose cable is pulled for good is taken out of the replica set
+and the run finishes on the other.
 
 Needs root and iproute2 (CI runs as root); skipped elsewhere.
 """
@@ -16,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,7 @@ PORT = 50051
 def hosts():
     if (why := skip_reason()) is not None:
         pytest.skip(why)
-    with Hosts(["orch", "gen", "svc"]) as made:
+    with Hosts(["orch", "gen1", "gen2", "svc"]) as made:
         yield made
 
 
@@ -105,71 +107,130 @@ def _endpoint(hosts: Hosts, host: str, port: int, pki) -> dict:
     return {"address": f"{hosts.address(host)}:{port}", "token": TOKEN, "admin_token": ADMIN, "tls_ca": str(pki["ca"])}
 
 
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _train(hosts: Hosts, tmp: Path, model: Path, files: dict[str, Path], services: dict, steps: int,
+           during: Callable[[Callable[[], int]], None], **algorithm: object) -> tuple[int, str, list[dict]]:
+    """`quartet train` on the orch host against `services`; `during(done_steps)` runs while it trains."""
+    run_dir = tmp / "run"
+    cfg = {
+        "models": {"policy": str(model)},
+        "services": services,
+        "algorithm": {"name": "grpo", "lr": 1e-3, **algorithm},
+        "sampling": {"max_new_tokens": 4},
+        "dataset": {"path": str(files["train"])},
+        "prompts_per_step": 4, "samples_per_prompt": 4, "steps": steps, "seed": 0, "metrics_port": None,
+        "run_dir": str(run_dir), "progress": {"mode": "lines", "every_steps": 1},
+    }
+    (tmp / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = (tmp / "orchestrator.log").open("w")
+    orch = hosts.popen("orch", [sys.executable, "-m", "cli.main", "train", str(tmp / "run.yaml")], stdout=out,
+                       stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    log_path = run_dir / "steps.jsonl"
+
+    def done_steps() -> int:
+        assert orch.poll() in (None, 0), (tmp / "orchestrator.log").read_text()[-3000:]
+        return len(log_path.read_text().splitlines()) if log_path.exists() else 0
+
+    try:
+        during(done_steps)
+        code = orch.wait(timeout=240)
+    finally:
+        _stop([orch])
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    return code, (tmp / "orchestrator.log").read_text(), lines
+
+
+def _wait_steps(done_steps: Callable[[], int], n: int, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while (done := done_steps()) < n:
+        assert time.monotonic() < deadline, f"only {done} steps after {timeout} s"
+        time.sleep(0.1)
+    return done
+
+
 def test_grpo_across_hosts_with_tls_rides_through_a_pulled_cable(hosts: Hosts, tiny_checkpoint: Path,
                                                                   task: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     pki = _pki(tmp_path, [hosts.address(h) for h in hosts.names])
     reward = {"kind": "plugin", "plugin": "digits_reward:score", "plugin_path": str(task["root"]), "workers": 1}
     started = {
-        "generator": _serve(hosts, "gen", "generator", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),
+        "generator": _serve(hosts, "gen1", "generator", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),
         "reward": _serve(hosts, "svc", "reward", "reward", PORT, pki, tmp_path, options=reward),
         "reference": _serve(hosts, "svc", "reference", "reference", PORT + 1, pki, tmp_path, model=tiny_checkpoint),
     }
-    orch = None
-    try:
-        _wait_ready(started, tmp_path)
-        steps = 12
-        run_dir = tmp_path / "run"
-        cfg = {
-            "models": {"policy": str(tiny_checkpoint)},
-            "services": {
-                "generator": {**_endpoint(hosts, "gen", PORT, pki), "weights_transport": "grpc"},
-                "rewards": [_endpoint(hosts, "svc", PORT, pki)],
-                "reference": _endpoint(hosts, "svc", PORT + 1, pki),
-                # A call into a cut link hangs until its deadline, then is retried within the budget.
-                "deadlines": {"generate_s": 8, "score_s": 4, "logprobs_s": 4, "info_s": 3},
-                "retry": {"max_attempts": 30, "initial_backoff_s": 0.2, "max_backoff_s": 1.0, "budget_s": 90},
-            },
-            "algorithm": {"name": "grpo", "lr": 1e-3},
-            "sampling": {"max_new_tokens": 4},
-            "dataset": {"path": str(task["train"])},
-            "prompts_per_step": 4, "samples_per_prompt": 4, "steps": steps, "seed": 0, "metrics_port": None,
-            "run_dir": str(run_dir), "progress": {"mode": "lines", "every_steps": 1},
-        }
-        cfg_path = tmp_path / "run.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        out = (tmp_path / "orchestrator.log").open("w")
-        orch = hosts.popen("orch", [sys.executable, "-m", "cli.main", "train", str(cfg_path)], stdout=out,
-                           stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-        log_path = run_dir / "steps.jsonl"
+    services = {
+        "generator": {**_endpoint(hosts, "gen1", PORT, pki), "weights_transport": "grpc"},
+        "rewards": [_endpoint(hosts, "svc", PORT, pki)],
+        "reference": _endpoint(hosts, "svc", PORT + 1, pki),
+        # A call into a cut link hangs until its deadline, then is retried within the budget.
+        "deadlines": {"generate_s": 8, "score_s": 4, "logprobs_s": 4, "info_s": 3},
+        "retry": {"max_attempts": 30, "initial_backoff_s": 0.2, "max_backoff_s": 1.0, "budget_s": 90},
+    }
+    seen: dict[str, int] = {}
 
-        def done_steps() -> int:
-            return len(log_path.read_text().splitlines()) if log_path.exists() else 0
-
-        deadline = time.monotonic() + 120
-        while done_steps() < 3:
-            assert orch.poll() is None and time.monotonic() < deadline, (tmp_path / "orchestrator.log").read_text()[-3000:]
-            time.sleep(0.1)
-        cut_at = done_steps()
+    def pull_the_cable(done_steps: Callable[[], int]) -> None:
+        seen["cut_at"] = _wait_steps(done_steps, 3)
         hosts.cut("svc")  # reward and reference unreachable: packets dropped, connections hang
         time.sleep(6)
-        stalled_at = done_steps()
+        seen["stalled_at"] = done_steps()
         hosts.mend("svc")
-        code = orch.wait(timeout=240)
-        text = (tmp_path / "orchestrator.log").read_text()
-        assert code == 0, text[-4000:]
+
+    try:
+        _wait_ready(started, tmp_path)
+        code, text, lines = _train(hosts, tmp_path, tiny_checkpoint, task, services, 12, pull_the_cable)
     finally:
-        for proc in [*(p for p, _ in started.values()), *([orch] if orch is not None else [])]:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in [p for p, _ in started.values()]:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
-    assert [row["step"] for row in lines] == list(range(1, steps + 1)), "every step logged once, in order"
-    assert stalled_at <= cut_at + 1, "no step can complete without its reward and reference"
+        _stop([p for p, _ in started.values()])
+    assert code == 0, text[-4000:]
+    assert [row["step"] for row in lines] == list(range(1, 13)), "every step logged once, in order"
+    assert seen["stalled_at"] <= seen["cut_at"] + 1, "no step can complete without its reward and reference"
     assert "retrying" in text, "the calls into the cut link were retried"
-    # The services served TLS on their namespace addresses (their logs say so) and nothing else was reachable.
-    for name in started:
+    for name in started:  # every service served TLS on its namespace address
         assert "tls=on" in (tmp_path / f"{name}.log").read_text()
+
+
+def test_a_generator_replica_cut_off_mid_run_leaves_the_run_to_the_other(hosts: Hosts, tiny_checkpoint: Path,
+                                                                         task: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    pki = _pki(tmp_path, [hosts.address(h) for h in hosts.names])
+    reward = {"kind": "plugin", "plugin": "digits_reward:score", "plugin_path": str(task["root"]), "workers": 1}
+    started = {
+        "gen1": _serve(hosts, "gen1", "gen1", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),
+        "gen2": _serve(hosts, "gen2", "gen2", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),
+        "reward": _serve(hosts, "svc", "reward", "reward", PORT, pki, tmp_path, options=reward),
+    }
+    generator = _endpoint(hosts, "gen1", PORT, pki)
+    generator["address"] = [f"{hosts.address(h)}:{PORT}" for h in ("gen1", "gen2")]
+    services = {
+        "generator": {**generator, "weights_transport": "grpc"},
+        "rewards": [_endpoint(hosts, "svc", PORT, pki)],
+        # Short deadlines and budget: a replica behind a cut cable is given up on within seconds.
+        "deadlines": {"generate_s": 4, "weights_s": 6, "info_s": 2},
+        "retry": {"max_attempts": 2, "initial_backoff_s": 0.1, "max_backoff_s": 0.2, "budget_s": 5},
+    }
+    seen: dict[str, int] = {}
+
+    def cut_gen2(done_steps: Callable[[], int]) -> None:
+        seen["cut_at"] = _wait_steps(done_steps, 3)
+        hosts.cut("gen2")  # for good: the run must finish on gen1
+
+    try:
+        _wait_ready(started, tmp_path)
+        code, text, lines = _train(hosts, tmp_path, tiny_checkpoint, task, services, 12, cut_gen2, kl_coef=0.0)
+    finally:
+        hosts.mend("gen2")
+        _stop([p for p, _ in started.values()])
+    assert code == 0, text[-4000:]
+    assert [row["step"] for row in lines] == list(range(1, 13))
+    # gen2 was given up on once (its calls ran past their deadline), gen1 served every step and version after it.
+    assert f"generator at {hosts.address('gen2')}:{PORT} taken out of the replica set" in text, text[-3000:]
+    assert f"generator at {hosts.address('gen1')}:{PORT} taken out" not in text
+    assert lines[-1]["weight_version"] == 12
+    assert all("tls=on" in (tmp_path / f"{name}.log").read_text() for name in ("gen1", "gen2"))

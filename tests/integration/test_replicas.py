@@ -143,10 +143,10 @@ def test_run_goes_on_without_a_stopped_replica_and_takes_it_back(tiny_checkpoint
         assert g_stats.failures and r_stats.failures.get("LogProbs") == 1
         # the session exposes them on the run's metrics
         scrape = session.metrics.registry.get_sample_value
-        g1 = {"role": "generator", "replica": gens[1].address}
+        g1 = {"role": "generator", "address": gens[1].address}
         assert scrape("quartet_replica_admitted", g1) == 1.0 and scrape("quartet_replica_readmissions_total", g1) == 1.0
         assert scrape("quartet_replica_weight_sync_seconds", g1) > 0
-        assert scrape("quartet_replica_failures_total", {"role": "reference", "replica": refs[1].address,
+        assert scrape("quartet_replica_failures_total", {"role": "reference", "address": refs[1].address,
                                                           "method": "LogProbs"}) == 1.0
 
 

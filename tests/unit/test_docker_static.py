@@ -257,13 +257,14 @@ def test_dashboard_metric_names_exist_in_the_code() -> None:
     """Every quartet_* series a panel reads is exported by the orchestrator, the runtime or a role."""
     from prometheus_client import CollectorRegistry
 
-    from orchestrator.run.metrics import RunMetrics
+    from orchestrator.run.metrics import ReplicaCollector, RunMetrics
     from services.common.metrics import RuntimeMetrics
     from services.generator.metrics import GeneratorMetrics
 
     # One registry per process, as deployed (both export quartet_peak_rss_bytes, labelled by role).
     orchestrator, service = CollectorRegistry(), CollectorRegistry()
     RunMetrics(orchestrator)
+    orchestrator.register(ReplicaCollector([]))  # the per-replica families (a run registers them with its replicas)
     RuntimeMetrics(service, "generator")
     GeneratorMetrics(service)
     # Labelled families export no samples until used: derive their series names from the type.

@@ -318,13 +318,16 @@ def test_run_config_is_the_compose_run_with_service_names(name: str, tmp_path: P
     path = tmp_path / "train.yaml"
     path.write_text(configmap["data"]["train.yaml"])
     cfg = load_config(path)
-    services = {r: getattr(cfg.services, r).address for r in ("generator", "reference", "value")}
-    services["reward"] = cfg.services.rewards[0].address
-    assert services == {r: f"quartet-{r}:50051" for r in ROLES}
+    services = {r: getattr(cfg.services, r) for r in ("generator", "reference", "value")}
+    services["reward"] = cfg.services.rewards[0]
+    # Stateless roles through their headless Service (every ready pod a replica); the critic: one service.
+    expected = {r: (f"quartet-{r}-replicas:50051", "dns") for r in ROLES} | {"value": ("quartet-value:50051", "static")}
+    assert {r: (e.address, e.discovery) for r, e in services.items()} == expected
     twin = load_config(DOCKER / "config" / f"train-{name}.yaml").model_dump()
     mine = cfg.model_dump()
     for endpoint in (*(mine["services"][r] for r in ("generator", "reference", "value")), *mine["services"]["rewards"]):
-        endpoint["address"] = endpoint["address"].removeprefix("quartet-")
+        endpoint["address"] = endpoint["address"].removeprefix("quartet-").replace("-replicas:", ":")
+        endpoint["discovery"] = "static"
     assert mine == twin
     job = objects(name, "Job")["quartet-orchestrator"]["spec"]["template"]["spec"]
     assert job["restartPolicy"] == "Never"

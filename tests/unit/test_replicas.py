@@ -351,12 +351,12 @@ def test_per_replica_metrics() -> None:
     metrics = RunMetrics(CollectorRegistry())
     metrics.watch_replicas([ref.replicas])
     text = generate_latest(metrics.registry).decode()
-    assert 'quartet_replica_admitted{replica="10.0.0.1:1",role="reference"} 0.0' in text
-    assert 'quartet_replica_admitted{replica="10.0.0.0:1",role="reference"} 1.0' in text
-    assert 'quartet_replica_failures_total{method="LogProbs",replica="10.0.0.1:1",role="reference"} 1.0' in text
-    assert 'quartet_replica_calls_total{method="LogProbs",replica="10.0.0.0:1",role="reference"} 2.0' in text
-    assert 'quartet_replica_share{replica="10.0.0.0:1",role="reference"} 1.0' in text
-    assert 'quartet_replica_removals_total{replica="10.0.0.1:1",role="reference"} 1.0' in text
+    assert 'quartet_replica_admitted{address="10.0.0.1:1",role="reference"} 0.0' in text
+    assert 'quartet_replica_admitted{address="10.0.0.0:1",role="reference"} 1.0' in text
+    assert 'quartet_replica_failures_total{address="10.0.0.1:1",method="LogProbs",role="reference"} 1.0' in text
+    assert 'quartet_replica_calls_total{address="10.0.0.0:1",method="LogProbs",role="reference"} 2.0' in text
+    assert 'quartet_replica_share{address="10.0.0.0:1",role="reference"} 1.0' in text
+    assert 'quartet_replica_removals_total{address="10.0.0.1:1",role="reference"} 1.0' in text
 
 
 def test_a_generator_that_ignores_the_prompt_offset_is_refused() -> None:
