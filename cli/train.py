@@ -89,6 +89,7 @@ def train(
         results = run_with_progress(cfg, resume=resume, overwrite=overwrite, max_steps=max_steps, console=console,
                                     on_step=hooks.on_step, resume_command=command, retries=retries, leader=leader)
     print_summary(console, cfg, results)
+    _plot(console, cfg)
 
 
 def _start_ranks(cfg, console, retries: int):
@@ -173,7 +174,7 @@ def _run_session(cfg, *, resume: bool, console, on_step, resume_command: str | N
                     if on_step is not None:
                         on_step(r)
 
-                results = o.run(show)
+                results = session.run(show)  # the held-out evaluation (eval:) runs after its steps
             final = session.save_final()
             if final is not None:
                 console.print(f"[dim]checkpoint: {final}[/]")
@@ -242,7 +243,8 @@ def _resume_hint(e, command: str) -> str:
 # Step-log keys each algorithm's summary shows, first vs last step (a key the run did not log is left out):
 # TRPO has no ratio clipping (clipfrac is always 0) but a line search; PPO's critic is judged by its loss
 # and explained variance.
-_COMMON_KEYS = ("entropy", "grad_norm", "logprob_gap_mean", "tokens_per_second", "step_seconds")
+_COMMON_KEYS = ("entropy", "grad_norm", "logprob_gap_mean", "response_length_mean", "truncated_fraction",
+                "tokens_per_second", "step_seconds")
 SUMMARY_KEYS: dict[str, tuple[str, ...]] = {
     "grpo": ("kl_ref", "policy_loss", "value_loss", "clipfrac", "approx_kl", *_COMMON_KEYS),
     "ppo": ("kl_ref", "policy_loss", "clipfrac", "approx_kl", "value_loss", "value_explained_variance",
@@ -282,8 +284,33 @@ def print_summary(console, cfg, results) -> None:
             table.add_row(key, f"{first.metrics.get(key, float('nan')):.4g}", f"{last.metrics[key]:.4g}")
     for label, value in SUMMARY_RUN_ROWS.get(algo, lambda _r: [])(results):
         table.add_row(label, "", value)
+    for label, first_eval, last_eval in _eval_rows(cfg):
+        table.add_row(label, first_eval, last_eval)
     phases = sorted({p for r in results for p in r.phases})
     for p in phases:
         mean = sum(r.phases.get(p, 0.0) for r in results) / len(results)
         table.add_row(f"{p} s (mean)", "", f"{mean:.4f}")
     console.print(table)
+
+
+def _eval_rows(cfg) -> list[tuple[str, str, str]]:
+    """First vs last held-out evaluation of the run (run_dir/eval.jsonl), as summary rows."""
+    from orchestrator.run.evaluation import EVAL_LOG, EvalLog
+
+    evals = EvalLog(Path(cfg.run_dir) / EVAL_LOG).read()
+    if not evals:
+        return []
+    a, b = evals[0], evals[-1]
+    rows = [("eval at step", str(a["step"]), str(b["step"]))]
+    for key, fmt in (("accuracy", "{:.1%}"), ("format_rate", "{:.1%}"), ("truncated_fraction", "{:.1%}"),
+                     ("length_mean", "{:.1f}")):
+        rows.append((f"eval {key}", fmt.format(a[key]), fmt.format(b[key])))
+    return rows
+
+
+def _plot(console, cfg) -> None:
+    from orchestrator.run.plot import plot_run
+
+    path = plot_run(Path(cfg.run_dir), log=lambda m: console.print(f"[dim]{m}[/]"))
+    if path is not None:
+        console.print(f"[dim]plot: {path}[/]")

@@ -111,11 +111,12 @@ class GeneratorClient(RoleClient):
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], *, n: int, temperature: float, top_p: float, top_k: int,
         max_new_tokens: int, stop_token_ids: Sequence[int], seed: int, request_id: str, prompt_index_offset: int = 0,
+        stop: Sequence[str] = (),
     ) -> Samples:
         """n samples for each of P prompts; per-sample seeds derive from (seed, prompt_index_offset + prompt, sample)."""
         params = generator_pb2.SamplingParams(
             n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-            stop_token_ids=list(stop_token_ids), seed=seed,
+            stop_token_ids=list(stop_token_ids), seed=seed, stop=list(stop),
         )
         req = generator_pb2.GenerateRequest(
             prompt_ids=encode_ragged([torch.tensor(p, dtype=torch.int64) for p in prompt_ids], torch.int64),
@@ -228,6 +229,7 @@ class RewardClient(RoleClient):
     def __init__(self, ep: Endpoint, *, deadline_s: float, weight: float = 1.0, **kw) -> None:
         super().__init__(ep, deadline_s=deadline_s, **kw)
         self.weight = weight
+        self.label: str | None = getattr(ep, "name", None)  # the config's name of this reward (step log, metrics)
         self._stub = reward_pb2_grpc.RewardStub(self._channel)
 
     def info(self, *, retry: bool = True) -> ServiceInfo:

@@ -77,7 +77,8 @@ def connect_reward(ep: RewardEndpoint, *, probe_interval_s: float, lookup: Looku
     if not ep.replicated:
         return RewardClient(ep, weight=ep.weight, **client_kw)
     return RewardReplicas(_replica_set("reward", ep, lambda e: RewardClient(e, weight=ep.weight, **client_kw),
-                                       probe_interval_s, lookup, client_kw.get("retry")), weight=ep.weight)
+                                       probe_interval_s, lookup, client_kw.get("retry")), weight=ep.weight,
+                          label=ep.name)
 
 
 def connect_reference(ep: Endpoint, *, probe_interval_s: float, lookup: Lookup = socket.getaddrinfo,

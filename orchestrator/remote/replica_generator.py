@@ -108,6 +108,7 @@ class ReplicaGenerator:
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], *, n: int, temperature: float, top_p: float, top_k: int,
         max_new_tokens: int, stop_token_ids: Sequence[int], seed: int, request_id: str, prompt_index_offset: int = 0,
+        stop: Sequence[str] = (),
     ) -> Samples:
         """GeneratorClient.generate with the prompts split over the admitted replicas; prompt-major answer."""
         version = self.version
@@ -116,7 +117,7 @@ class ReplicaGenerator:
             s = client.generate(
                 prompt_ids[rows.start:rows.stop], n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                 max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, seed=seed, request_id=request_id,
-                prompt_index_offset=prompt_index_offset + rows.start)
+                prompt_index_offset=prompt_index_offset + rows.start, stop=stop)
             if s.weight_version != version:
                 raise ServiceError(client.name, "Generate", f"sampled with weight version {s.weight_version}, the "
                                                             f"replica set serves {version} (it restarted)")

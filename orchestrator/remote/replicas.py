@@ -291,9 +291,9 @@ def _identity(parts: Sequence[Scores]) -> str:
 class RewardReplicas(_Stateless):
     """RewardClient.score over several reward replicas (one weighted reward service of the run)."""
 
-    def __init__(self, replicas: ReplicaSet, *, weight: float = 1.0) -> None:
+    def __init__(self, replicas: ReplicaSet, *, weight: float = 1.0, label: str | None = None) -> None:
         super().__init__(replicas)
-        self.weight = weight
+        self.weight, self.label = weight, label
 
     def score(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
               prompt_text: Sequence[str], completion_text: Sequence[str], metadata: Sequence[Any]) -> Scores:

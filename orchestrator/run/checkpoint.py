@@ -52,7 +52,8 @@ STEP_LOG = "steps.jsonl"
 # What a run writes into its run_dir besides its checkpoints (the session, the local services, the value
 # service's saves, experiment logging): a fresh run refuses a directory holding any of them, --overwrite
 # removes exactly these. A new kind of run output adds its name here.
-RUN_ENTRIES = (RUN_FILE, STEP_LOG, "services", "value-checkpoints", "metrics.jsonl", "tensorboard", "wandb")
+RUN_ENTRIES = (RUN_FILE, STEP_LOG, "services", "value-checkpoints", "metrics.jsonl", "tensorboard", "wandb", "eval.jsonl",
+               "curves.png")
 
 
 class Pretrained(Protocol):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.run.algo_config import AlgorithmConfig
 from orchestrator.run.datasets import DatasetSpec
@@ -31,9 +31,26 @@ from orchestrator.run.services_config import (
 from services.common.settings import ConfigError, apply_sets, load
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DatasetConfig", "Deadlines", "Endpoint", "LocalServices", "LocalTls",
-    "ModelsConfig", "ProgressConfig", "ReportTo", "RetryConfig", "RewardEndpoint", "RunConfig", "SamplingConfig", "ServicesConfig",
-    "apply_overrides", "build_config", "dump_config", "load_config",
+    "CheckpointConfig",
+    "ConfigError",
+    "DatasetConfig",
+    "Deadlines",
+    "Endpoint",
+    "EvalConfig",
+    "LocalServices",
+    "LocalTls",
+    "ModelsConfig",
+    "ProgressConfig",
+    "ReportTo",
+    "RetryConfig",
+    "RewardEndpoint",
+    "RunConfig",
+    "SamplingConfig",
+    "ServicesConfig",
+    "apply_overrides",
+    "build_config",
+    "dump_config",
+    "load_config",
 ]
 
 #: `--set` into a nested dict (list items by index: services.rewards.0.weight=2); the shared parser.
@@ -63,6 +80,18 @@ class SamplingConfig(Strict):
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 = off.")
     max_new_tokens: int = Field(6, ge=1, description="Most tokens generated per sample.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra stop tokens (EOS always stops).")
+    stop: list[str] = Field(
+        default_factory=list, max_length=16, description="Stop strings (1-200 characters each, both generator "
+        "backends): a sample ends with the token that completes one. The stop text is kept and nothing is cut, so "
+        "the trainer gets exactly the sampled tokens; e.g. [\"\\n\\nQuestion:\"] for a base model.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str]) -> list[str]:
+        bad = [s for s in value if not 0 < len(s) <= 200]
+        if bad:
+            raise ValueError(f"stop strings must have 1 to 200 characters; fix or drop {bad[:3]}")
+        return value
 
 
 class DatasetConfig(DatasetSpec):
@@ -107,6 +136,10 @@ _LOADER_ONLY = ("reader", "split", "question", "answer", "reference", "metadata"
                 "bad_rows", "limit", "eval_size", "eval_path", "eval_seed")
 
 
+#: Dataset fields the eval rows do not take from the run's dataset section (the eval set is every row loaded).
+_NOT_INHERITED = ("limit", "eval_size", "eval_path", "eval_seed", "shuffle")
+
+
 class CheckpointConfig(Strict):
     """Where and how often the run state is saved."""
 
@@ -136,6 +169,30 @@ class ProgressConfig(Strict):
                              "and the last step).")
     every_seconds: float = Field(60.0, gt=0, description="Lines mode: a line after any step that ends S seconds or "
                                  "more after the previous line, so slow steps are still seen.")
+
+
+class EvalConfig(Strict):
+    """Held-out evaluation inside `quartet train`: greedy pass@1 through the generator (it serves the policy),
+    scored by the answer rule, written to run_dir/eval.jsonl (orchestrator/run/evaluation.py)."""
+
+    every: int = Field(0, ge=0, description="Evaluate after every N-th step and after the last one (0: only at_start).")
+    at_start: bool = Field(False, description="Also evaluate the starting policy, before step 1.")
+    max_samples: int = Field(200, ge=0, description="Problems per evaluation: the first N eval rows (0 = all).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Most tokens per greedy answer; default: "
+                                       "sampling.max_new_tokens.")
+    dataset: dict[str, Any] | None = Field(
+        None, description="The eval rows as changes to the run's dataset section (the rest, e.g. kind, template, "
+        "system_prompt, is the run's), e.g. {path: data/gsm8k_test.jsonl}, or {split: test} for a save_to_disk "
+        "directory; every row is used (the training rows themselves are refused). "
+        "Unset: the run's held-out rows (dataset.eval_size / dataset.eval_path).")
+    rule: Literal["auto", "math", "arithmetic"] = Field(
+        "auto", description="Correctness rule (the reward service's): auto = the local reward's rule when it is math "
+        "or arithmetic, else arithmetic for dataset kind prompts and math for the others.")
+    extract: list[Literal["boxed", "answer_is", "hash", "last_number"]] | None = Field(
+        None, description="Rule math: answer extraction order; default: the local reward's extract, else all four.")
+    batch_size: int = Field(32, ge=1, description="Prompts per Generate call.")
+    seed: int = Field(0, ge=0, description="Generate seed of the evaluation (greedy answers do not depend on it); "
+                      "the run's own seeds and RNG streams are never used.")
 
 
 class RolloutConfig(Strict):
@@ -181,6 +238,7 @@ class RunConfig(Strict):
         "e.g. quartet_reward_mean. The step log steps.jsonl is written regardless.",
     )
     progress: ProgressConfig = Field(default_factory=ProgressConfig, description="Progress bar or log lines.")
+    eval: EvalConfig | None = Field(None, description="Periodic held-out evaluation (unset: none).")
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -225,14 +283,55 @@ class RunConfig(Strict):
             self.algorithm = algo.model_copy(update={"tis_cap": 2.0})  # the documented default of a pipelined run
         if sum(r.weight for r in svc.rewards) == 0 and svc.rewards:
             raise ValueError("services.rewards weights sum to 0: give at least one reward a non-zero weight")
-        reward = svc.local_options.reward
-        if (svc.local and self.dataset.kind != "prompts" and reward.get("rule") in ("math", "arithmetic")
-                and reward.get("answer_key", "answer") != self.dataset.answer_key):
-            raise ValueError(
-                f"dataset.answer_key={self.dataset.answer_key!r} but the local reward reads "
-                f"answer_key={reward.get('answer_key', 'answer')!r}: set both to the same key"
-            )
+        for local in svc.local_options.reward_services():
+            reward = local.options
+            if (svc.local and self.dataset.kind != "prompts" and reward.get("rule") in ("math", "arithmetic")
+                    and reward.get("answer_key", "answer") != self.dataset.answer_key):
+                raise ValueError(
+                    f"dataset.answer_key={self.dataset.answer_key!r} but the local reward "
+                    f"{local.name + ' ' if local.name else ''}reads "
+                    f"answer_key={reward.get('answer_key', 'answer')!r}: set both to the same key"
+                )
+        if self.eval is not None:
+            self._check_eval(self.eval)
         return self
+
+    def _check_eval(self, ev: EvalConfig) -> None:
+        if ev.dataset is not None:
+            self.eval_dataset()
+        elif self.dataset.kind == "prompts":
+            raise ValueError("eval: dataset kind prompts has no held-out split; set eval.dataset.path to a file of "
+                             "eval prompts")
+        elif not (self.dataset.eval_size or self.dataset.eval_path):
+            raise ValueError("eval reads the run's held-out rows but dataset.eval_size is 0 and dataset.eval_path is "
+                             "unset: set one of them, or eval.dataset (e.g. {path: data/gsm8k_test.jsonl})")
+
+    def eval_dataset(self) -> DatasetConfig | None:
+        """The eval rows' dataset section: the run's with eval.dataset's changes, every row kept; None: the run's
+        held-out rows. ValueError naming eval.dataset."""
+        if self.eval is None or self.eval.dataset is None:
+            return None
+        base = self.dataset.model_dump(exclude_unset=True, exclude={*_NOT_INHERITED})
+        if self.eval.dataset.get("kind", base.get("kind")) != base.get("kind"):
+            for key in ("question", "answer", "reference"):  # the run's kind's columns mean nothing to another kind
+                base.pop(key, None)
+        try:
+            data = DatasetConfig.model_validate({**base, **self.eval.dataset})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'dataset'}: "
+                                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+            raise ValueError(f"eval.dataset: {problems}") from None
+        # Evaluating on the training rows would pass silently for held-out accuracy: refuse it.
+        if (data.path, data.split, data.format) == (self.dataset.path, self.dataset.split, self.dataset.format):
+            raise ValueError(f"eval.dataset reads the training rows ({data.path}"
+                             + (f", split {data.split}" if data.split else "") + "): set eval.dataset.path to the eval "
+                             "file (or eval.dataset.split for a save_to_disk directory), or drop eval.dataset to use "
+                             "the held-out rows (dataset.eval_size)")
+        if data.split != self.dataset.split and data.reader != "datasets" and not Path(data.path).is_dir() \
+                and data.format != "hf_disk":
+            raise ValueError(f"eval.dataset.split={data.split!r} applies to a save_to_disk directory or reader: "
+                             f"datasets, not to the file {data.path}; set eval.dataset.path to the eval file instead")
+        return data
 
     @property
     def uses_value(self) -> bool:

@@ -81,16 +81,24 @@ def load_prompts(cfg: DatasetConfig) -> list[PromptRow]:
 def load_rows(cfg: DatasetConfig, tokenizer: Any, log: Any = print) -> list[PromptRow]:
     """The training prompts of the run: plain rows (kind prompts) or the real-data loader's examples,
     rendered and tokenised with the policy's tokenizer; skipped bad rows and the held-out size are logged."""
+    return load_split(cfg, tokenizer, log)[0]
+
+
+def load_split(cfg: DatasetConfig, tokenizer: Any, log: Any = print, *,
+               what: str = "training prompts") -> tuple[list[PromptRow], list[PromptRow]]:
+    """(training prompts, held-out prompts) of one load: the held-out rows are dataset.eval_size / eval_path's
+    (none for kind prompts). `what` names the first list in the log line."""
     if cfg.kind == "prompts":
-        return load_prompts(cfg)
+        return load_prompts(cfg), []
     try:
         loaded = load_dataset(cfg.spec(), tokenizer)
     except DatasetError as e:
         raise ConfigError(f"dataset: {e}") from e
     if loaded.skipped:
         log(f"dataset: skipped {loaded.skipped} bad row(s) {loaded.skipped_reasons}; first: {loaded.skipped_first}")
-    log(f"dataset: {len(loaded.train)} training prompts ({cfg.kind}), {len(loaded.eval)} held out")
-    return [PromptRow(e.prompt, e.metadata, e.prompt_ids) for e in loaded.train]
+    log(f"dataset: {len(loaded.train)} {what} ({cfg.kind}), {len(loaded.eval)} held out")
+    return ([PromptRow(e.prompt, e.metadata, e.prompt_ids) for e in loaded.train],
+            [PromptRow(e.prompt, e.metadata, e.prompt_ids) for e in loaded.eval])
 
 
 class PromptStream:

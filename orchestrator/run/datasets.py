@@ -83,7 +83,8 @@ class DatasetSpec(BaseModel):
     system_prompt: str | None = Field(None, description="System message before the question (chat only).")
     bad_rows: Literal["error", "skip"] = Field("error", description="error: stop at the first bad row, "
                                                "naming file:line; skip: drop bad rows and count them.")
-    limit: int = Field(0, ge=0, description="Use the first N good rows (0 = all), before the eval split.")
+    limit: int = Field(0, ge=0, description="Use the first N good rows (0 = all), before the eval split; the "
+                       "rows after them are not read or rendered (a quick start on a large file).")
     eval_size: int = Field(0, ge=0, description="Rows held out for evaluation, drawn by eval_seed, never "
                            "trained on (ignored when eval_path is set).")
     eval_path: str | None = Field(None, description="A separate evaluation file with the same columns "
@@ -154,9 +155,7 @@ def load_dataset(spec: DatasetSpec, tokenizer: Any | None = None) -> LoadedDatas
     """Read, map, render and split the dataset described by `spec`; DatasetError says what to change."""
     skips: Counter[str] = Counter()
     first: list[str] = []
-    examples = _examples(spec, Path(spec.path), tokenizer, skips, first)
-    if spec.limit:
-        examples = examples[:spec.limit]
+    examples = _examples(spec, Path(spec.path), tokenizer, skips, first, limit=spec.limit)
     if spec.eval_path:
         held = _examples(spec, Path(spec.eval_path), tokenizer, skips, first)
         held = held[:spec.eval_size] if spec.eval_size else held
@@ -177,9 +176,13 @@ def load_dataset(spec: DatasetSpec, tokenizer: Any | None = None) -> LoadedDatas
 
 
 def _examples(spec: DatasetSpec, path: Path, tokenizer: Any | None, skips: Counter[str],
-              first: list[str]) -> list[Example]:
-    out = []
+              first: list[str], *, limit: int = 0) -> list[Example]:
+    """The file's good rows as Examples, the first `limit` (0 = all): reading and rendering stop there, so
+    a limit on a large file costs only its own rows (bad rows past it are then neither seen nor counted)."""
+    out: list[Example] = []
     for source, row in read_rows(spec, path):
+        if limit and len(out) >= limit:
+            break
         try:
             out.append(make_example(spec, row, source, tokenizer))
         except _BadRow as e:

@@ -48,8 +48,25 @@ GAUGES: dict[str, tuple[str, str]] = {
     "is_weight_mean": ("quartet_is_weight_mean", "Mean truncated importance weight min(pi_old / pi_gen, tis_cap)."),
     "is_truncated_fraction": ("quartet_is_truncated_fraction", "Share of tokens whose importance weight was cut "
                               "to tis_cap."),
+    "truncated_fraction": ("quartet_truncated_fraction", "Share of the last step's samples that reached "
+                           "max_new_tokens without an end token, stop token or stop string."),
 }
 REWARD_STATS = ("mean", "std", "min", "max")
+# EvalResult field -> (metric name, help): the last held-out evaluation (orchestrator/run/evaluation.py).
+EVAL_GAUGES: dict[str, tuple[str, str]] = {
+    "step": ("quartet_eval_step", "Completed steps when the last evaluation ran (0: the starting policy)."),
+    "accuracy": ("quartet_eval_accuracy", "Greedy pass@1 on the held-out problems at the last evaluation."),
+    "format_rate": ("quartet_eval_format_rate", "Share of held-out answers stating an answer in the rule's format."),
+    "length_mean": ("quartet_eval_response_length_tokens", "Mean held-out answer length in tokens."),
+    "truncated_fraction": ("quartet_eval_truncated_fraction", "Share of held-out answers cut by max_new_tokens."),
+    "seconds": ("quartet_eval_seconds", "Wall time of the last evaluation."),
+}
+
+
+def stop_fractions(finished: Sequence[bool]) -> dict[str, float]:
+    """finished_fraction and truncated_fraction (cut by max_new_tokens) of B samples' [B] finished flags."""
+    n = max(1, len(finished))
+    return {"finished_fraction": sum(finished) / n, "truncated_fraction": sum(not f for f in finished) / n}
 
 
 def metric_names(metrics: Mapping[str, float], phases: Mapping[str, float],
@@ -145,6 +162,10 @@ class RunMetrics:
             "quartet_reward_service_info", "Reward service identity used at the last step (value 1).",
             ["identity", "weight"], registry=r,
         )
+        self.reward_component = Gauge(
+            "quartet_reward_component_mean", "Mean of each reward service's own (unweighted) rewards at the last "
+            "step; the total reward is the weighted sum.", ["identity"], registry=r,
+        )
         self.trpo_ratio = Gauge("quartet_trpo_accepted_ratio", "TRPO: fraction of steps whose line search "
                                 "accepted a step, over the run.", registry=r)
         self.peak_rss = Gauge("quartet_peak_rss_bytes", "Peak resident memory of this process (ru_maxrss), in bytes.",
@@ -152,6 +173,7 @@ class RunMetrics:
         self.peak_rss.labels("orchestrator").set_function(peak_rss_bytes)
         self._trpo = [0, 0]  # accepted, steps
         self.rejoins = {key: Counter(name, doc, registry=r) for key, (name, doc) in REJOINS.items()}
+        self.eval = {key: Gauge(name, doc, registry=r) for key, (name, doc) in EVAL_GAUGES.items()}
         self.server = None
         self.port: int | None = None
 
@@ -177,8 +199,14 @@ class RunMetrics:
         """Count a rejoin action (a key of REJOINS) as it happens, not at the step's end."""
         self.rejoins[action].inc(n)
 
+    def record_eval(self, result: Mapping[str, float]) -> None:
+        """Set the eval gauges from one evaluation (EvalResult.as_dict())."""
+        for key, gauge in self.eval.items():
+            gauge.set(float(result[key]))
+
     def record(self, metrics: Mapping[str, float], phases: Mapping[str, float], rewards: Mapping[str, float],
-               reward_services: Mapping[str, float], generated_tokens: int) -> None:
+               reward_services: Mapping[str, float], generated_tokens: int, *,
+               components: Mapping[str, float] | None = None) -> None:
         """Update every gauge from one completed step."""
         for key, gauge in self.gauges.items():
             if key in metrics:
@@ -192,6 +220,9 @@ class RunMetrics:
         self.reward_service.clear()
         for identity, weight in reward_services.items():
             self.reward_service.labels(identity=identity, weight=f"{weight:g}").set(1)
+        self.reward_component.clear()
+        for identity, mean in (components or {}).items():
+            self.reward_component.labels(identity=identity).set(mean)
         if self.trpo and "trpo_accepted" in metrics:
             self._trpo[0] += int(metrics["trpo_accepted"] > 0)
             self._trpo[1] += 1

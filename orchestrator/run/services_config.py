@@ -161,6 +161,10 @@ class RewardEndpoint(Endpoint):
     """A reward service and the weight of its score in the total reward."""
 
     weight: float = Field(1.0, description="Weight of this service's reward in the weighted sum over reward services.")
+    name: str | None = Field(
+        None, description="Name of this reward in the step log (reward_services, reward_components) and Prometheus "
+        "(the identity label); default: the identity the service reports (e.g. rule:math). Give two services of "
+        "the same kind different names, or their entries merge.")
 
 
 class LocalTls(Strict):
@@ -190,12 +194,26 @@ class LocalTls(Strict):
         return self
 
 
+class LocalReward(Strict):
+    """One of several local reward services: its own process, options, name and weight (each swappable alone)."""
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$", description="Name of the reward in the step log "
+                      "(reward_components), Prometheus (identity label) and its log file services/reward-NAME.log.")
+    weight: float = Field(1.0, description="Weight of its reward in the weighted sum over the rewards.")
+    options: dict[str, Any] = Field(..., description="The reward role's Options (e.g. kind: rule, rule: math).")
+
+
 class LocalServices(Strict):
     """Options of the services that `local: true` starts as child processes."""
 
     reward: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "rule", "rule": "arithmetic"},
         description="Options of the local reward service (the reward role's Options, e.g. kind: rule, rule: arithmetic).",
+    )
+    rewards: list[LocalReward] = Field(
+        default_factory=list, description="Several local reward services combined with weights, instead of reward: "
+        "e.g. [{name: correct, weight: 1, options: {kind: rule, rule: math}}, {name: format, weight: 0.2, options: "
+        "{kind: rule, rule: final_answer}}]. The total reward is the weighted sum; each one's mean is logged.",
     )
     generator: dict[str, Any] = Field(default_factory=dict, description="Options of the local generator role.")
     reference: dict[str, Any] = Field(default_factory=dict, description="Options of the local reference role.")
@@ -214,6 +232,22 @@ class LocalServices(Strict):
         None, description="TLS between the orchestrator and the local services (null: plaintext on loopback); "
         "with client_cert and client_key, mutual TLS.",
     )
+
+    @model_validator(mode="after")
+    def _rewards(self) -> LocalServices:
+        if self.rewards and "reward" in self.model_fields_set:
+            raise ValueError("local_options has both reward and rewards: keep rewards (several, with names and "
+                             "weights) or reward (one), not both")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"local_options.rewards names {names} repeat: give each reward its own name")
+        if self.rewards and sum(r.weight for r in self.rewards) == 0:
+            raise ValueError("local_options.rewards weights sum to 0: give at least one reward a non-zero weight")
+        return self
+
+    def reward_services(self) -> list[LocalReward]:
+        """The local reward services: rewards, or the one reward (unnamed: its identity names it) with weight 1."""
+        return list(self.rewards) or [LocalReward.model_construct(name="", weight=1.0, options=self.reward)]
 
     @model_validator(mode="after")
     def _restart_order(self) -> LocalServices:

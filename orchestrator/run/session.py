@@ -20,10 +20,10 @@ from orchestrator.remote.discovery import connect_generator, connect_reference, 
 from orchestrator.remote.retry import RetryPolicy
 from orchestrator.run import checkpoint
 from orchestrator.run.config import ConfigError, Endpoint, RewardEndpoint, RunConfig, dump_config
-from orchestrator.run.data import PromptStream, load_rows
+from orchestrator.run.data import PromptRow, PromptStream, load_split
 from orchestrator.run.metrics import RunMetrics
 from orchestrator.run.reporting import Reporting
-from orchestrator.step.loop import Orchestrator, RunState, Services
+from orchestrator.step.loop import Orchestrator, RunState, Services, StepResult
 from orchestrator.step.pipeline import Pending
 from services.common.command import silence_progress_bars
 from services.common.hf import (
@@ -39,7 +39,10 @@ from services.launcher import LocalStack, RestartPolicy, ServiceSpec, TlsFiles
 def local_specs(cfg: RunConfig) -> list[ServiceSpec]:
     """The services `local: true` starts for this config (reference / value only when used)."""
     m, opts = cfg.models, cfg.services.local_options
-    specs = [ServiceSpec("generator", m.policy, opts.generator), ServiceSpec("reward", None, opts.reward)]
+    specs = [ServiceSpec("generator", m.policy, opts.generator)]
+    # Several rewards: one service each, named reward-NAME (its own process, log and restarts).
+    specs += [ServiceSpec("reward", None, r.options, name=f"reward-{r.name}" if r.name else None)
+              for r in opts.reward_services()]
     if cfg.uses_reference:
         specs.append(ServiceSpec("reference", m.reference or m.policy, opts.reference))
     if cfg.uses_value:
@@ -67,6 +70,7 @@ class Session:
         self.metrics: RunMetrics | None = None
         self.reporting: Reporting | None = None
         self.orchestrator: Orchestrator | None = None
+        self.evaluation = None  # evaluation.RunEvaluation when the config has an eval section
         self.infos: dict[str, ServiceInfo] = {}
         self.resumed_from: Path | None = None
 
@@ -104,12 +108,13 @@ class Session:
         secure = ({"tls_ca": tls.ca, "tls_client_cert": tls.client_cert, "tls_client_key": tls.client_key}
                   if tls else {})
 
-        def ep(label: str, cls: type[Endpoint] = Endpoint) -> Endpoint | None:
+        def ep(label: str, cls: type[Endpoint] = Endpoint, **extra: object) -> Endpoint | None:
             s = up.get(label)
-            return cls(address=s.address, token=s.token, admin_token=s.admin_token, **secure) if s else None
+            return cls(address=s.address, token=s.token, admin_token=s.admin_token, **secure, **extra) if s else None
 
-        return {"generator": ep("generator"), "reference": ep("reference"), "value": ep("value"),
-                "rewards": [ep("reward", RewardEndpoint)]}
+        rewards = [ep(f"reward-{r.name}" if r.name else "reward", RewardEndpoint, weight=r.weight, name=r.name or None)
+                   for r in opts.reward_services()]
+        return {"generator": ep("generator"), "reference": ep("reference"), "value": ep("value"), "rewards": rewards}
 
     def _connect(self) -> Services:
         cfg, d = self.cfg, self.cfg.services.deadlines
@@ -158,7 +163,8 @@ class Session:
         from orchestrator.step.trainer import PolicyTrainer
 
         trainer = PolicyTrainer(policy, cfg.algorithm, seed=cfg.seed)
-        prompts = PromptStream(load_rows(cfg.dataset, tokenizer, self.log), seed=cfg.seed, shuffle=cfg.dataset.shuffle)
+        train_rows, held_out = load_split(cfg.dataset, tokenizer, self.log)
+        prompts = PromptStream(train_rows, seed=cfg.seed, shuffle=cfg.dataset.shuffle)
         served = self.infos["generator"].weight_version
         state, value_save = self._restore(restored, trainer, services, run_dir, served)
         if self.leader is not None:
@@ -175,6 +181,43 @@ class Session:
         if restored is not None or served != 0:
             # The generator must serve exactly the trainer's policy before the first Generate.
             self.orchestrator.weights.push(served + 1)
+        if cfg.eval is not None:
+            self._open_evaluation(cfg, tokenizer, held_out, state.step)
+
+    def _open_evaluation(self, cfg: RunConfig, tokenizer, held_out: list[PromptRow], step: int) -> None:
+        from orchestrator.run.evaluation import EVAL_LOG, EvalLog, Evaluator, RunEvaluation, grader_for
+
+        EvalLog(Path(cfg.run_dir) / EVAL_LOG).truncate(step)  # later steps run again, and so do their evaluations
+        rows = held_out
+        if (eval_data := cfg.eval_dataset()) is not None:
+            if not eval_data.limit and eval_data.kind != "prompts" and cfg.eval.max_samples:
+                eval_data = eval_data.model_copy(update={"limit": cfg.eval.max_samples})
+            rows = load_split(eval_data, tokenizer, lambda m: self.log(f"eval {m}"), what="eval problems")[0]
+        grader = grader_for(cfg)
+        try:
+            evaluator = Evaluator(rows, tokenizer, grader, max_samples=cfg.eval.max_samples,
+                                  max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
+                                  batch_size=cfg.eval.batch_size)
+        except ValueError as e:
+            grader.close()
+            raise ConfigError(f"eval: {e}") from None
+        self.evaluation = RunEvaluation(cfg, evaluator, self.orchestrator.weights, metrics=self.metrics,
+                                        reporting=self.reporting, log=self.log)
+
+    def run(self, on_step: Callable[[StepResult], None] | None = None) -> list[StepResult]:
+        """The run's steps (Orchestrator.run), with the held-out evaluation after the steps it is due."""
+        o, ev = self.orchestrator, self.evaluation
+        assert o is not None, "open() the session first"
+        if ev is None:
+            return o.run(on_step)
+        ev.after(o.state.step)  # the starting policy (eval.at_start), unless already evaluated
+
+        def after(result: StepResult) -> None:
+            if on_step is not None:
+                on_step(result)
+            ev.after(result.step)
+
+        return o.run(after)
 
     def _load_policy(self, cfg: RunConfig, restored: checkpoint.Restored | None):
         """The trainable policy: the checkpoint's on resume, else models.policy, on models.device / dtype."""
@@ -250,6 +293,8 @@ class Session:
         return o.save_checkpoint(log_line=o.last_log_line)
 
     def close(self) -> None:
+        if self.evaluation is not None:
+            self.evaluation.close()
         if self.orchestrator is not None:
             self.orchestrator.close()
         if self.services is not None:

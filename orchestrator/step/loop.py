@@ -33,7 +33,7 @@ from orchestrator.remote.rejoin import CriticKeeper, Rejoined
 from orchestrator.run import checkpoint as ckpt
 from orchestrator.run.config import RunConfig
 from orchestrator.run.data import Cursor, PromptRow, PromptStream
-from orchestrator.run.metrics import RunMetrics
+from orchestrator.run.metrics import RunMetrics, stop_fractions
 from orchestrator.run.reporting import Reporting, metric_names
 from orchestrator.step.experience import Experience, Rollout, build_experience
 from orchestrator.step.pipeline import RolloutSource
@@ -57,6 +57,7 @@ class _Scored:
     prompt_ids: list[list[int]]  # [B] the prompt of each sample
     rewards: torch.Tensor  # [B] weighted sum over reward services
     identities: dict[str, float]  # reward service identity -> weight
+    components: dict[str, float]  # reward service identity -> mean of its own (unweighted) rewards
     ref_logprobs: list[torch.Tensor] | None  # [B] rows of log π_ref (None: no reference)
     values: list[torch.Tensor] | None  # [B] rows of V(s_t) (None: no critic)
     policy_logprobs: torch.Tensor | None  # [B, T] log π_θ of the samples; None: the update's forward gives them
@@ -71,6 +72,7 @@ class _StepRollout:
     staleness: int  # weight versions between the sampling weights and the trained ones (pipeline.Drawn)
     rewards: torch.Tensor  # [B] weighted sum over reward services
     identities: dict[str, float]
+    components: dict[str, float]
     exp: Experience
     value_stats: ValueTrainResult | None
 
@@ -189,7 +191,8 @@ class Orchestrator:
 
         # 6. The critic trains itself on the returns, once per step id, then is saved at its interval.
         value_stats = self._train_critic(step, rollout, exp, timer)
-        return _StepRollout(samples, drawn.cursor, drawn.staleness, scored.rewards, scored.identities, exp, value_stats)
+        return _StepRollout(samples, drawn.cursor, drawn.staleness, scored.rewards, scored.identities,
+                            scored.components, exp, value_stats)
 
     def _score(self, rows: list[PromptRow], prompts: list[list[int]], samples: Samples, timer: PhaseTimer) -> _Scored:
         """Step 3: every reward service, reference logprobs and critic values at once, on the pool."""
@@ -210,17 +213,19 @@ class Orchestrator:
             policy_lp = self.trainer.forward_samples(prompt_ids, completions, pad_token_id=self.pad_token_id)
         rewards = torch.zeros(len(completions))
         identities: dict[str, float] = {}
+        components: dict[str, float] = {}
         for client, fut in zip(svc.rewards, score_futures, strict=True):
             scores, secs = fut.result()
             timer.seconds["score"] = max(timer.seconds.get("score", 0.0), secs)
             rewards += client.weight * scores.rewards
-            identities[scores.identity or client.name] = client.weight
+            key = getattr(client, "label", None) or scores.identity or client.name  # label: the config's reward name
+            identities[key], components[key] = client.weight, float(scores.rewards.mean())
         ref_logprobs = values = None
         if ref_future is not None:
             ref_logprobs, timer.seconds["reference"] = ref_future.result()
         if val_future is not None:
             values, timer.seconds["values"] = val_future.result()
-        return _Scored(prompt_ids, rewards, identities, ref_logprobs, values, policy_lp)
+        return _Scored(prompt_ids, rewards, identities, components, ref_logprobs, values, policy_lp)
 
     def _train_critic(self, step: int, rollout: Rollout, exp: Experience, timer: PhaseTimer) -> ValueTrainResult | None:
         """Step 6: one value TrainStep with id `step` (idempotent), and the critic's save at its interval."""
@@ -305,7 +310,7 @@ class Orchestrator:
         metrics.update(
             step_seconds=seconds, tokens_per_second=n_tokens / seconds if seconds > 0 else 0.0,
             response_length_mean=n_tokens / max(1, len(samples.completion_ids)),
-            finished_fraction=sum(samples.finished) / max(1, len(samples.finished)),
+            **stop_fractions(samples.finished),
         )
         if self.cfg.rollout.pipeline:
             metrics.update(rollout_staleness=float(r.staleness))
@@ -318,7 +323,7 @@ class Orchestrator:
         reward_stats = {"mean": float(rewards.mean()), "std": float(rewards.std(unbiased=False)),
                         "min": float(rewards.min()), "max": float(rewards.max())}
         return StepResult(self._steps_done, metrics, dict(done.timer.seconds), reward_stats, r.identities, n_tokens,
-                          dict(self.recovery.actions))
+                          dict(self.recovery.actions), reward_components=r.components)
 
     def _log(self, result: StepResult) -> None:
         self.step_log.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +335,7 @@ class Orchestrator:
         self.last_log_line = line
         if self.metrics is not None:
             self.metrics.record({"step": result.step, **result.metrics}, result.phases, result.rewards,
-                                result.reward_services, result.generated_tokens)
+                                result.reward_services, result.generated_tokens, components=result.reward_components)
         self.reporting.report(result.step, metric_names(result.metrics, result.phases, result.rewards))
 
 

@@ -153,7 +153,7 @@ class RolloutSource:
         future = self._executor.submit(
             gen.generate, prompts, n=self.cfg.samples_per_prompt, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k, max_new_tokens=s.max_new_tokens, stop_token_ids=s.stop_token_ids,
-            seed=sampling_seed(self.cfg.seed, step), request_id=f"step-{step}")
+            seed=sampling_seed(self.cfg.seed, step), request_id=f"step-{step}", stop=s.stop)
         self._ahead = _Ahead(step, cursor, future)
 
     def settle(self) -> None:

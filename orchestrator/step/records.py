@@ -53,10 +53,12 @@ class StepResult:
     reward_services: dict[str, float]  # identity -> weight of each reward service used
     generated_tokens: int
     recovery: dict[str, int] = field(default_factory=dict)  # rejoin actions during the step (absent: none)
+    reward_components: dict[str, float] = field(default_factory=dict)  # identity -> mean of its unweighted rewards
 
     def log_line(self) -> str:
         line: dict[str, Any] = {"step": self.step, **self.metrics, "phases": self.phases, "reward": self.rewards,
-                                "reward_services": self.reward_services, "generated_tokens": self.generated_tokens}
+                                "reward_services": self.reward_services, "generated_tokens": self.generated_tokens,
+                                "reward_components": self.reward_components}
         if self.recovery:
             line["recovery"] = self.recovery
         return json.dumps(line, sort_keys=True)

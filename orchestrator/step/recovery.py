@@ -125,6 +125,7 @@ class WeightKeeper:
             samples = gen.generate(
                 prompts, n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                 max_new_tokens=s.max_new_tokens, stop_token_ids=s.stop_token_ids, seed=seed, request_id=f"step-{step}",
+                stop=s.stop,
             )
             if samples.weight_version == self.version or attempt == MAX_REJOINS:
                 break

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +40,7 @@ class SamplingParams:
     top_k: int = 0                              # keep the k most likely tokens; 0 = off
     max_new_tokens: int = 16                    # most tokens generated per sample
     stop_token_ids: tuple[int, ...] = ()        # stop after emitting one of these (EOS always stops)
+    stop: tuple[str, ...] = ()                  # stop after the token that completes one of these strings
     seed: int | None = None                     # None = nondeterministic
 
 
@@ -98,6 +100,33 @@ class Limits:
 
 # Largest prompt index of a request (its offset included): GenerateResponse.prompt_index is an int32.
 MAX_PROMPT_INDEX = 2**31 - 1
+
+
+#: Bounds on SamplingParams.stop (a stop string is matched against decoded text after every token).
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 200
+
+
+def completes_stop(token_ids: Sequence[int], stop: Sequence[str], decode: Callable[[list[int]], str]) -> bool:
+    """Whether the last of `token_ids` [T] completes a stop string: it occurs in the text of the tail and not in
+    that text without the last token.
+
+    The tail is the last len(s) + 1 tokens: every token decodes to at least one character (a piece of a
+    multi-byte character decodes to U+FFFD), so L characters span at most L tokens; the one more token
+    keeps a tokenizer's boundary handling (a word-start space) from hiding the first character.
+    """
+    for s in stop:
+        tail = list(token_ids[-(len(s) + 1):])
+        if tail and s in decode(tail) and s not in decode(tail[:-1]):
+            return True
+    return False
+
+
+def stop_string_end(token_ids: Sequence[int], stop: Sequence[str], decode: Callable[[list[int]], str]) -> int | None:
+    """Tokens up to and including the first one that completes a stop string, or None when none does."""
+    for k in range(1, len(token_ids) + 1):
+        if completes_stop(token_ids[:k], stop, decode):
+            return k
+    return None
 
 
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -178,6 +207,12 @@ def validate_request(request: GenerationRequest, limits: Limits, info: BackendIn
         raise InvalidArgument("params.top_p", f"must be in (0, 1] (0 on the wire means 1), got {p.top_p}")
     if p.top_k < 0:
         raise InvalidArgument("params.top_k", f"must be >= 0 (0 = off), got {p.top_k}")
+    if len(p.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument("params.stop", f"{len(p.stop)} stop strings, at most {MAX_STOP_STRINGS}")
+    for i, text in enumerate(p.stop):
+        if not 0 < len(text) <= MAX_STOP_CHARS:
+            raise InvalidArgument(f"params.stop[{i}]", f"{len(text)} characters; a stop string has 1 to "
+                                                       f"{MAX_STOP_CHARS}")
     bad_stop = [t for t in p.stop_token_ids if not 0 <= t < info.vocab_size]
     if bad_stop:
         raise OutOfRange("params.stop_token_ids", f"ids {bad_stop[:5]} outside [0, {info.vocab_size})")

@@ -21,6 +21,7 @@ from services.common.weights import WeightAssembler, deserialize_chunk
 from services.generator import NAME, Options
 from services.generator.backend import (
     LOGPROB_MODE,
+    MAX_STOP_STRINGS,
     GenerationRequest,
     GeneratorBackend,
     Limits,
@@ -49,13 +50,15 @@ def decode_request(request: generator_pb2.GenerateRequest, *, max_prompts: int |
     if len(request.params.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise InvalidArgument("params.stop_token_ids", f"{len(request.params.stop_token_ids)} ids, "
                                                        f"at most {MAX_STOP_TOKEN_IDS}")
+    if len(request.params.stop) > MAX_STOP_STRINGS:  # before copying them; their content is validate_request's
+        raise InvalidArgument("params.stop", f"{len(request.params.stop)} stop strings, at most {MAX_STOP_STRINGS}")
     if request.prompt_text and len(request.prompt_text) != len(rows):
         raise InvalidArgument("prompt_text", f"has {len(request.prompt_text)} entries for {len(rows)} prompts; "
                                              "send one per prompt or none")
     p = request.params
     params = SamplingParams(
         n=p.n, temperature=p.temperature, top_p=p.top_p if p.top_p != 0 else 1.0, top_k=p.top_k,
-        max_new_tokens=p.max_new_tokens, stop_token_ids=tuple(p.stop_token_ids),
+        max_new_tokens=p.max_new_tokens, stop_token_ids=tuple(p.stop_token_ids), stop=tuple(p.stop),
         seed=p.seed if p.HasField("seed") else None,
     )
     return GenerationRequest([r.tolist() for r in rows.rows()], params, first_prompt=int(request.prompt_index_offset))

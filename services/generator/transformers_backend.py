@@ -9,7 +9,7 @@ of the raw logits in fp32.
 Batch layout: B = sum over requests of P * n rows (each prompt repeated n times), LEFT padded to
 the longest prompt so the next token of every row is at the last column; attention_mask marks real
 tokens and position_ids count real tokens only, so a padded row computes what it would alone.
-Rows that finish (EOS / stop token / their own max_new_tokens) leave the batch: their cache rows
+Rows that finish (EOS / stop token / stop string / their own max_new_tokens) leave the batch: their cache rows
 are dropped (`DynamicCache.batch_select_indices`), so finished rows cost nothing.
 """
 
@@ -31,6 +31,7 @@ from services.generator.backend import (
     GeneratedSample,
     GenerationRequest,
     GeneratorBackend,
+    completes_stop,
     sample_seed,
 )
 
@@ -45,6 +46,7 @@ class _Rows:
     top_p: torch.Tensor                 # [B] float32, 1 = off
     max_new: list[int]                  # [B]
     stops: list[frozenset[int]]         # [B] EOS + the request's stop ids
+    stop_text: list[tuple[str, ...]]    # [B] the request's stop strings
     uniforms: torch.Tensor              # [B, T_max] float32: row b's draws, one per step, from its own
                                         # generator seeded per sample_seed (all drawn up front)
     owner: list[tuple[int, int]]        # [B] (request index, prompt index)
@@ -52,7 +54,7 @@ class _Rows:
 
 def _expand(requests: list[GenerationRequest], eos: tuple[int, ...], device: torch.device) -> _Rows:
     """One row per sample, request-major then prompt-major then sample (k = i * n + j)."""
-    prompts, temps, ks, ps, max_new, stops, draws, owner = [], [], [], [], [], [], [], []
+    prompts, temps, ks, ps, max_new, stops, texts, draws, owner = [], [], [], [], [], [], [], [], []
     width = max(req.params.max_new_tokens for req in requests)
     for r, req in enumerate(requests):
         p = req.params
@@ -67,6 +69,7 @@ def _expand(requests: list[GenerationRequest], eos: tuple[int, ...], device: tor
                 ps.append(p.top_p)
                 max_new.append(p.max_new_tokens)
                 stops.append(stop)
+                texts.append(p.stop)
                 gen = torch.Generator().manual_seed(sample_seed(seed, req.first_prompt + i, j))
                 # a row's t-th token uses its t-th draw: the same whatever else is batched
                 draws.append(torch.rand(width, generator=gen) if p.max_new_tokens == width else
@@ -75,7 +78,7 @@ def _expand(requests: list[GenerationRequest], eos: tuple[int, ...], device: tor
                 owner.append((r, i))
     return _Rows(prompts, torch.tensor(temps, dtype=torch.float32, device=device),
                  torch.tensor(ks, dtype=torch.int64, device=device),
-                 torch.tensor(ps, dtype=torch.float32, device=device), max_new, stops,
+                 torch.tensor(ps, dtype=torch.float32, device=device), max_new, stops, texts,
                  torch.stack(draws).to(device), owner)
 
 
@@ -218,7 +221,8 @@ class TransformersBackend(GeneratorBackend):
             for pos, (b, tok, lpv) in enumerate(zip(a.tolist(), picked.tolist(), lp.tolist(), strict=True)):
                 tokens[b].append(tok)
                 logprobs[b].append(lpv)
-                if tok in rows.stops[b]:
+                if tok in rows.stops[b] or (rows.stop_text[b] and completes_stop(tokens[b], rows.stop_text[b],
+                                                                                 self.decode)):
                     finish[b] = "stop"
                 elif len(tokens[b]) < rows.max_new[b]:
                     keep.append(pos)

@@ -50,6 +50,7 @@ from services.generator.backend import (
     GenerationRequest,
     GeneratorBackend,
     sample_seed,
+    stop_string_end,
 )
 
 _VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -295,7 +296,7 @@ class VLLMBackend(GeneratorBackend):
     def generate_many(self, requests: list[GenerationRequest]) -> list[list[GeneratedSample]]:
         vllm = self._vllm
         eos = self.info.eos_token_ids
-        prompts, params, owner = [], [], []
+        prompts, params, owner, stop_text = [], [], [], []
         for r, req in enumerate(requests):
             p = req.params
             seed = p.seed if p.seed is not None else secrets.randbits(63)
@@ -303,19 +304,28 @@ class VLLMBackend(GeneratorBackend):
             for i, prompt in enumerate(req.prompts):
                 for j in range(p.n):
                     prompts.append({"prompt_token_ids": list(prompt)})
+                    # Stop strings need vLLM's detokenizer; the cut itself is ours (below), as in the
+                    # transformers backend.
                     params.append(vllm.SamplingParams(
                         n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                         max_tokens=p.max_new_tokens, stop_token_ids=stops,
-                        seed=sample_seed(seed, req.first_prompt + i, j), logprobs=0, detokenize=False))
+                        seed=sample_seed(seed, req.first_prompt + i, j), logprobs=0, detokenize=bool(p.stop),
+                        stop=list(p.stop) or None, include_stop_str_in_output=True))
                     owner.append((r, i))
+                    stop_text.append(p.stop)
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         out: list[list[GeneratedSample]] = [[] for _ in requests]
-        for (r, i), result in zip(owner, outputs, strict=True):
+        for (r, i), result, stop in zip(owner, outputs, stop_text, strict=True):
             completion = result.outputs[0]
             ids = list(completion.token_ids)
             # with logprobs=0 each position's dict holds the sampled token (and nothing else)
             lps = [float(pos[tok].logprob) for pos, tok in zip(completion.logprobs, ids, strict=True)]
             reason = "stop" if completion.finish_reason == "stop" else "length"
+            # The sample ends at the token completing the first stop string, by the rule both backends share
+            # (vLLM's own check runs on its incremental text); the tokens are kept exactly as sampled.
+            end = stop_string_end(ids, stop, self.decode) if stop else None
+            if end is not None:
+                ids, lps, reason = ids[:end], lps[:end], "stop"
             out[r].append(GeneratedSample(prompt_index=i, token_ids=ids, logprobs=lps, finish_reason=reason))
         return out
 

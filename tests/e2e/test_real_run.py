@@ -22,6 +22,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
+def gsm8k_test_four(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from orchestrator.run.datasets import packaged_dataset_path
+
+    try:
+        source = packaged_dataset_path("gsm8k", "test")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    path = tmp_path_factory.mktemp("gsm8k-test") / "test4.jsonl"
+    with source.open(encoding="utf-8") as f:
+        path.write_text("".join(next(f) for _ in range(4)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
 def gsm8k_four(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from orchestrator.run.datasets import packaged_dataset_path
 
@@ -35,7 +49,8 @@ def gsm8k_four(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_two_grpo_steps_on_gsm8k_with_the_chat_template(smollm2_dir: Path, gsm8k_four: Path, tmp_path: Path) -> None:
+def test_two_grpo_steps_on_gsm8k_with_the_chat_template(smollm2_dir: Path, gsm8k_four: Path, gsm8k_test_four: Path,
+                                                        tmp_path: Path) -> None:
     from orchestrator.run.datasets import load_dataset
     from orchestrator.run.session import Session
     from services.common.hf import load_tokenizer
@@ -53,6 +68,8 @@ def test_two_grpo_steps_on_gsm8k_with_the_chat_template(smollm2_dir: Path, gsm8k
         "seed": 0,
         "metrics_port": None,
         "run_dir": str(tmp_path / "run"),
+        # 4 GSM8K test problems, greedy, after the last step: the evaluation's wiring with the real model.
+        "eval": {"every": 2, "dataset": {"path": str(gsm8k_test_four)}, "max_new_tokens": 32},
     })
     tokenizer = load_tokenizer(smollm2_dir)
     questions = [json.loads(line)["question"] for line in gsm8k_four.read_text().splitlines()]
@@ -73,10 +90,17 @@ def test_two_grpo_steps_on_gsm8k_with_the_chat_template(smollm2_dir: Path, gsm8k
             return generate(prompts, **kw)
 
         weights.generate = recording
-        results = session.orchestrator.run()
+        results = session.run()
 
     assert [r.step for r in results] == [1, 2]
-    assert sent == [expected, expected]  # shuffle off: both steps see the 4 prompts in file order
+    assert sent[:2] == [expected, expected]  # shuffle off: both steps see the 4 prompts in file order
+    test_questions = [json.loads(line)["question"] for line in gsm8k_test_four.read_text().splitlines()]
+    assert len(sent) == 3 and len(sent[2]) == 4  # then the evaluation's one greedy Generate of the 4 test problems
+    assert sent[2][0] == list(load_dataset(cfg.eval_dataset().spec(), tokenizer).train[0].prompt_ids or ())
+    assert tokenizer.decode(sent[2][1]).count(test_questions[1]) == 1  # the chat template around each question
+    (evaluation,) = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert evaluation["step"] == 2 and evaluation["n"] == 4, evaluation
+    assert 0 < evaluation["length_mean"] <= 32 and evaluation["seconds"] > 0
     for r in results:
         assert math.isfinite(r.metrics["policy_loss"]), r.metrics
     log = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]

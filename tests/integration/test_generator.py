@@ -162,6 +162,37 @@ def test_stop_tokens_end_samples(server, prompt_ids) -> None:
     assert set(resp.finish_reasons) == {generator_pb2.FINISH_REASON_STOP}
 
 
+def test_stop_strings_end_samples_at_the_token_completing_them(server, prompt_ids, tokenizer) -> None:
+    """The same seeded samples with and without a stop string: with it, each is the same tokens up to the
+    one completing the string's first occurrence (the char tokenizer: one character per token), STOP."""
+    stub, _ = _stubs(server)
+    base = _request(prompt_ids[:1], n=4, max_new_tokens=12, seed=5)
+    base.return_text = True
+    free = stub.Generate(base, timeout=30)
+    ids, lps = _rows(free)
+    texts = list(free.completion_text)
+    longest = max(range(4), key=lambda k: len(texts[k]))
+    stop = texts[longest][2:4]
+    assert len(stop) == 2, texts
+    base.params.stop.append(stop)
+    cut = stub.Generate(base, timeout=30)
+    cut_ids, cut_lps = _rows(cut)
+    assert sum(len(c) < len(i) for c, i in zip(cut_ids, ids, strict=True)) >= 1  # the longest one at least
+    for k in range(4):
+        at = texts[k].find(stop)
+        if at < 0:  # this sample never wrote the stop string: unchanged
+            assert cut_ids[k] == ids[k] and cut.finish_reasons[k] == free.finish_reasons[k]
+            continue
+        end = at + len(stop)
+        assert cut_ids[k] == ids[k][:end] and cut.finish_reasons[k] == generator_pb2.FINISH_REASON_STOP
+        assert cut.completion_text[k] == texts[k][:end] and cut.completion_text[k].endswith(stop)  # the stop text kept
+        assert torch.equal(cut_lps[k], lps[k][:end])
+    with pytest.raises(grpc.RpcError) as info:
+        base.params.stop.append("")
+        stub.Generate(base, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("params.stop[1]")
+
+
 def test_return_text(server, prompt_ids, tokenizer) -> None:
     stub, _ = _stubs(server)
     resp = stub.Generate(generator_pb2.GenerateRequest(

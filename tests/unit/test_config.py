@@ -117,10 +117,18 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert load_config(path) == cfg
 
 
-@pytest.mark.parametrize("name", ["grpo", "ppo", "trpo", "gsm8k_grpo"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
 def test_examples_validate(name: str) -> None:
     cfg = load_config(EXAMPLES / f"{name}.yaml")
-    assert isinstance(cfg, RunConfig) and cfg.algorithm.name == name.removeprefix("gsm8k_")
+    assert isinstance(cfg, RunConfig) and cfg.algorithm.name == name.split("_")[-1]
+    if cfg.dataset.kind not in ("prompts", "custom"):  # a real-data example: evaluated, with a format reward
+        assert cfg.eval is not None and cfg.eval.every > 0
+        rules = [r.options.get("rule") for r in cfg.services.local_options.reward_services()]
+        assert "math" in rules and "final_answer" in rules, rules
+
+
+def test_example_list_holds_the_real_data_examples() -> None:
+    assert {"gsm8k_grpo.yaml", "math_grpo.yaml"} <= {p.name for p in EXAMPLES.glob("*.yaml")}
 
 
 def test_cursor_wraps_with_a_new_seeded_order() -> None:
@@ -242,3 +250,25 @@ def test_metrics_host_and_retry_settings() -> None:
     assert cfg.metrics_host == "0.0.0.0" and cfg.services.retry.budget_s == 5
     with pytest.raises(ConfigError, match=r"raise max_backoff_s or lower initial_backoff_s"):
         build_config(base(), ["services.retry.max_backoff_s=0.1", "services.retry.initial_backoff_s=1"])
+
+
+def test_several_local_rewards_are_named_weighted_and_exclusive_with_reward() -> None:
+    from orchestrator.run.session import local_specs
+
+    two = [{"name": "correct", "options": {"kind": "rule", "rule": "math"}},
+           {"name": "format", "weight": 0.2, "options": {"kind": "rule", "rule": "final_answer"}}]
+    cfg = build_config(base(services={"local": True, "local_options": {"rewards": two}}))
+    specs = [(s.role, s.label, s.options.get("rule")) for s in local_specs(cfg)]
+    assert specs[1:3] == [("reward", "reward-correct", "math"), ("reward", "reward-format", "final_answer")]
+    assert [(r.name, r.weight) for r in cfg.services.local_options.reward_services()] == [("correct", 1.0),
+                                                                                         ("format", 0.2)]
+    one = build_config(base())  # the single reward keeps its label and weight 1
+    assert [(s.label, s.options["rule"]) for s in local_specs(one) if s.role == "reward"] == [("reward", "arithmetic")]
+    with pytest.raises(ConfigError, match="both reward and rewards"):
+        build_config(base(services={"local": True, "local_options": {"rewards": two, "reward": {"rule": "math"}}}))
+    with pytest.raises(ConfigError, match=r"names .* repeat"):
+        build_config(base(services={"local": True, "local_options": {"rewards": [two[0], two[0]]}}))
+    with pytest.raises(ConfigError, match=r"rewards\.0\.name"):
+        build_config(base(services={"local": True, "local_options": {"rewards": [{**two[0], "name": "Bad Name"}]}}))
+    with pytest.raises(ConfigError, match="weights sum to 0"):
+        build_config(base(services={"local": True, "local_options": {"rewards": [{**two[0], "weight": 0}]}}))

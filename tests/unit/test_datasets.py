@@ -211,3 +211,27 @@ def test_every_packaged_dataset_loads_by_its_preset(kind: str, split: str, rows:
     data = load_dataset(DatasetSpec(path=str(path), kind=kind, bad_rows="skip"))  # type: ignore[arg-type]
     assert (len(data.train), data.skipped_reasons) == (rows, skipped)
     assert all(e.answer and e.question for e in data.train)
+
+
+class _CountingTokenizer:
+    """Tokenizes by words, counting the prompts it renders."""
+
+    chat_template = None
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, text: str) -> dict:
+        self.calls += 1
+        return {"input_ids": [1] + [4] * len(text.split())}
+
+
+def test_limit_stops_reading_and_rendering(tmp_path: Path) -> None:
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(50)]
+    path = _jsonl(tmp_path / "d.jsonl", rows, raw_lines={30: "not json"})  # a bad row past the limit
+    tok = _CountingTokenizer()
+    data = load_dataset(_spec(path, limit=5, eval_size=1), tok)
+    assert tok.calls == 5  # rows past the limit are never rendered (was: all 50)
+    assert sorted(e.answer for e in [*data.train, *data.eval]) == ["0", "1", "2", "3", "4"]
+    with pytest.raises(DatasetError, match=":31"):  # without a limit the bad row is still reported
+        load_dataset(_spec(path), tok)

@@ -11,7 +11,9 @@ from services.generator.backend import (
     GenerationRequest,
     Limits,
     SamplingParams,
+    completes_stop,
     sample_seed,
+    stop_string_end,
     validate_request,
 )
 from services.generator.transformers_backend import sample_tokens
@@ -107,6 +109,9 @@ LIMITS = Limits(max_prompts=4, max_samples_per_prompt=8, max_new_tokens=16, max_
     ([[1]], SamplingParams(top_p=0.0), InvalidArgument, "params.top_p"),
     ([[1]], SamplingParams(top_k=-1), InvalidArgument, "params.top_k"),
     ([[1]], SamplingParams(stop_token_ids=(50,)), OutOfRange, "params.stop_token_ids"),
+    ([[1]], SamplingParams(stop=("",)), InvalidArgument, "params.stop[0]"),
+    ([[1]], SamplingParams(stop=("ok", "x" * 201)), InvalidArgument, "params.stop[1]"),
+    ([[1]], SamplingParams(stop=("a",) * 17), InvalidArgument, "params.stop"),
     ([[1] * 60], SamplingParams(max_new_tokens=5), OutOfRange, "prompt_ids[0]"),
     ([[1] * 40] * 2, SamplingParams(n=4, max_new_tokens=16), OutOfRange, "prompt_ids"),
 ])
@@ -119,3 +124,32 @@ def test_validation_names_the_field(prompts, params, exc, field) -> None:
 def test_valid_request_passes() -> None:
     validate_request(GenerationRequest([[1, 2], [3]], SamplingParams(n=8, max_new_tokens=16, top_p=0.5, top_k=3)),
                      LIMITS, INFO)
+
+
+# Stop strings: a toy vocabulary whose tokens span several characters, decoded by concatenation.
+PIECES = ["The", " answer", " is", " 4", ".\n", "\n", "Q", "\n\n"]
+
+
+def _decode(ids: list[int]) -> str:
+    return "".join(PIECES[i] for i in ids)
+
+
+@pytest.mark.parametrize(("stop", "end"), [
+    (("\n\n",), 6),           # ".\n" then "\n": completed by token 5, across two tokens
+    (("is 4",), 4),           # " is" + " 4"
+    (("swe",), 2),            # inside one token
+    ((" answer is",), 3),
+    (("Q", "is"), 3),         # the first stop string completed wins, whichever is listed first
+    (("nowhere",), None),
+])
+def test_stop_string_end_by_hand(stop: tuple[str, ...], end: int | None) -> None:
+    ids = [0, 1, 2, 3, 4, 5, 6]  # "The answer is 4.\n\nQ"
+    assert stop_string_end(ids, stop, _decode) == end
+    if end is not None:
+        assert completes_stop(ids[:end], stop, _decode) and not completes_stop(ids[:end - 1], stop, _decode)
+
+
+def test_a_stop_string_already_in_the_text_is_not_completed_again() -> None:
+    # "\n\n" is in ".\n" + "\n" (tokens 4-5); token 6 ("Q") does not complete it a second time
+    assert not completes_stop([4, 5, 6], ("\n\n",), _decode)
+    assert completes_stop([6, 7], ("\n\n",), _decode)  # one token holding the whole stop string

@@ -59,7 +59,8 @@ class FakeGenerator:
 
     @torch.no_grad()
     def generate(self, prompt_ids, *, n, temperature, top_p, top_k, max_new_tokens, stop_token_ids, seed,
-                 request_id) -> Samples:
+                 request_id, stop=()) -> Samples:
+        assert not stop, "stop strings are not simulated here (tests/integration/test_generator.py has them)"
         eos = {self.tokenizer.eos_token_id, *stop_token_ids}
         self.prompts += [list(p) for p in prompt_ids]
         completions, logprobs, finished = [], [], []
@@ -69,11 +70,15 @@ class FakeGenerator:
                 ids: list[int] = []
                 while len(ids) < max_new_tokens and (not ids or ids[-1] not in eos):
                     logits = self.model(torch.tensor([list(prompt) + ids])).logits[0, -1].float()
-                    ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng)))
+                    if temperature == 0:  # greedy, as the real generator reads temperature 0
+                        ids.append(int(logits.argmax()))
+                    else:
+                        ids.append(int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng)))
                 completions.append(ids)
                 logprobs.append(_token_logprobs(self.model, list(prompt), ids).tolist())
                 finished.append(ids[-1] in eos)
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+        self.finished = finished  # [B] of the last call: True = stopped on EOS / a stop token
         return Samples(completions, logprobs, finished, texts, self.version)
 
     def update_weights(self, named_tensors, version: int) -> WeightSync:
@@ -226,6 +231,8 @@ def test_one_step_of_each_algorithm_with_fake_services(algo, tokenizer, tmp_path
     assert reg.get_sample_value("quartet_steps_total") == 1.0
     assert reg.get_sample_value("quartet_reward", {"stat": "mean"}) == pytest.approx(result.rewards["mean"])
     assert reg.get_sample_value("quartet_reward_service_info", {"identity": "rule:digits", "weight": "1"}) == 1.0
+    truncated = sum(not f for f in gen.finished) / len(gen.finished)  # reached max_new_tokens without EOS
+    assert result.metrics["truncated_fraction"] == truncated == reg.get_sample_value("quartet_truncated_fraction")
     saved = checkpoint.read(checkpoint.latest(cfg.checkpoint_dir))
     assert (saved.step, saved.weight_version) == (1, 1)
     assert saved.log_line is not None and json.loads(saved.log_line)["step"] == 1

@@ -3,7 +3,7 @@
 Without an engine: the refusals (head_dim, device), the engine arguments per device, the tensor
 wire format of weight reloads. With one engine (started once for the module, ~15-25 s on 2 cores):
 raw logprobs equal to a transformers fp32 forward whatever the sampling settings, greedy decoding,
-the seeding contract, stop tokens, and weight updates (tied LM head and prefix cache included).
+the seeding contract, stop tokens and stop strings, and weight updates (tied LM head and prefix cache included).
 """
 
 from __future__ import annotations
@@ -190,6 +190,27 @@ def test_stop_token_ends_the_sample_and_is_kept(backend, prompt_ids) -> None:
                                                         stop_token_ids=(stop,)))[0]
     assert s.token_ids == greedy.token_ids[:cut] and s.finish_reason == "stop"
     assert s.logprobs == pytest.approx(greedy.logprobs[:cut], abs=ATOL)
+
+
+def test_stop_string_ends_the_sample_at_the_token_completing_it(backend, prompt_ids) -> None:
+    """As the transformers backend: the sampled tokens up to the one completing the stop string's first
+    occurrence (the char tokenizer: one character per token), the stop text kept, finish "stop"."""
+    params = SamplingParams(n=4, max_new_tokens=12, seed=5)
+    free = backend.generate(prompt_ids[:1], params)
+    texts = [backend.decode(s.token_ids) for s in free]
+    stop = max(texts, key=len)[2:4]
+    assert len(stop) == 2, texts
+    cut = backend.generate(prompt_ids[:1], SamplingParams(n=4, max_new_tokens=12, seed=5, stop=(stop,)))
+    assert any(len(c.token_ids) < len(f.token_ids) for c, f in zip(cut, free, strict=True))
+    for f, c, text in zip(free, cut, texts, strict=True):
+        at = text.find(stop)
+        if at < 0:
+            assert c.token_ids == f.token_ids and c.finish_reason == f.finish_reason
+            continue
+        end = at + len(stop)
+        assert c.token_ids == f.token_ids[:end] and c.finish_reason == "stop"
+        assert backend.decode(c.token_ids).endswith(stop)
+        assert c.logprobs == pytest.approx(f.logprobs[:end], abs=ATOL)
 
 
 def test_weight_update_serves_the_new_weights(backend, prompt_ids, vllm_checkpoint, vllm_checkpoint_other) -> None:

@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from quartet.v1 import common_pb2 as quartet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aquartet/v1/generator.proto\x12\nquartet.v1\x1a\x17quartet/v1/common.proto\"\x9a\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xc0\x01\n\x0fGenerateRequest\x12&\n\nprompt_ids\x18\x01 \x01(\x0b\x32\x12.quartet.v1.Ragged\x12\x13\n\x0bprompt_text\x18\x02 \x03(\t\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.quartet.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0breturn_text\x18\x05 \x01(\x08\x12\x1b\n\x13prompt_index_offset\x18\x06 \x01(\x04\"\xf3\x01\n\x10GenerateResponse\x12*\n\x0e\x63ompletion_ids\x18\x01 \x01(\x0b\x32\x12.quartet.v1.Ragged\x12$\n\x08logprobs\x18\x02 \x01(\x0b\x32\x12.quartet.v1.Ragged\x12\x30\n\x0e\x66inish_reasons\x18\x03 \x03(\x0e\x32\x18.quartet.v1.FinishReason\x12\x14\n\x0cprompt_index\x18\x04 \x03(\x05\x12\x16\n\x0eweight_version\x18\x05 \x01(\x04\x12\x17\n\x0f\x63ompletion_text\x18\x06 \x03(\t\x12\x14\n\x0clogprob_mode\x18\x07 \x01(\t\"y\n\x0bWeightPiece\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.quartet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"\x81\x01\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x06pieces\x18\x02 \x03(\x0b\x32\x17.quartet.v1.WeightPiece\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x15\n\rtotal_tensors\x18\x04 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\"p\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0ftensors_updated\x18\x02 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\x12\x15\n\rapply_seconds\x18\x04 \x01(\x01\"j\n\rSharedSegment\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\n\n\x02\x66\x64\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x0f\n\x07\x62oot_id\x18\x05 \x01(\t\x12\x12\n\ngeneration\x18\x06 \x01(\x04\"|\n\x0cSharedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.quartet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x03\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"\xc0\x01\n\rSharedWeights\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12*\n\x07segment\x18\x02 \x01(\x0b\x32\x19.quartet.v1.SharedSegment\x12)\n\x07tensors\x18\x03 \x03(\x0b\x32\x18.quartet.v1.SharedTensor\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x15\n\rtotal_tensors\x18\x05 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\r\n\x05probe\x18\x07 \x01(\x08*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb8\x02\n\tGenerator\x12\x45\n\x08Generate\x12\x1b.quartet.v1.GenerateRequest\x1a\x1c.quartet.v1.GenerateResponse\x12M\n\rUpdateWeights\x12\x17.quartet.v1.WeightChunk\x1a!.quartet.v1.UpdateWeightsResponse(\x01\x12U\n\x13UpdateWeightsShared\x12\x19.quartet.v1.SharedWeights\x1a!.quartet.v1.UpdateWeightsResponse(\x01\x12>\n\x07GetInfo\x12\x1a.quartet.v1.GetInfoRequest\x1a\x17.quartet.v1.ServiceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aquartet/v1/generator.proto\x12\nquartet.v1\x1a\x17quartet/v1/common.proto\"\xa8\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x03\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x07\n\x05_seed\"\xc0\x01\n\x0fGenerateRequest\x12&\n\nprompt_ids\x18\x01 \x01(\x0b\x32\x12.quartet.v1.Ragged\x12\x13\n\x0bprompt_text\x18\x02 \x03(\t\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.quartet.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0breturn_text\x18\x05 \x01(\x08\x12\x1b\n\x13prompt_index_offset\x18\x06 \x01(\x04\"\xf3\x01\n\x10GenerateResponse\x12*\n\x0e\x63ompletion_ids\x18\x01 \x01(\x0b\x32\x12.quartet.v1.Ragged\x12$\n\x08logprobs\x18\x02 \x01(\x0b\x32\x12.quartet.v1.Ragged\x12\x30\n\x0e\x66inish_reasons\x18\x03 \x03(\x0e\x32\x18.quartet.v1.FinishReason\x12\x14\n\x0cprompt_index\x18\x04 \x03(\x05\x12\x16\n\x0eweight_version\x18\x05 \x01(\x04\x12\x17\n\x0f\x63ompletion_text\x18\x06 \x03(\t\x12\x14\n\x0clogprob_mode\x18\x07 \x01(\t\"y\n\x0bWeightPiece\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.quartet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"\x81\x01\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x06pieces\x18\x02 \x03(\x0b\x32\x17.quartet.v1.WeightPiece\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x15\n\rtotal_tensors\x18\x04 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\"p\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x17\n\x0ftensors_updated\x18\x02 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\x12\x15\n\rapply_seconds\x18\x04 \x01(\x01\"j\n\rSharedSegment\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\n\n\x02\x66\x64\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x0f\n\x07\x62oot_id\x18\x05 \x01(\t\x12\x12\n\ngeneration\x18\x06 \x01(\x04\"|\n\x0cSharedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.quartet.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x03\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"\xc0\x01\n\rSharedWeights\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12*\n\x07segment\x18\x02 \x01(\x0b\x32\x19.quartet.v1.SharedSegment\x12)\n\x07tensors\x18\x03 \x03(\x0b\x32\x18.quartet.v1.SharedTensor\x12\x0c\n\x04last\x18\x04 \x01(\x08\x12\x15\n\rtotal_tensors\x18\x05 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\r\n\x05probe\x18\x07 \x01(\x08*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb8\x02\n\tGenerator\x12\x45\n\x08Generate\x12\x1b.quartet.v1.GenerateRequest\x1a\x1c.quartet.v1.GenerateResponse\x12M\n\rUpdateWeights\x12\x17.quartet.v1.WeightChunk\x1a!.quartet.v1.UpdateWeightsResponse(\x01\x12U\n\x13UpdateWeightsShared\x12\x19.quartet.v1.SharedWeights\x1a!.quartet.v1.UpdateWeightsResponse(\x01\x12>\n\x07GetInfo\x12\x1a.quartet.v1.GetInfoRequest\x1a\x17.quartet.v1.ServiceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'quartet.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1463
-  _globals['_FINISHREASON']._serialized_end=1558
+  _globals['_FINISHREASON']._serialized_start=1477
+  _globals['_FINISHREASON']._serialized_end=1572
   _globals['_SAMPLINGPARAMS']._serialized_start=68
-  _globals['_SAMPLINGPARAMS']._serialized_end=222
-  _globals['_GENERATEREQUEST']._serialized_start=225
-  _globals['_GENERATEREQUEST']._serialized_end=417
-  _globals['_GENERATERESPONSE']._serialized_start=420
-  _globals['_GENERATERESPONSE']._serialized_end=663
-  _globals['_WEIGHTPIECE']._serialized_start=665
-  _globals['_WEIGHTPIECE']._serialized_end=786
-  _globals['_WEIGHTCHUNK']._serialized_start=789
-  _globals['_WEIGHTCHUNK']._serialized_end=918
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=920
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1032
-  _globals['_SHAREDSEGMENT']._serialized_start=1034
-  _globals['_SHAREDSEGMENT']._serialized_end=1140
-  _globals['_SHAREDTENSOR']._serialized_start=1142
-  _globals['_SHAREDTENSOR']._serialized_end=1266
-  _globals['_SHAREDWEIGHTS']._serialized_start=1269
-  _globals['_SHAREDWEIGHTS']._serialized_end=1461
-  _globals['_GENERATOR']._serialized_start=1561
-  _globals['_GENERATOR']._serialized_end=1873
+  _globals['_SAMPLINGPARAMS']._serialized_end=236
+  _globals['_GENERATEREQUEST']._serialized_start=239
+  _globals['_GENERATEREQUEST']._serialized_end=431
+  _globals['_GENERATERESPONSE']._serialized_start=434
+  _globals['_GENERATERESPONSE']._serialized_end=677
+  _globals['_WEIGHTPIECE']._serialized_start=679
+  _globals['_WEIGHTPIECE']._serialized_end=800
+  _globals['_WEIGHTCHUNK']._serialized_start=803
+  _globals['_WEIGHTCHUNK']._serialized_end=932
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=934
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1046
+  _globals['_SHAREDSEGMENT']._serialized_start=1048
+  _globals['_SHAREDSEGMENT']._serialized_end=1154
+  _globals['_SHAREDTENSOR']._serialized_start=1156
+  _globals['_SHAREDTENSOR']._serialized_end=1280
+  _globals['_SHAREDWEIGHTS']._serialized_start=1283
+  _globals['_SHAREDWEIGHTS']._serialized_end=1475
+  _globals['_GENERATOR']._serialized_start=1575
+  _globals['_GENERATOR']._serialized_end=1887
 # @@protoc_insertion_point(module_scope)
