@@ -35,7 +35,13 @@ def skip_reason() -> str | None:
         _ip("netns", "add", probe)
     except RuntimeError as e:
         return f"cannot create a network namespace: {e}"
-    _ip("netns", "del", probe)
+    try:  # the kernel must offer what Hosts uses: a bridge and veth pairs
+        _ip("-n", probe, "link", "add", "br0", "type", "bridge")
+        _ip("-n", probe, "link", "add", "a0", "type", "veth", "peer", "name", "b0")
+    except RuntimeError as e:
+        return f"cannot create a bridge or veth pair in a namespace: {e}"
+    finally:
+        _ip("netns", "del", probe)
     return None
 
 
