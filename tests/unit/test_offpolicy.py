@@ -52,7 +52,7 @@ def test_policy_loss_weights_each_token_and_padding_stays_out() -> None:
     logprobs = prox.clone().requires_grad_(True)  # ratio 1 everywhere: no clipping
     out = policy_loss(logprobs, prox, adv, mask, is_weights=w, aggregation="token_mean")
     # -(1 * 1.5 - 1 * 0.5 + 2 * 2 + 0.5 * 1.25) / 4 real tokens
-    assert float(out.loss) == pytest.approx(-5.625 / 4, abs=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(-5.625 / 4, abs=1e-6)
     out.loss.backward()
     expected = torch.tensor([[-1.5, 0.5, -4.0], [-0.625, 0.0, 0.0]]) / 4  # d/dlogp (-A w r) at r = 1
     assert logprobs.grad == pytest.approx(expected, abs=1e-6)
