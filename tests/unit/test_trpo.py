@@ -286,13 +286,18 @@ def test_trpo_on_a_subset_of_parameters_and_on_lora_adapters_in_float32() -> Non
     assert lora_b.dtype == model[2].weight.dtype == torch.float32
 
 
-def test_fisher_on_a_subsample_solves_with_that_subsample_and_checks_the_whole_batch() -> None:
-    x, w, mask = _policy(torch.float64, 3)
-    gen = torch.Generator().manual_seed(7)
+def _sampled_problem(policy_seed: int, sample_seed: int):
+    """A float64 policy, random actions and advantages: (x, w, mask, w0 = w's start, loss_fn, kl_fn)."""
+    x, w, mask = _policy(torch.float64, policy_seed)
+    gen = torch.Generator().manual_seed(sample_seed)
     actions = torch.randint(0, V, (B, T), generator=gen)
     advantages = torch.randn(B, T, generator=gen, dtype=torch.float64)
-    w0 = w.detach().clone()
     loss, kl = _surrogate_and_kl(x, w, mask, actions, advantages)
+    return x, w, mask, w.detach().clone(), loss, kl
+
+
+def test_fisher_on_a_subsample_solves_with_that_subsample_and_checks_the_whole_batch() -> None:
+    x, w, mask, w0, loss, kl = _sampled_problem(3, 7)
     old = torch.log_softmax(x @ w0, dim=-1)
     sub = slice(None, None, 2)
 
@@ -319,18 +324,12 @@ def test_fisher_on_a_subsample_solves_with_that_subsample_and_checks_the_whole_b
 def test_all_sum_of_rank_shares_takes_the_one_rank_step() -> None:
     # n ranks holding identical shares: each loss / KL is 1/n of the batch's and all_sum multiplies by
     # n, so the step must be the one-rank step exactly; the damping enters once, not n times.
-    x, w, mask = _policy(torch.float64, 4)
-    gen = torch.Generator().manual_seed(11)
-    actions = torch.randint(0, V, (B, T), generator=gen)
-    advantages = torch.randn(B, T, generator=gen, dtype=torch.float64)
-    w0 = w.detach().clone()
-    loss, kl = _surrogate_and_kl(x, w, mask, actions, advantages)
+    _, w, _, w0, loss, kl = _sampled_problem(4, 11)
     one = trpo_step([w], loss, kl, max_kl=0.05, damping=0.1)
     w_one = w.detach().clone()
     with torch.no_grad():
         w.copy_(w0)
     n = 4
-    loss, kl = _surrogate_and_kl(x, w, mask, actions, advantages)
     shared = trpo_step([w], lambda: loss() / n, lambda: kl() / n, max_kl=0.05, damping=0.1,
                        all_sum=lambda t: n * t)
     assert one.accepted_index is not None and shared.accepted_index == one.accepted_index
