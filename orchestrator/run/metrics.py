@@ -70,15 +70,18 @@ def stop_fractions(finished: Sequence[bool]) -> dict[str, float]:
 
 
 def metric_names(metrics: Mapping[str, float], phases: Mapping[str, float],
-                 rewards: Mapping[str, float]) -> dict[str, float]:
+                 rewards: Mapping[str, float], components: Mapping[str, float] | None = None) -> dict[str, float]:
     """One step under its Prometheus names, labels folded into the name, for experiment trackers.
 
     quartet_reward{stat="mean"} -> quartet_reward_mean, quartet_phase_seconds{phase="update"} ->
-    quartet_phase_seconds_update; step-log keys without a gauge are left out.
+    quartet_phase_seconds_update, quartet_reward_component_mean{identity="format"} ->
+    quartet_reward_component_mean_format (each reward service's own mean); step-log keys without a gauge
+    are left out.
     """
     out = {name: float(metrics[key]) for key, (name, _doc) in GAUGES.items() if key in metrics and key != "step"}
     out.update({f"quartet_reward_{stat}": float(rewards[stat]) for stat in REWARD_STATS if stat in rewards})
     out.update({f"quartet_phase_seconds_{phase}": float(s) for phase, s in phases.items()})
+    out.update({f"quartet_reward_component_mean_{identity}": float(v) for identity, v in (components or {}).items()})
     return out
 
 # Rejoin action (orchestrator/remote/rejoin.py; key of a step-log line's "recovery") -> (counter name, help).

@@ -336,7 +336,8 @@ class Orchestrator:
         if self.metrics is not None:
             self.metrics.record({"step": result.step, **result.metrics}, result.phases, result.rewards,
                                 result.reward_services, result.generated_tokens, components=result.reward_components)
-        self.reporting.report(result.step, metric_names(result.metrics, result.phases, result.rewards))
+        self.reporting.report(result.step, metric_names(result.metrics, result.phases, result.rewards,
+                                                        result.reward_components))
 
 
 def _state_of(pending):

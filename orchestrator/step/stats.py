@@ -19,10 +19,11 @@ class UpdateStats:
     grad_norm: float  # policy gradient L2 norm before clipping
     lr: float  # optimizer learning rate (0 for TRPO: its step size is trpo_step_size)
     optimizer_steps: int  # minibatch steps taken (TRPO: 1 if accepted, else 0)
-    trpo_accepted: float = 0.0  # 1 if the line search accepted a step, else 0 (0 for PPO / GRPO)
-    trpo_backtracks: float = 0.0  # trials rejected before the accepted one (all of them if none)
-    trpo_step_size: float = 0.0  # β scaling the natural-gradient direction
-    trpo_final_kl: float = 0.0  # mean KL(π_old || π_new) of the accepted step (0 if rejected)
+    # TRPO only; None (left out of the step log and report_to) for PPO / GRPO, where a 0 would read as "rejected"
+    trpo_accepted: float | None = None  # 1 if the line search accepted a step, else 0
+    trpo_backtracks: float | None = None  # trials rejected before the accepted one (all of them if none)
+    trpo_step_size: float | None = None  # β scaling the natural-gradient direction
+    trpo_final_kl: float | None = None  # mean KL(π_old || π_new) of the accepted step (0 if rejected)
     is_weight_mean: float | None = None  # mean truncated IS weight min(π_old / π_gen, tis_cap); None: tis_cap off
     is_truncated_fraction: float | None = None  # share of real tokens whose IS weight was cut to tis_cap
     # [B, T] log π_old taken from the loss forward, for a pending experience (complete_experience); not a metric

@@ -44,6 +44,13 @@ def test_metric_names_are_the_prometheus_names() -> None:
     assert {GAUGES[k][0] for k in ("kl_ref", "policy_loss", "clipfrac")} <= set(names)
 
 
+def test_each_reward_service_mean_is_reported_under_its_identity() -> None:
+    names = metric_names(METRICS, PHASES, REWARDS, {"correct": 0.125, "format": 0.75})
+    assert names["quartet_reward_component_mean_correct"] == 0.125
+    assert names["quartet_reward_component_mean_format"] == 0.75
+    assert not any("component" in n for n in metric_names(METRICS, PHASES, REWARDS))
+
+
 def test_every_report_to_name_has_a_reporter() -> None:
     assert set(REPORTERS) == set(typing.get_args(ReportTo)) == set(reporting.PACKAGES)
 

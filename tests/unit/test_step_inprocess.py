@@ -243,3 +243,5 @@ def test_one_step_of_each_algorithm_with_fake_services(algo, tokenizer, tmp_path
         assert "value_loss" not in result.metrics and saved.value_checkpoint is None
     if algo == "trpo":
         assert result.metrics["trpo_accepted"] == 1.0
+    else:  # a 0 would read as a rejected line search on a dashboard
+        assert not any(key.startswith("trpo_") for key in json.loads(saved.log_line)), saved.log_line
