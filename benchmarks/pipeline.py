@@ -68,6 +68,10 @@ def _train_arm(config: Path, run_dir: Path, seed: int, steps: int, overrides: li
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return _read_arm(run_dir)
+
+
+def _read_arm(run_dir: Path) -> _Arm:
     curve = [{"step": r["step"], "reward": r["reward"]["mean"], **r.get("reward_components", {})}
              for r in _step_log(str(run_dir))]
     evals = run_dir / "eval.jsonl"
@@ -85,6 +89,8 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=Path("runs/bench-pipeline"))
     ap.add_argument("--set", dest="sets", action="append", default=[], help="run-config override for every run")
     ap.add_argument("--config", type=Path, help="a run config to train instead of the demo (quartet train)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="with --config: train nothing, report the arms already in --run-dir (an interrupted run)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the orchestrator (models.threads) and the local services
 
@@ -98,7 +104,11 @@ def main() -> None:
             mode = "pipelined" if pipelined else "sync"
             overrides = [*args.sets, f"rollout.pipeline={str(pipelined).lower()}"]
             run_dir = args.run_dir / f"{mode}-seed{seed}"
-            if args.config:
+            if args.config and args.report_only:
+                if not (run_dir / "steps.jsonl").exists():
+                    continue
+                s = _read_arm(run_dir)
+            elif args.config:
                 s = _train_arm(args.config, run_dir, seed, args.steps, overrides)
             else:
                 s = run_demo(algo="grpo", steps=args.steps, run_dir=run_dir, seed=seed,
@@ -122,6 +132,8 @@ def main() -> None:
                   f"reward {run['reward_first10']:.3f} -> {run['reward_last10']:.3f}", flush=True)
     report["load_after"] = os.getloadavg()
     by_mode = {mode: [r for r in report["runs"] if r["mode"] == mode] for mode in ("sync", "pipelined")}
+    if not all(by_mode.values()):
+        raise SystemExit(f"need a finished run of each mode in {args.run_dir}")
     summary = {}
     for mode, runs in by_mode.items():
         summary[mode] = {"step_seconds": statistics.median(r["medians"]["step_seconds"] for r in runs),
