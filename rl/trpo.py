@@ -13,6 +13,11 @@ implemented"). The Fisher-vector product therefore runs ``kl_fn`` / ``logits_fn`
 ``math_attention()`` (``sdpa_kernel(SDPBackend.MATH)``); models loaded with
 ``attn_implementation="eager"`` need nothing. Models that call a non-sdpa fused kernel (e.g.
 flash-attn 2) must be switched to eager or sdpa by the caller.
+
+Memory of ``trpo_step``: about 6 flat copies of the trainable parameters (old parameters, gradient,
+CG's x, r, p and Ap; the full step reuses one), plus one double-backprop graph of the KL
+(activations, the first backward graph, and whatever old log-probs [B, T, V] the kl_fn holds), kept
+through CG.
 """
 
 from __future__ import annotations
@@ -259,6 +264,57 @@ def _line_search(
     return _LineSearch(None, kls, losses)
 
 
+@dataclass(frozen=True)
+class _Direction:
+    loss_before: float  # surrogate loss at the old parameters
+    grad: Tensor  # [N] g, its gradient
+    cg: CGResult  # cg.x [N]: s ≈ -(F + damping I)^-1 g
+    step_size: float | None  # β; None when sᵀFs is not finite and positive (no usable direction)
+
+
+def _natural_direction(
+    params: Sequence[Tensor],
+    loss_fn: Callable[[], Tensor],
+    fisher_kl_fn: Callable[[], Tensor],
+    all_sum: Callable[[Tensor], Tensor] | None,
+    *,
+    max_kl: float,
+    damping: float,
+    cg_iters: int,
+    cg_residual_tol: float,
+) -> _Direction:
+    """Steps 1 and 2 of ``trpo_step`` at the current (old) parameters. The Fisher-vector product's
+    KL graph is freed when this returns, before the line search."""
+    total = all_sum or _same
+    loss = loss_fn()
+    loss_before = float(total(loss.detach().double()))
+    grad = total(_flat(torch.autograd.grad(loss, params, allow_unused=True), params).detach())
+    fvp = make_fisher_vector_product(fisher_kl_fn, params, damping=damping, all_sum=all_sum)
+    cg = conjugate_gradient(fvp, -grad, iters=cg_iters, residual_tol=cg_residual_tol)
+    shs = float(cg.x @ fvp(cg.x))
+    if not (math.isfinite(shs) and shs > 0.0):
+        return _Direction(loss_before, grad, cg, None)
+    return _Direction(loss_before, grad, cg, math.sqrt(2.0 * max_kl / shs))
+
+
+def _result(
+    direction: _Direction, full_step: Tensor | None = None, search: _LineSearch | None = None
+) -> TRPOResult:
+    """The TRPOResult of one step; without ``full_step`` [N] (β s) and ``search`` nothing was tried."""
+    search = search or _LineSearch(None, [], [])
+    return TRPOResult(
+        accepted_index=search.accepted_index,
+        step_size=direction.step_size or 0.0,
+        trial_kls=search.kls,
+        trial_losses=search.losses,
+        loss_before=direction.loss_before,
+        expected_improvement=0.0 if full_step is None else -float(direction.grad @ full_step),
+        cg_residual=direction.cg.residual,
+        cg_iterations=direction.cg.iterations,
+        grad_norm=float(direction.grad.norm()),
+    )
+
+
 def trpo_step(
     params: Iterable[Tensor] | torch.nn.Module,
     loss_fn: Callable[[], Tensor],
@@ -302,48 +358,20 @@ def trpo_step(
             value (its rows, divided by the whole batch's normaliser), and the losses, KLs, gradient
             and Fisher-vector products are summed: every rank takes the one-rank step. None: one rank.
 
-    Memory: about 6 flat copies of the trainable parameters (old parameters, gradient, CG's x, r, p
-    and Ap; the full step reuses one), plus one double-backprop graph of the KL (activations, the
-    first backward graph, and whatever old log-probs [B, T, V] the kl_fn holds), kept through CG.
-
     Returns:
         TRPOResult. With no usable direction (zero gradient or a non-positive sᵀFs) nothing is tried.
     """
     params = _trainable(params)
-    total = all_sum or _same
     old_flat = torch.nn.utils.parameters_to_vector([p.detach() for p in params])
-    loss = loss_fn()
-    loss_before = float(total(loss.detach().double()))
-    grad = total(_flat(torch.autograd.grad(loss, params, allow_unused=True), params).detach())
-    fvp = make_fisher_vector_product(fisher_kl_fn or kl_fn, params, damping=damping, all_sum=all_sum)
-    cg = conjugate_gradient(fvp, -grad, iters=cg_iters, residual_tol=cg_residual_tol)
-    shs = float(cg.x @ fvp(cg.x))
-    del fvp  # frees the KL graph before the line search
-    if not (math.isfinite(shs) and shs > 0.0):
-        return TRPOResult(
-            accepted_index=None,
-            step_size=0.0,
-            trial_kls=[],
-            trial_losses=[],
-            loss_before=loss_before,
-            expected_improvement=0.0,
-            cg_residual=cg.residual,
-            cg_iterations=cg.iterations,
-            grad_norm=float(grad.norm()),
-        )
-    step_size = math.sqrt(2.0 * max_kl / shs)
-    full_step = step_size * cg.x
+    direction = _natural_direction(
+        params, loss_fn, fisher_kl_fn or kl_fn, all_sum,
+        max_kl=max_kl, damping=damping, cg_iters=cg_iters, cg_residual_tol=cg_residual_tol,
+    )
+    if direction.step_size is None:
+        return _result(direction)
+    full_step = direction.step_size * direction.cg.x
     search = _line_search(
-        params, old_flat, full_step, loss_fn, kl_fn, loss_before, max_kl, backtrack_coef, max_backtracks, total
+        params, old_flat, full_step, loss_fn, kl_fn, direction.loss_before, max_kl, backtrack_coef,
+        max_backtracks, all_sum or _same,
     )
-    return TRPOResult(
-        accepted_index=search.accepted_index,
-        step_size=step_size,
-        trial_kls=search.kls,
-        trial_losses=search.losses,
-        loss_before=loss_before,
-        expected_improvement=-float(grad @ full_step),
-        cg_residual=cg.residual,
-        cg_iterations=cg.iterations,
-        grad_norm=float(grad.norm()),
-    )
+    return _result(direction, full_step, search)

@@ -16,7 +16,7 @@ alone on 2 idle cores (~100 ms on one thread), so the warm-up takes 20-60 s.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,48 +101,23 @@ def sft_warmup(
     schedule, so a fixed step count cannot reliably land a partly-trained model in a given band;
     checking every 25 steps (about 2% of the run's time) can. `len(result)` is the steps taken.
     """
-    if not examples:
-        raise ValueError("examples is empty; pass the task's training rows")
-    if steps < 0 or batch_size < 1:
-        raise ValueError(f"steps={steps} must be >= 0 and batch_size={batch_size} >= 1")
-    if target_accuracy is not None and (not eval_rows or eval_every < 1):
-        raise ValueError("target_accuracy needs eval_rows (held-out rows) and eval_every >= 1")
+    _check_warmup_args(examples, steps, batch_size, target_accuracy, eval_rows, eval_every)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [
         (encode_prompt(tokenizer, ex["prompt"]), encode_answer(tokenizer, ex["answer"])) for ex in examples
     ]
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warm = max(1, int(warmup_frac * steps))
-
-    def lr_at(step: int) -> float:  # step is 0-based
-        if step < warm:
-            return lr * (step + 1) / warm
-        progress_frac = (step - warm) / max(1, steps - warm)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
-
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    lr_at = _warmup_cosine_lr(lr, steps, warmup_frac)
+    batches = _shuffled_batches(encoded, batch_size, pad_id, torch.Generator().manual_seed(seed))
     losses: list[float] = []
     model.train()
     try:
         for step in range(steps):
-            while len(order) < batch_size:
-                order.extend(torch.randperm(len(encoded), generator=gen).tolist())
-            idx, order = order[:batch_size], order[batch_size:]
-            batch = collate_sft([encoded[i] for i in idx], pad_id)
+            batch = next(batches)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            out = model(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                labels=batch.labels.to(device),
-            )
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(out.loss.item())
+            losses.append(_sft_step(model, optimizer, batch, device))
             if progress is not None:
                 progress(step + 1, losses[-1])
             if (
@@ -154,3 +129,63 @@ def sft_warmup(
     finally:
         model.eval()
     return losses
+
+
+def _check_warmup_args(
+    examples: Sequence[Mapping[str, str]],
+    steps: int,
+    batch_size: int,
+    target_accuracy: float | None,
+    eval_rows: Sequence[Mapping[str, str]],
+    eval_every: int,
+) -> None:
+    if not examples:
+        raise ValueError("examples is empty; pass the task's training rows")
+    if steps < 0 or batch_size < 1:
+        raise ValueError(f"steps={steps} must be >= 0 and batch_size={batch_size} >= 1")
+    if target_accuracy is not None and (not eval_rows or eval_every < 1):
+        raise ValueError("target_accuracy needs eval_rows (held-out rows) and eval_every >= 1")
+
+
+def _warmup_cosine_lr(lr: float, steps: int, warmup_frac: float) -> Callable[[int], float]:
+    """0-based step -> learning rate: rising linearly to `lr` over the first `warmup_frac` of `steps`
+    (at least one step), then cosine-decaying to 10% of `lr` at the last step."""
+    warm = max(1, int(warmup_frac * steps))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return lr * (step + 1) / warm
+        progress_frac = (step - warm) / max(1, steps - warm)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
+
+    return lr_at
+
+
+def _shuffled_batches(
+    encoded: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, gen: torch.Generator
+) -> Iterator[SftBatch]:
+    """Endless batches walking through successive seeded permutations of `encoded`; a batch may span
+    the end of one permutation and the start of the next."""
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order.extend(torch.randperm(len(encoded), generator=gen).tolist())
+        idx, order = order[:batch_size], order[batch_size:]
+        yield collate_sft([encoded[i] for i in idx], pad_id)
+
+
+def _sft_step(
+    model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: SftBatch, device: torch.device
+) -> float:
+    """One optimizer step on the batch's mean answer-token cross-entropy (gradient norm clipped at
+    1.0); returns that loss."""
+    out = model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        labels=batch.labels.to(device),
+    )
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return out.loss.item()

@@ -43,6 +43,7 @@ import torch
 
 from orchestrator.run.config import ConfigError, RunConfig, dump_config
 from orchestrator.run.data import Cursor
+from services.common.durable import fsync_path
 
 MARKER = "COMPLETE"
 PREFIX = "step-"
@@ -114,14 +115,6 @@ def step_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(ckpt_dir: Path, snap: Snapshot, *, keep: int = 2) -> Path:
     """Write `snap` as `<ckpt_dir>/step-N` (N = snap.step), atomically; returns its path.
 
@@ -152,7 +145,7 @@ def save(ckpt_dir: Path, snap: Snapshot, *, keep: int = 2) -> Path:
     if final.exists():  # a step re-done after a resume: replace the old copy
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
+    fsync_path(ckpt_dir)
     prune(ckpt_dir, keep=keep, protect=final, run_id=run_id)
     _point_latest(ckpt_dir, run_id)
     return final

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.run.config import ConfigError, RunConfig
 from orchestrator.run.reporting import missing_packages
@@ -93,17 +94,23 @@ def _model_dir(path: str) -> Iterator[Problem]:
         return
     from transformers import AutoConfig, AutoTokenizer  # reads JSON files only: no weights are loaded
 
-    try:
-        AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:
-        yield Problem("", f"{path!r}: config.json is missing or unreadable ({_first_line(e)}); {fix}")
+    if bad := _load_error(AutoConfig, p, "config.json is missing or unreadable"):
+        yield Problem("", f"{path!r}: {bad}; {fix}")
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
         yield Problem("", f"{path!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); {fix}")
         return
+    if bad := _load_error(AutoTokenizer, p, "the tokenizer cannot be loaded"):
+        yield Problem("", f"{path!r}: {bad}; {fix}")
+
+
+def _load_error(auto_class: Any, p: Path, what: str) -> str | None:
+    """None when ``auto_class.from_pretrained(p)`` (local files only) succeeds, else ``what`` and the
+    first line of its error: any exception, since a broken directory can fail in many ways."""
     try:
-        AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        auto_class.from_pretrained(str(p), local_files_only=True)
     except Exception as e:
-        yield Problem("", f"{path!r}: the tokenizer cannot be loaded ({_first_line(e)}); {fix}")
+        return f"{what} ({_first_line(e)})"
+    return None
 
 
 def _first_line(e: Exception) -> str:

@@ -296,28 +296,15 @@ def build_experience(
             ``policy_logprobs`` of another shape than the padded rollout.
     """
     batch = pad_sequences(rollout.prompt_ids, rollout.completion_ids, pad_token_id=pad_token_id)
-    if from_update:
-        if not cfg.old_logprobs_from_update(len(rollout.completion_ids)):
-            raise ValueError("from_update needs an update of one on-policy step: see "
-                             "AlgorithmConfig.old_logprobs_from_update")
-    elif policy_logprobs is None:
-        policy_logprobs = trainer_logprobs(rollout.prompt_ids, rollout.completion_ids, policy_model,
-                                           pad_token_id=pad_token_id, micro_batch_tokens=micro_batch_tokens)
-    elif tuple(policy_logprobs.shape) != (len(rollout.completion_ids), batch.response_length):
-        raise ValueError(f"policy_logprobs has shape {tuple(policy_logprobs.shape)}, the rollout pads to "
-                         f"{(len(rollout.completion_ids), batch.response_length)}")
-    trainer_lp = policy_logprobs
+    trainer_lp = _trainer_logprobs(rollout, batch, policy_model, cfg, policy_logprobs, from_update,
+                                   pad_token_id=pad_token_id, micro_batch_tokens=micro_batch_tokens)
     width = batch.response_length
     mask = batch.response_mask.to(torch.float32)
     generator_logprobs = pad_rows(rollout.generator_logprobs, width)
     old_logprobs = None if from_update else lookup(OLD_LOGPROB_SOURCES, cfg.old_logprobs, "old_logprobs source")(
         trainer_lp, generator_logprobs
     )
-    ref_logprobs = None if rollout.ref_logprobs is None else pad_rows(rollout.ref_logprobs, width)
-    if ref_logprobs is None and cfg.kl_coef > 0:
-        raise ValueError(
-            f"kl_coef={cfg.kl_coef} needs the reference's log-probs: configure the reference service, or set kl_coef: 0"
-        )
+    ref_logprobs = _ref_logprobs(rollout, width, cfg)
     # Pending: the KL enters no advantage (cfg.old_logprobs_from_update), so zeros stand in until completed.
     kl = torch.zeros_like(mask) if old_logprobs is None else _kl(old_logprobs, ref_logprobs, mask, cfg)
     values = None if rollout.values is None else pad_rows(rollout.values, width)
@@ -325,7 +312,6 @@ def build_experience(
     inputs = _AdvantageInputs(rewards=rewards, mask=mask, kl=kl, values=values, group_size=rollout.group_size)
     adv = lookup(ADVANTAGE_ESTIMATORS, cfg.advantage, "advantage estimator")(inputs, cfg)
     advantages = masked_whiten(adv.advantages, mask) if cfg.whiten_advantages else adv.advantages
-    count = max(int(mask.sum()), 1)
     pending = old_logprobs is None
     return Experience(
         input_ids=batch.input_ids,
@@ -344,9 +330,46 @@ def build_experience(
         returns=adv.returns,
         group_size=rollout.group_size,
         logprob_gap=None if pending else logprob_gap(generator_logprobs, trainer_lp, mask),
-        kl_ref=None if pending else float(kl.sum()) / count,
+        kl_ref=None if pending else float(kl.sum()) / max(int(mask.sum()), 1),
     )
 
+
+
+def _trainer_logprobs(
+    rollout: Rollout,
+    batch: TokenBatch,
+    policy_model: torch.nn.Module,
+    cfg: AlgorithmConfig,
+    policy_logprobs: Tensor | None,
+    from_update: bool,
+    *,
+    pad_token_id: int,
+    micro_batch_tokens: int,
+) -> Tensor | None:
+    """``build_experience``'s trainer log-probs [B, T]: ``policy_logprobs`` checked against the padded
+    ``batch``, or computed when None; with ``from_update`` (checked to be allowed) none are needed."""
+    if from_update:
+        if not cfg.old_logprobs_from_update(len(rollout.completion_ids)):
+            raise ValueError("from_update needs an update of one on-policy step: see "
+                             "AlgorithmConfig.old_logprobs_from_update")
+    elif policy_logprobs is None:
+        policy_logprobs = trainer_logprobs(rollout.prompt_ids, rollout.completion_ids, policy_model,
+                                           pad_token_id=pad_token_id, micro_batch_tokens=micro_batch_tokens)
+    elif tuple(policy_logprobs.shape) != (len(rollout.completion_ids), batch.response_length):
+        raise ValueError(f"policy_logprobs has shape {tuple(policy_logprobs.shape)}, the rollout pads to "
+                         f"{(len(rollout.completion_ids), batch.response_length)}")
+    return policy_logprobs
+
+
+def _ref_logprobs(rollout: Rollout, width: int, cfg: AlgorithmConfig) -> Tensor | None:
+    """The reference's log-probs padded to [B, width]; None without a reference, which a non-zero
+    kl_coef refuses."""
+    ref_logprobs = None if rollout.ref_logprobs is None else pad_rows(rollout.ref_logprobs, width)
+    if ref_logprobs is None and cfg.kl_coef > 0:
+        raise ValueError(
+            f"kl_coef={cfg.kl_coef} needs the reference's log-probs: configure the reference service, or set kl_coef: 0"
+        )
+    return ref_logprobs
 
 @dataclass(frozen=True)
 class ValueTrainInputs:

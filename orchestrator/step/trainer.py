@@ -53,7 +53,7 @@ from orchestrator.step.policy import (
 from orchestrator.step.ranks import Ranks
 from orchestrator.step.stats import Totals, UpdateStats
 from rl.masked import lookup, masked_mean
-from rl.trpo import mean_categorical_kl, trpo_step
+from rl.trpo import TRPOResult, mean_categorical_kl, trpo_step
 
 __all__ = ["PolicyTrainer", "UpdateStats", "ValueTrainInputs", "value_train_inputs"]
 
@@ -301,19 +301,7 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
     def kl_fn() -> Tensor:
         return mean_categorical_kl(response_logits(model, mb.batch), old_distribution, mb.mask) * share
 
-    every = max(1, round(1.0 / cfg.trpo_fisher_fraction))
-    fisher_kl_fn = None
-    if every > 1 and exp.num_sequences > every:
-        # The batch's rows 0, every, 2 every, ...: those of them this rank holds.
-        rows = torch.nonzero(mine % every == 0).squeeze(1) if ranks.several else slice(None, None, every)
-        sub_share = float(mb.mask[rows].sum()) / max(float(exp.mask[::every].sum()), 1.0)
-        if ranks.several and len(rows) == 0:  # none here: the others' products still need this rank's, 0
-            rows = torch.arange(1)
-        sub, sub_old = mb.rows(rows), old_distribution[rows]
-
-        def fisher_kl_fn() -> Tensor:
-            return mean_categorical_kl(response_logits(model, sub.batch), sub_old, sub.mask) * sub_share
-
+    fisher_kl_fn = _fisher_kl_fn(trainer, exp, mb, mine, old_distribution)
     result = trpo_step(
         trainer.params,
         loss_fn,
@@ -331,7 +319,36 @@ def _trpo_update(trainer: PolicyTrainer, exp: Experience) -> UpdateStats:
              "entropy": float(masked_mean(start.entropy, mb.mask.bool())) * share}
     if iw.mean is not None:
         stats |= {"is_weight_mean": float(iw.mean) * share, "is_truncated": float(iw.truncated) * share}
-    means = ranks.sum_floats(stats)
+    return _trpo_stats(result, ranks.sum_floats(stats))
+
+
+def _fisher_kl_fn(
+    trainer: PolicyTrainer, exp: Experience, mb: Minibatch, mine: Tensor, old_distribution: Tensor
+) -> Callable[[], Tensor] | None:
+    """The mean KL over every ``1 / trpo_fisher_fraction``-th row of the batch (this rank's share of
+    it), whose Hessian the conjugate gradient uses; None: the whole batch's KL.
+
+    Args: mb, mine: this rank's rows of ``exp`` and their indices [b]; old_distribution: [b, T, V].
+    """
+    ranks, model = trainer.ranks, trainer.model
+    every = max(1, round(1.0 / trainer.cfg.trpo_fisher_fraction))
+    if every <= 1 or exp.num_sequences <= every:
+        return None
+    # The batch's rows 0, every, 2 every, ...: those of them this rank holds.
+    rows = torch.nonzero(mine % every == 0).squeeze(1) if ranks.several else slice(None, None, every)
+    sub_share = float(mb.mask[rows].sum()) / max(float(exp.mask[::every].sum()), 1.0)
+    if ranks.several and len(rows) == 0:  # none here: the others' products still need this rank's, 0
+        rows = torch.arange(1)
+    sub, sub_old = mb.rows(rows), old_distribution[rows]
+
+    def fisher_kl_fn() -> Tensor:
+        return mean_categorical_kl(response_logits(model, sub.batch), sub_old, sub.mask) * sub_share
+
+    return fisher_kl_fn
+
+
+def _trpo_stats(result: TRPOResult, means: dict[str, float]) -> UpdateStats:
+    """UpdateStats of one TRPO step; ``means``: the ranks' summed kl_ref, entropy and IS figures."""
     index = result.accepted_index
     final_kl = result.trial_kls[index] if index is not None else 0.0
     return UpdateStats(

@@ -20,10 +20,11 @@ import abc
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from services.common.chat import end_of_turn_token_ids
 from services.common.errors import InvalidArgument, OutOfRange
 
 FinishReason = Literal["stop", "length"]
@@ -135,6 +136,15 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def stop_token_ids(tokenizer: Any, generation_eos: int | list[int] | None) -> tuple[int, ...]:
+    """The ids that end a sample, sorted: the tokenizer's EOS, the generation config's EOS (one id or a
+    list) and the chat template's end-of-turn marker(s): a chat model ends its turn on <|im_end|>, not eos."""
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
+    eos |= set(end_of_turn_token_ids(tokenizer))
+    return tuple(sorted(eos))
+
+
 class GeneratorBackend(abc.ABC):
     """A model that samples. Subclasses: TransformersBackend, VLLMBackend."""
 
@@ -150,10 +160,15 @@ class GeneratorBackend(abc.ABC):
     def load(self) -> None:
         """Load tokenizer and model (slow)."""
 
+    #: What is served; set by load().
+    _info: BackendInfo | None = None
+
     @property
-    @abc.abstractmethod
     def info(self) -> BackendInfo:
         """What is served; only valid after load()."""
+        if self._info is None:
+            raise RuntimeError("backend not loaded")
+        return self._info
 
     @abc.abstractmethod
     def generate_many(self, requests: list[GenerationRequest]) -> list[list[GeneratedSample]]:

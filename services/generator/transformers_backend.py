@@ -23,7 +23,6 @@ import torch
 from transformers import DynamicCache
 
 from services.common import hf
-from services.common.chat import end_of_turn_token_ids
 from services.common.role import ModelConfig
 from services.common.weights import model_weight_specs
 from services.generator.backend import (
@@ -33,6 +32,7 @@ from services.generator.backend import (
     GeneratorBackend,
     completes_stop,
     sample_seed,
+    stop_token_ids,
 )
 
 
@@ -151,24 +151,15 @@ class TransformersBackend(GeneratorBackend):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._targets = dict(self.model.state_dict())
         self._specs, self._aliases = model_weight_specs(self._targets)
-        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        eos |= set(end_of_turn_token_ids(self.tokenizer))  # a chat model ends its turn on <|im_end|>, not eos
+        eos = stop_token_ids(self.tokenizer, getattr(self.model.generation_config, "eos_token_id", None))
         cfg = self.model.config
         self._info = BackendInfo(
             backend=self.name, model_path=str(self.model_config.path),
             tokenizer_fingerprint=hf.tokenizer_fingerprint(self.tokenizer),
             vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
-            dtype=str(dtype).removeprefix("torch."), device=str(device), eos_token_ids=tuple(sorted(eos)),
+            dtype=str(dtype).removeprefix("torch."), device=str(device), eos_token_ids=eos,
             max_positions=int(getattr(cfg, "max_position_embeddings", None) or 1 << 30),
         )
-
-    @property
-    def info(self) -> BackendInfo:
-        if self._info is None:
-            raise RuntimeError("backend not loaded")
-        return self._info
 
     def expected_weights(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {n: (s.shape, s.dtype) for n, s in self._specs.items()}

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 
 from services.common import hf
-from services.common.chat import end_of_turn_token_ids
 from services.common.role import ModelConfig
 from services.generator.backend import (
     BackendInfo,
@@ -51,6 +50,7 @@ from services.generator.backend import (
     GeneratorBackend,
     sample_seed,
     stop_string_end,
+    stop_token_ids,
 )
 
 _VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -251,24 +251,14 @@ class VLLMBackend(GeneratorBackend):
         self._specs = checkpoint_specs(path, dtype)
         self.llm = vllm.LLM(**engine_kwargs(path, config, device, dtype, self.options))
         model_cfg = self.llm.llm_engine.model_config
-        # The stop set of the transformers backend: tokenizer EOS, generation_config EOS, the chat
-        # template's end-of-turn marker(s).
-        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        gen_eos = (model_cfg.try_get_generation_config() or {}).get("eos_token_id")
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        eos |= set(end_of_turn_token_ids(self.tokenizer))
+        # The stop set of the transformers backend.
+        eos = stop_token_ids(self.tokenizer, (model_cfg.try_get_generation_config() or {}).get("eos_token_id"))
         self._info = BackendInfo(
             backend=self.name, model_path=path, tokenizer_fingerprint=hf.tokenizer_fingerprint(self.tokenizer),
             vocab_size=int(model_cfg.get_vocab_size()), dtype=_VLLM_DTYPES[dtype], device=str(device),
-            eos_token_ids=tuple(sorted(eos)), max_positions=int(model_cfg.max_model_len),
+            eos_token_ids=eos, max_positions=int(model_cfg.max_model_len),
         )
         self._tied = bool(config.get("tie_word_embeddings", False))
-
-    @property
-    def info(self) -> BackendInfo:
-        if self._info is None:
-            raise RuntimeError("backend not loaded")
-        return self._info
 
     def expected_weights(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return dict(self._specs)

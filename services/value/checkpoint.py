@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.common.durable import fsync_path
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
 WEIGHTS = "critic.safetensors"
@@ -128,7 +129,7 @@ def write_checkpoint(target: Path, weights: dict[str, torch.Tensor], optimizer_s
                    "last_step_id": meta.last_step_id, "model_path": meta.model_path}
         (tmp / META).write_text(json.dumps(payload, indent=2))
         for f in (WEIGHTS, OPTIMIZER, META):
-            _fsync(tmp / f)
+            fsync_path(tmp / f)
         if target.exists():
             old = parent / f".{target.name}.old-{tag}"
             os.rename(target, old)
@@ -136,7 +137,7 @@ def write_checkpoint(target: Path, weights: dict[str, torch.Tensor], optimizer_s
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
-        _fsync(parent)
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -166,11 +167,3 @@ def check_compatible(current: dict[str, torch.Tensor], loaded: dict[str, torch.T
             raise FailedPrecondition(
                 f"checkpoint {name!r} does not fit this critic: {k} is {w.dtype}{list(w.shape)}, "
                 f"expected {v.dtype}{list(v.shape)}")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

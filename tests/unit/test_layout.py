@@ -60,3 +60,32 @@ def test_runtime_files_stay_under_400_lines() -> None:
     long = {str(p.relative_to(ROOT)): n for pkg in RUNTIME for p in _sources(pkg)
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"split these files (over 400 lines): {long}"
+
+
+
+def _long_functions(source: str, most: int) -> dict[str, int]:
+    """'line name' -> length (def line to last line, docstring included) of the functions and
+    methods, nested ones too, over ``most`` lines."""
+    return {
+        f"{node.lineno} {node.name}": length
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and (length := node.end_lineno - node.lineno + 1) > most
+    }
+
+
+def test_runtime_functions_stay_under_60_lines() -> None:
+    long = {
+        f"{p.relative_to(ROOT)}:{name}": n
+        for pkg in RUNTIME
+        for p in _sources(pkg)
+        for name, n in _long_functions(p.read_text(), 60).items()
+    }
+    assert not long, f"split these functions (over 60 lines): {long}"
+
+
+def test_long_function_check_counts_def_to_last_line() -> None:
+    lines = [f"x{i} = {i}" for i in range(59)]
+    fits = "def fits():\n" + "".join(f"    {x}\n" for x in lines)  # 60 lines
+    over = "class C:\n    async def over(self):\n" + "".join(f"        {x}\n" for x in [*lines, "return x0"])
+    assert _long_functions(fits + "\n\n" + over, 60) == {"64 over": 61}

@@ -73,6 +73,19 @@ def test_model_directory_without_tokenizer(tiny_checkpoint: Path, dataset: Path,
     assert list(found) == ["models.policy"] and "no tokenizer" in found["models.policy"]
 
 
+
+def test_unreadable_config_and_tokenizer_are_both_reported(dataset: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (broken / "tokenizer.json").write_text("{not json either")
+    messages = [p.message for p in check(build_config(config(broken, dataset, tmp_path / "run")))
+                if p.field == "models.policy"]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"{str(broken)!r}: config.json is missing or unreadable (")
+    assert messages[1].startswith(f"{str(broken)!r}: the tokenizer cannot be loaded (")
+    assert all(m.endswith("(config.json and tokenizer files)") for m in messages)
+
 def test_reference_and_value_directories_are_checked_when_used(tiny_checkpoint: Path, dataset: Path,
                                                                tmp_path: Path) -> None:
     data = config(tiny_checkpoint, dataset, tmp_path / "run",
