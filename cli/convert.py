@@ -22,13 +22,13 @@ def convert_gguf_cmd(
         "--dtype", help="Weight dtype written: float32 (CPU training) or bfloat16 (half the size, GPU).")] = "float32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    from cli import console as make_console
     from services.common.gguf import convert_gguf, find_smollm2_gguf
 
-    console = Console()
+    console = make_console()
 
     def fail(message: str) -> None:
         console.print(Text.assemble(("error: ", "bold red"), message))

@@ -27,9 +27,9 @@ def demo(
     max_steps: Annotated[int | None, typer.Option("--max-steps", envvar="QUARTET_MAX_STEPS", min=1,
                                                   help="Cap --steps at N (a quick check).")] = None,
 ) -> None:
-    from rich.console import Console
     from rich.text import Text
 
+    from cli import console as make_console
     from cli.train import progress
     from demo.run import demo_config, run_demo
     from orchestrator.run.config import ConfigError
@@ -37,7 +37,7 @@ def demo(
     from services.common.command import silence_progress_bars
 
     silence_progress_bars()  # the warm-up's checkpoint save would draw transformers' bar into the output
-    console = Console()
+    console = make_console()
     steps = min(steps, max_steps) if max_steps is not None else steps
     try:  # the overrides, the ports and the output directory now, not after the warm-up (the demo makes the
         # model and the dataset itself)

@@ -41,12 +41,12 @@ def eval_checkpoint(
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | auto.")] = "cpu",
     show: Annotated[int, typer.Option("--show", min=0, help="Print this many examples.")] = 5,
 ) -> None:
-    from rich.console import Console
     from rich.text import Text
 
+    from cli import console as make_console
     from orchestrator.run.config import ConfigError
 
-    console = Console()
+    console = make_console()
     model_dir = checkpoint / "policy" if (checkpoint / "policy" / "config.json").is_file() else checkpoint
     if (task is None) == (dataset is None):
         console.print(Text.assemble(("error: ", "bold red"), "give exactly one of --task FILE or --dataset NAME"))

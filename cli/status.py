@@ -122,9 +122,9 @@ def status(
     if as_json:
         typer.echo(json.dumps([{**asdict(r), "up": r.up} for r in rows], indent=2))
     else:
-        from rich.console import Console
+        from cli import console as make_console
 
-        Console().print(_table(rows))
+        make_console().print(_table(rows))
     raise typer.Exit(0 if all(r.up for r in rows) else 1)
 
 

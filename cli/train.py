@@ -56,13 +56,13 @@ def train(
         "outage longer than services.retry's budget: checkpoint every step (checkpoint.interval: 1) so nothing "
         "is redone.")] = 0,
 ) -> None:
-    from rich.console import Console
     from rich.text import Text
 
+    from cli import console as make_console
     from orchestrator.run.config import ConfigError, load_config
 
     hooks = ctx.obj if isinstance(ctx.obj, TrainHooks) else TrainHooks()
-    console = Console()
+    console = make_console()
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
