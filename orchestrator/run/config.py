@@ -369,4 +369,8 @@ def dump_config(cfg: RunConfig) -> str:
     Inline tokens are `exclude=True` fields, so no dump of the config carries them; token_file /
     token_env (paths and variable names, not secrets) are kept so a resumed run finds its tokens again.
     """
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    data = cfg.model_dump(mode="json")
+    local = data["services"]["local_options"]
+    if local["rewards"]:  # `reward` (one service) is then an unused default, and the two together are refused
+        del local["reward"]
+    return yaml.safe_dump(data, sort_keys=False)

@@ -118,6 +118,15 @@ def test_dump_round_trips(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
+def test_each_examples_dump_loads_back(tmp_path: Path, name: str) -> None:
+    """run_dir/config.yaml (the resolved config) is a config `quartet train` takes: a run can be redone from it."""
+    cfg = load_config(EXAMPLES / f"{name}.yaml")
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
 def test_examples_validate(name: str) -> None:
     cfg = load_config(EXAMPLES / f"{name}.yaml")
     assert isinstance(cfg, RunConfig) and cfg.algorithm.name == name.split("_")[-1]
