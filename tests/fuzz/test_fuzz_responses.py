@@ -149,6 +149,7 @@ def test_a_hostile_generate_answer_is_refused(r: Rollout, defect: str, data: st.
     refused(lambda: r.check(r.message(ids_msg, lp_msg)), service="generator", rpc="Generate", field=field,
              why=defect)
 
+
 # ---- Score ---------------------------------------------------------------------------------------
 
 
@@ -208,7 +209,8 @@ def test_a_hostile_score_answer_is_refused(rewards: list[float], defect: str, da
     refused(lambda: _score(b, reward_pb2.ScoreResponse(rewards=msg, failed=failed)), service="reward", rpc="Score",
              field=field, why=defect)
 
-# ---- GetInfo --------------------------------------------------------------------------------------
+
+# ---- GetInfo -------------------------------------------------------------------------------------
 
 
 @given(st.sampled_from(["vocab_size", "last_step_id"]), st.data())
@@ -221,7 +223,8 @@ def test_a_hostile_generator_info_is_refused_and_changes_nothing(field: str, dat
     refused(client.info, service="generator", rpc="GetInfo", field=field, why=f"{field}={bad}")
     assert client.vocab_size == 17  # nothing of the refused answer was kept
 
-# ---- arbitrary bytes: ServiceError or a response that passes every check, nothing else ----------
+
+# ---- arbitrary bytes: ServiceError or a response that passes every check, nothing else -----------
 
 
 @given(arbitrary_ragged, arbitrary_ragged, st.integers(1, 3), st.integers(1, 2))

@@ -83,7 +83,8 @@ def test_a_hostile_per_token_answer_is_refused(role: str, defect: str, data: st.
     msg = msg or ragged(rows, pb.DTYPE_FLOAT32)
     refused(lambda: _per_token(role, lengths, msg), service=role, rpc=rpc, field=field, why=defect)
 
-# ---- TrainStep ---------------------------------------------------------------------------------
+
+# ---- TrainStep -----------------------------------------------------------------------------------
 
 
 def _train(response: Any) -> Any:
@@ -125,7 +126,8 @@ def test_a_hostile_train_step_answer_is_refused(fields: dict[str, Any], field: s
     refused(lambda: _train(value_pb2.TrainStepResponse(**fields)), service="value", rpc="TrainStep", field=field,
              why=f"{field}={fields[field]}")
 
-# ---- arbitrary bytes: ServiceError or a response that passes every check, nothing else ----------
+
+# ---- arbitrary bytes: ServiceError or a response that passes every check, nothing else -----------
 
 
 @pytest.mark.parametrize("role", list(ROWS))
