@@ -26,12 +26,17 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the shared helpers are imported as `benchmarks.*`
+    sys.path.insert(0, str(REPO))
 
 ROLES = {"grpo": ("generator", "reward", "reference"), "ppo": ("generator", "reward", "reference", "value")}
 # Patient retries (a restarted service needs seconds to load) and restarts enough for every kill.
@@ -109,6 +114,8 @@ def one_run(cfg, *, chaos: tuple[tuple[str, ...], float, int] | None) -> dict[st
 
 
 def main() -> None:
+    from benchmarks.reports import write_report
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--kill-every", type=float, default=3.0, help="mean seconds between kills (uniform +-50%%)")
@@ -161,10 +168,7 @@ def main() -> None:
                              "chaos": max(wild["step_seconds"], default=0.0)},
     }
     print(json.dumps({k: v for k, v in report.items() if k != "timeline"}, indent=1))
-    out = args.out or args.run_dir / "chaos.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_report(report, args.out or args.run_dir / "chaos.json")
 
 
 if __name__ == "__main__":

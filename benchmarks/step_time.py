@@ -24,14 +24,18 @@ Each RPC's server-side seconds (decode, model, encode) come from the services' P
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: the shared helpers are imported as `benchmarks.*`
+    sys.path.insert(0, str(REPO))
 
 RECIPE = ["prompts_per_step=8", "algorithm.lr=3e-5", "algorithm.kl_coef=0.04", "algorithm.aggregation=token_mean",
           "metrics_port=null"]
@@ -187,6 +191,8 @@ def run(policy: Path, train: Path, run_dir: Path, *, steps: int, warmup: int, va
 
 
 def main() -> None:
+    from benchmarks.reports import write_report
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5, help="first steps of each left out of the medians")
@@ -231,10 +237,7 @@ def main() -> None:
         print("in service (mean s/step): " + ", ".join(f"{k} {x:.4f}" for k, x in v["in_service_mean_seconds"].items()))
         print(f"step ratio, median of per-step pairs: {v['step_ratio_median_of_pairs']:.3f}")
     print(f"load average (1 min) before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
-    out = args.out or args.run_dir / "step_time.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_report(report, args.out or args.run_dir / "step_time.json")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,19 +20,27 @@ ADMIN_TOKEN = "test-admin-token-9876543210"
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-init Llama (hidden 64, 2 layers) + char tokenizer saved with save_pretrained."""
+def build_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`build_checkpoint(name, seed, **shape)`: the model kit's random-init tiny Llama (`shape` goes to
+    build_tiny_model) and char tokenizer, saved with save_pretrained in a fresh temporary folder `name`."""
     from demo.modelkit import make_tiny_checkpoint
 
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    def build(name: str, seed: int, **shape: int) -> Path:
+        return make_tiny_checkpoint(tmp_path_factory.mktemp(name) / "model", seed=seed, **shape)
+
+    return build
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint_other(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Same architecture and tokenizer as tiny_checkpoint, different random weights."""
-    from demo.modelkit import make_tiny_checkpoint
+def tiny_checkpoint(build_checkpoint: Callable[..., Path]) -> Path:
+    """A random-init Llama (hidden 64, 2 layers) + char tokenizer saved with save_pretrained."""
+    return build_checkpoint("tiny", seed=0)
 
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-other") / "model", seed=1)
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_other(build_checkpoint: Callable[..., Path]) -> Path:
+    """Same architecture and tokenizer as tiny_checkpoint, different random weights."""
+    return build_checkpoint("tiny-other", seed=1)
 
 
 @pytest.fixture

@@ -94,6 +94,15 @@ def _serve(hosts: Hosts, host: str, name: str, role: str, port: int, pki, tmp: P
     return proc, ready
 
 
+def _serve_all(hosts: Hosts, pki, tmp: Path, model: Path, files: dict[str, Path],
+               layout: dict[str, tuple[str, str, int]]) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """Each service of `layout` (name: (host, role, port)) as its own process (`_serve`): the reward
+    with the digits plugin of `files`, every other role serving `model`."""
+    return {name: _serve(hosts, host, name, role, port, pki, tmp,
+                         **({"options": _digits_reward(files)} if role == "reward" else {"model": model}))
+            for name, (host, role, port) in layout.items()}
+
+
 def _wait_ready(started: dict[str, tuple[subprocess.Popen, Path]], tmp: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     for name, (proc, ready) in started.items():
@@ -166,12 +175,9 @@ def _wait_steps(done_steps: Callable[[], int], n: int, timeout: float = 120) -> 
 def test_grpo_across_hosts_with_tls_rides_through_a_pulled_cable(hosts: Hosts, tiny_checkpoint: Path,
                                                                   task: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     pki = _pki(tmp_path, [hosts.address(h) for h in hosts.names])
-    reward = _digits_reward(task)
-    started = {
-        "generator": _serve(hosts, "gen1", "generator", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),
-        "reward": _serve(hosts, "svc", "reward", "reward", PORT, pki, tmp_path, options=reward),
-        "reference": _serve(hosts, "svc", "reference", "reference", PORT + 1, pki, tmp_path, model=tiny_checkpoint),
-    }
+    started = _serve_all(hosts, pki, tmp_path, tiny_checkpoint, task, {
+        "generator": ("gen1", "generator", PORT), "reward": ("svc", "reward", PORT),
+        "reference": ("svc", "reference", PORT + 1)})
     services = {
         "generator": {**_endpoint(hosts, "gen1", PORT, pki), "weights_transport": "grpc"},
         "rewards": [_endpoint(hosts, "svc", PORT, pki)],
@@ -205,12 +211,8 @@ def test_grpo_across_hosts_with_tls_rides_through_a_pulled_cable(hosts: Hosts, t
 def test_a_generator_replica_cut_off_mid_run_leaves_the_run_to_the_other(hosts: Hosts, tiny_checkpoint: Path,
                                                                          task: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
     pki = _pki(tmp_path, [hosts.address(h) for h in hosts.names])
-    reward = _digits_reward(task)
-    started = {
-        "gen1": _serve(hosts, "gen1", "gen1", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),
-        "gen2": _serve(hosts, "gen2", "gen2", "generator", PORT, pki, tmp_path, model=tiny_checkpoint),
-        "reward": _serve(hosts, "svc", "reward", "reward", PORT, pki, tmp_path, options=reward),
-    }
+    started = _serve_all(hosts, pki, tmp_path, tiny_checkpoint, task, {
+        "gen1": ("gen1", "generator", PORT), "gen2": ("gen2", "generator", PORT), "reward": ("svc", "reward", PORT)})
     generator = _endpoint(hosts, "gen1", PORT, pki)
     generator["address"] = [f"{hosts.address(h)}:{PORT}" for h in ("gen1", "gen2")]
     services = {

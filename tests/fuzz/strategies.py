@@ -38,6 +38,10 @@ _NUMPY_OF = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_FLOAT16: np.float16, pb.DTYP
 FLOAT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16, pb.DTYPE_FLOAT64)
 INT_DTYPES = (pb.DTYPE_INT32, pb.DTYPE_INT64)
 NON_FINITE = (float("nan"), float("inf"), float("-inf"))
+#: The field a refused token-id batch of the reference and value services names.
+TOKENS = "sequences.token_ids"
+#: A fixed valid batch for the reference and value services: its answer before fuzzing is the baseline.
+GOOD_ROWS, GOOD_STARTS = [[5, 9, 11, 3, 7], [20, 21], [1, 2, 3, 4, 5, 6, 7, 8, 9]], [2, 1, 4]
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ def ragged(rows: list[list[Any]], wire: int = pb.DTYPE_INT64) -> pb.Ragged:
     flat = [v for r in rows for v in r]
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(int).tolist()
     return pb.Ragged(values=tensor(flat, wire), offsets=offsets)
+
+
+def sequence_batch(rows: list[list[int]], starts: list[int]) -> pb.SequenceBatch:
+    """A well-formed SequenceBatch: token rows [B] and where each row's response starts [B]."""
+    return pb.SequenceBatch(token_ids=ragged(rows), response_start=starts)
 
 
 def token_rows(vocab: int, *, min_len: int = 1, max_len: int = 8, max_rows: int = 4) -> st.SearchStrategy:

@@ -19,28 +19,25 @@ from tests.fuzz.served import Served
 from tests.fuzz.strategies import (
     DEADLINE_S,
     FUZZ,
+    GOOD_ROWS,
+    GOOD_STARTS,
     INT64_MAX,
     INT_DTYPES,
+    TOKENS,
     Hostile,
     broken_ragged,
     expect_rejected,
     out_of_vocab_ids,
-    ragged,
+    sequence_batch,
     token_rows,
 )
 
-TOKENS = "sequences.token_ids"
 STARTS = "sequences.response_start"
 LIMITS = {"max_batch_tokens": 64, "max_batch_sequences": 8, "max_tokens_per_call": 200, "max_concurrent": 2}
-GOOD_ROWS, GOOD_STARTS = [[5, 9, 11, 3, 7], [20, 21], [1, 2, 3, 4, 5, 6, 7, 8, 9]], [2, 1, 4]
-
-
-def _batch(rows: list[list[int]], starts: list[int]) -> common_pb2.SequenceBatch:
-    return common_pb2.SequenceBatch(token_ids=ragged(rows), response_start=starts)
 
 
 def _request(rows: list[list[int]], starts: list[int]) -> reference_pb2.LogProbsRequest:
-    return reference_pb2.LogProbsRequest(sequences=_batch(rows, starts))
+    return reference_pb2.LogProbsRequest(sequences=sequence_batch(rows, starts))
 
 
 class Reference:

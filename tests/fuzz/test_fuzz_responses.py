@@ -1,11 +1,13 @@
-"""Fuzz the orchestrator's checks of what services answer (orchestrator/remote/clients.py).
+"""Fuzz the orchestrator's checks of what the generator and the reward services answer (Generate,
+GetInfo, Score; orchestrator/remote/clients.py). The reference's and the value's answers are fuzzed in
+test_fuzz_responses_reference_value.py.
 
 Each client method is called as the run loop calls it, against a stub that returns a drawn
-response. A well-formed response is accepted and decoded exactly; a response with one hostile
-defect (wrong counts, non-finite rewards / logprobs / values, token ids outside the vocabulary,
-offsets that do not add up, wrong dtypes or shapes, negative lengths, impossible scalars) raises
-ServiceError naming the service, the call and the field, and returns nothing. Arbitrary bytes in
-every array field raise ServiceError or decode into a response that passes every check: never
+response (tests/fuzz/answering.py). A well-formed response is accepted and decoded exactly; a
+response with one hostile defect (wrong counts, non-finite rewards / logprobs, token ids outside the
+vocabulary, offsets that do not add up, wrong dtypes or shapes, negative lengths, impossible scalars)
+raises ServiceError naming the service, the call and the field, and returns nothing. Arbitrary bytes
+in every array field raise ServiceError or decode into a response that passes every check: never
 IndexError, ValueError, RuntimeError or anything else.
 
 Shapes: P prompts, n samples each, B = P * n samples.
@@ -13,28 +15,26 @@ Shapes: P prompts, n samples each, B = P * n samples.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.remote.clients import (
-    GeneratorClient,
-    ReferenceClient,
-    RewardClient,
-    Samples,
-    ServiceError,
-    ValueClient,
-)
-from orchestrator.run.config import Endpoint
+from orchestrator.remote.clients import GeneratorClient, RewardClient, Samples, ServiceError
 from quartet.v1 import common_pb2 as pb
-from quartet.v1 import generator_pb2, reference_pb2, reward_pb2, value_pb2
+from quartet.v1 import generator_pb2, reward_pb2
+from tests.fuzz.answering import (
+    ADDRESS,
+    FLOAT16_OVERFLOW,
+    RESPONSES,
+    answering,
+    arbitrary_ragged,
+    arbitrary_tensor,
+    refused,
+)
 from tests.fuzz.strategies import (
     INT64_MAX,
     INT_DTYPES,
@@ -45,50 +45,8 @@ from tests.fuzz.strategies import (
     tensor,
 )
 
-# Pure Python, no sockets: a few hundred examples per response type take about a second each.
-RESPONSES = settings(max_examples=150, deadline=None, derandomize=True, database=None)
-ADDRESS = "127.0.0.1:1"  # never dialled: every call is answered by the stub
 STOP, LENGTH = generator_pb2.FINISH_REASON_STOP, generator_pb2.FINISH_REASON_LENGTH
-# Large rewards sent as float16 (a wrong-dtype defect) overflow in numpy's cast: part of the defect.
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-
-
-class _Stub:
-    """Answers every RPC with the response it was given (as a generated stub would return it)."""
-
-    def __init__(self, response: Any) -> None:
-        self.response = response
-
-    def __getattr__(self, rpc: str) -> Callable[..., Any]:
-        return lambda request, timeout=None: self.response
-
-
-@functools.cache
-def _client(kind: type) -> Any:
-    ep = Endpoint(address=ADDRESS)
-    if kind is GeneratorClient:
-        return GeneratorClient(ep, deadline_s=1, weights_deadline_s=1)
-    if kind is ValueClient:
-        return ValueClient(ep, deadline_s=1, train_deadline_s=1, checkpoint_deadline_s=1)
-    return kind(ep, deadline_s=1)
-
-
-def _answering(kind: type, response: Any) -> Any:
-    client = _client(kind)
-    client._stub = client._admin = _Stub(response)
-    return client
-
-
-def _refused(call: Callable[[], Any], *, service: str, rpc: str, field: str, why: str) -> ServiceError:
-    """Run `call`; it must raise ServiceError whose message names the service, the RPC and `field`."""
-    try:
-        result = call()
-    except ServiceError as e:
-        text = str(e)
-        assert text.startswith(f"{service} at {ADDRESS} service, {rpc}: "), f"{why}: {text!r}"
-        assert field in e.problem, f"{why}: {text!r} does not name {field!r}"
-        return e
-    raise AssertionError(f"{why}: accepted, returned {result!r}")
+pytestmark = FLOAT16_OVERFLOW
 
 
 # ---- Generate ------------------------------------------------------------------------------------
@@ -116,7 +74,7 @@ class Rollout:
         )
 
     def check(self, response: Any) -> Samples:
-        client = _answering(GeneratorClient, response)
+        client = answering(GeneratorClient, response)
         client.vocab_size = self.vocab
         return client.generate([[1]] * self.p, n=self.n, temperature=1.0, top_p=1.0, top_k=0,
                                max_new_tokens=self.max_new_tokens, stop_token_ids=[], seed=0, request_id="fuzz")
@@ -188,7 +146,7 @@ def test_a_hostile_generate_answer_is_refused(r: Rollout, defect: str, data: st.
         r.prompt_index[k] = draw(st.integers(-(2**31), 2**31 - 1).filter(lambda v: v != k // r.n))
     else:
         r.texts = r.texts[:-1] if draw(st.booleans()) else [*r.texts, "x"]
-    _refused(lambda: r.check(r.message(ids_msg, lp_msg)), service="generator", rpc="Generate", field=field,
+    refused(lambda: r.check(r.message(ids_msg, lp_msg)), service="generator", rpc="Generate", field=field,
              why=defect)
 
 
@@ -196,7 +154,7 @@ def test_a_hostile_generate_answer_is_refused(r: Rollout, defect: str, data: st.
 
 
 def _score(b: int, response: Any) -> Any:
-    client = _answering(RewardClient, response)
+    client = answering(RewardClient, response)
     return client.score([[1]] * b, [[2]] * b, ["p"] * b, ["c"] * b, [{}] * b)
 
 
@@ -248,107 +206,11 @@ def test_a_hostile_score_answer_is_refused(rewards: list[float], defect: str, da
         msg = _tensor_defect(draw, rewards)
     else:
         failed, field = [True] * draw(st.integers(1, 12).filter(lambda k: k != b)), "failed"
-    _refused(lambda: _score(b, reward_pb2.ScoreResponse(rewards=msg, failed=failed)), service="reward", rpc="Score",
+    refused(lambda: _score(b, reward_pb2.ScoreResponse(rewards=msg, failed=failed)), service="reward", rpc="Score",
              field=field, why=defect)
 
 
-# ---- LogProbs and Values -------------------------------------------------------------------------
-
-ROWS = {"reference": (ReferenceClient, "LogProbs", "logprobs"), "value": (ValueClient, "Values", "values")}
-
-
-def _per_token(role: str, lengths: list[int], msg: pb.Ragged) -> list[torch.Tensor]:
-    kind = ROWS[role][0]
-    prompts, completions = [[1]] * len(lengths), [[3] * k for k in lengths]
-    if role == "value":
-        return _answering(kind, value_pb2.ValuesResponse(values=msg)).values(prompts, completions)
-    return _answering(kind, reference_pb2.LogProbsResponse(logprobs=msg)).logprobs(prompts, completions)
-
-
-@st.composite
-def token_values(draw: st.DrawFn, role: str) -> list[list[float]]:
-    """[B] rows (1..6 tokens) of finite float32 values; log-probabilities (<= 0) for the reference."""
-    high = 0.0 if role == "reference" else 1e6
-    value = st.floats(-1e6, high, width=32)
-    return draw(st.lists(st.lists(value, min_size=1, max_size=6), min_size=1, max_size=6))
-
-
-@pytest.mark.parametrize("role", list(ROWS))
-@given(data=st.data())
-@RESPONSES
-def test_a_good_per_token_answer_is_decoded_exactly(role: str, data: st.DataObject) -> None:
-    rows = data.draw(token_values(role))
-    got = _per_token(role, [len(r) for r in rows], ragged(rows, pb.DTYPE_FLOAT32))
-    assert [g.tolist() for g in got] == rows and all(g.dtype == torch.float32 for g in got)
-
-
-@pytest.mark.parametrize("role", list(ROWS))
-@given(defect=st.sampled_from(["ragged", "count", "lengths", "nonfinite", "positive"]), data=st.data())
-@RESPONSES
-def test_a_hostile_per_token_answer_is_refused(role: str, defect: str, data: st.DataObject) -> None:
-    _, rpc, field = ROWS[role]
-    draw = data.draw
-    rows = draw(token_values(role))
-    lengths = [len(r) for r in rows]
-    if defect == "positive" and role == "value":
-        defect = "nonfinite"  # a value may be positive; only a log-probability may not
-    msg = None
-    if defect == "ragged":
-        msg = draw(broken_ragged(rows, allowed=(pb.DTYPE_FLOAT32,), field=field)).request
-    elif defect == "count":
-        rows = [*rows, [-1.0]] if draw(st.booleans()) or len(rows) == 1 else rows[:-1]
-    elif defect == "lengths":
-        row = draw(st.integers(0, len(rows) - 1))
-        rows[row] = rows[row] + [-1.0] if draw(st.booleans()) or len(rows[row]) == 1 else rows[row][:-1]
-    else:
-        row = draw(st.integers(0, len(rows) - 1))
-        bad = draw(st.sampled_from(NON_FINITE)) if defect == "nonfinite" else draw(st.floats(2**-9, 2**99, width=32))
-        rows[row][draw(st.integers(0, len(rows[row]) - 1))] = bad
-    msg = msg or ragged(rows, pb.DTYPE_FLOAT32)
-    _refused(lambda: _per_token(role, lengths, msg), service=role, rpc=rpc, field=field, why=defect)
-
-
-# ---- TrainStep and GetInfo -----------------------------------------------------------------------
-
-
-def _train(response: Any) -> Any:
-    client = _answering(ValueClient, response)
-    one = [torch.zeros(2)]
-    return client.train_step([[1]], [[2, 3]], returns=one, old_values=one, mask=None, clip_range=0.2, step_id=5)
-
-
-good_train = st.fixed_dictionaries({
-    "loss": st.floats(0, 1e6, width=32), "clip_fraction": st.floats(0, 1, width=32),
-    "explained_variance": st.one_of(st.floats(-1e6, 1, width=32), st.just(math.nan)),
-    "grad_norm": st.floats(0, 1e6, width=32), "steps_trained": st.integers(0, INT64_MAX),
-    "last_step_id": st.integers(-1, INT64_MAX), "duplicate": st.booleans(),
-})
-
-HOSTILE_SCALARS = {
-    "loss": st.sampled_from(NON_FINITE),
-    "clip_fraction": st.one_of(st.sampled_from(NON_FINITE), st.floats(-(2**99), -(2**-9), width=32),
-                               st.floats(1 + 2**-7, 2**99, width=32)),
-    "explained_variance": st.sampled_from([math.inf, -math.inf]),
-    "grad_norm": st.one_of(st.sampled_from(NON_FINITE), st.floats(-(2**99), -(2**-9), width=32)),
-    "steps_trained": st.integers(-INT64_MAX - 1, -1),
-    "last_step_id": st.integers(-INT64_MAX - 1, -2),
-}
-
-
-@given(good_train)
-@RESPONSES
-def test_a_good_train_step_answer_is_accepted(fields: dict[str, Any]) -> None:
-    got = _train(value_pb2.TrainStepResponse(**fields))
-    assert (got.steps_trained, got.last_step_id, got.duplicate) == (
-        fields["steps_trained"], fields["last_step_id"], fields["duplicate"])
-
-
-@given(good_train, st.sampled_from(sorted(HOSTILE_SCALARS)), st.data())
-@RESPONSES
-def test_a_hostile_train_step_answer_is_refused(fields: dict[str, Any], field: str, data: st.DataObject) -> None:
-    fields[field] = data.draw(HOSTILE_SCALARS[field])
-    _refused(lambda: _train(value_pb2.TrainStepResponse(**fields)), service="value", rpc="TrainStep", field=field,
-             why=f"{field}={fields[field]}")
+# ---- GetInfo -------------------------------------------------------------------------------------
 
 
 @given(st.sampled_from(["vocab_size", "last_step_id"]), st.data())
@@ -356,24 +218,13 @@ def test_a_hostile_train_step_answer_is_refused(fields: dict[str, Any], field: s
 def test_a_hostile_generator_info_is_refused_and_changes_nothing(field: str, data: st.DataObject) -> None:
     bad = data.draw(st.integers(-(2**31), 0) if field == "vocab_size" else st.integers(-INT64_MAX - 1, -2))
     info = {"role": "generator", "vocab_size": 32, "last_step_id": -1, field: bad}
-    client = _answering(GeneratorClient, pb.ServiceInfo(**info))
+    client = answering(GeneratorClient, pb.ServiceInfo(**info))
     client.vocab_size = 17
-    _refused(client.info, service="generator", rpc="GetInfo", field=field, why=f"{field}={bad}")
+    refused(client.info, service="generator", rpc="GetInfo", field=field, why=f"{field}={bad}")
     assert client.vocab_size == 17  # nothing of the refused answer was kept
 
 
-# ---- arbitrary bytes: ServiceError or a response that passes every check, nothing else ----------
-
-wire_dtypes = st.one_of(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8]), st.integers(-(2**31), 2**31 - 1))
-arbitrary_tensor = st.builds(
-    lambda dtype, shape, data: pb.Tensor(dtype=dtype, shape=shape, data=data),
-    wire_dtypes, st.lists(st.one_of(st.integers(0, 16), st.integers(-INT64_MAX - 1, INT64_MAX)), max_size=3),
-    st.binary(max_size=96),
-)
-arbitrary_ragged = st.builds(
-    lambda values, offsets: pb.Ragged(values=values, offsets=offsets), arbitrary_tensor,
-    st.lists(st.one_of(st.integers(0, 24), st.integers(-INT64_MAX - 1, INT64_MAX)), max_size=6),
-)
+# ---- arbitrary bytes: ServiceError or a response that passes every check, nothing else -----------
 
 
 @given(arbitrary_ragged, arbitrary_ragged, st.integers(1, 3), st.integers(1, 2))
@@ -402,16 +253,3 @@ def test_arbitrary_reward_bytes_raise_service_error_or_pass_every_check(rewards:
         assert e.service == f"reward at {ADDRESS}" and e.call == "Score"
         return
     assert s.rewards.shape == (b,) and s.rewards.dtype == torch.float32 and bool(torch.isfinite(s.rewards).all())
-
-
-@pytest.mark.parametrize("role", list(ROWS))
-@given(msg=arbitrary_ragged, lengths=st.lists(st.integers(1, 4), min_size=1, max_size=4))
-@RESPONSES
-def test_arbitrary_per_token_bytes_raise_service_error_or_pass_every_check(
-        role: str, msg: pb.Ragged, lengths: list[int]) -> None:
-    try:
-        rows = _per_token(role, lengths, msg)
-    except ServiceError as e:
-        assert e.service == f"{role} at {ADDRESS}" and e.call == ROWS[role][1]
-        return
-    assert [len(r) for r in rows] == lengths and all(bool(torch.isfinite(r).all()) for r in rows)

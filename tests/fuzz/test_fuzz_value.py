@@ -22,27 +22,25 @@ from tests.fuzz.strategies import (
     DEADLINE_S,
     FLOAT_DTYPES,
     FUZZ,
+    GOOD_ROWS,
+    GOOD_STARTS,
     INT64_MAX,
     INT_DTYPES,
     NON_FINITE,
     REJECT_CODES,
+    TOKENS,
     Hostile,
     broken_ragged,
     expect_rejected,
     out_of_vocab_ids,
     ragged,
+    sequence_batch,
     token_rows,
 )
 
-TOKENS = "sequences.token_ids"
 OPTIONS = {"lr": 1e-2, "max_batch_tokens": 64, "max_batch_sequences": 8, "max_tokens_per_call": 200,
            "max_epochs": 4, "max_concurrent": 2}
-GOOD_ROWS, GOOD_STARTS = [[5, 9, 11, 3, 7], [20, 21], [1, 2, 3, 4, 5, 6, 7, 8, 9]], [2, 1, 4]
 PERMISSION = frozenset({grpc.StatusCode.PERMISSION_DENIED})
-
-
-def _batch(rows: list[list[int]], starts: list[int]) -> common_pb2.SequenceBatch:
-    return common_pb2.SequenceBatch(token_ids=ragged(rows), response_start=starts)
 
 
 class Value:
@@ -61,7 +59,7 @@ class Value:
         return self.admin.TrainStep(request, timeout=DEADLINE_S)
 
     def good(self) -> tuple[bytes, int]:
-        out = self.values(value_pb2.ValuesRequest(sequences=_batch(GOOD_ROWS, GOOD_STARTS)))
+        out = self.values(value_pb2.ValuesRequest(sequences=sequence_batch(GOOD_ROWS, GOOD_STARTS)))
         return out.values.values.data, out.steps_trained
 
     def assert_unchanged(self, why: str) -> None:
@@ -98,7 +96,7 @@ def test_values_refuse_broken_sequences(val: Value, data: st.DataObject) -> None
         else:
             starts[i] = data.draw(st.one_of(st.integers(-INT64_MAX, 0), st.integers(len(rows[i]) + 1, INT64_MAX)))
             field = "sequences.response_start"
-        batch, why = _batch(rows, starts), f"{kind}: {rows} {starts}"
+        batch, why = sequence_batch(rows, starts), f"{kind}: {rows} {starts}"
     val.reject_then_unchanged(val.values, Hostile(value_pb2.ValuesRequest(sequences=batch), field, why))
 
 
@@ -118,7 +116,7 @@ def hostile_train_steps(draw: st.DrawFn, vocab: int) -> Hostile:
     floats = st.floats(-10, 10, allow_nan=False, width=32)
     returns = [[draw(floats) for _ in range(n)] for n in counts]
     old = [[draw(floats) for _ in range(n)] for n in counts]
-    req = value_pb2.TrainStepRequest(sequences=_batch(rows, starts), returns=ragged(returns, common_pb2.DTYPE_FLOAT32),
+    req = value_pb2.TrainStepRequest(sequences=sequence_batch(rows, starts), returns=ragged(returns, common_pb2.DTYPE_FLOAT32),
                                      step_id=draw(st.integers(0, 1000)))
     kind = draw(st.sampled_from(_TRAIN_KINDS))
     i = draw(st.integers(0, len(rows) - 1))
@@ -229,7 +227,7 @@ def test_extreme_finite_returns_leave_the_critic_finite(serve: Callable[..., Ser
         counts = [len(r) - s for r, s in zip(GOOD_ROWS, GOOD_STARTS, strict=True)]
         for step, big in enumerate((3e38, -3e38, 1e30)):
             returns = [[big] * n for n in counts]
-            v.train(value_pb2.TrainStepRequest(sequences=_batch(GOOD_ROWS, GOOD_STARTS), step_id=step,
+            v.train(value_pb2.TrainStepRequest(sequences=sequence_batch(GOOD_ROWS, GOOD_STARTS), step_id=step,
                                                returns=ragged(returns, common_pb2.DTYPE_FLOAT32)))
-        out = v.values(value_pb2.ValuesRequest(sequences=_batch(GOOD_ROWS, GOOD_STARTS)))
+        out = v.values(value_pb2.ValuesRequest(sequences=sequence_batch(GOOD_ROWS, GOOD_STARTS)))
         assert bool(torch.isfinite(decode_ragged(out.values).values).all())

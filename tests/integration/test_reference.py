@@ -3,14 +3,12 @@ bad input gets the documented status naming the field, health, GetInfo, metrics,
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from quartet.v1 import common_pb2, reference_pb2, reference_pb2_grpc
 from services.common import hf
@@ -20,6 +18,8 @@ from services.common.config import ServerConfig
 from services.common.role import ModelConfig
 from services.common.server import RunningServer, start_server
 from services.reference.backend import ReferenceBackend
+from tests.forward import hf_model
+from tests.integration.serving import hold_load, metric
 
 BUDGET = 24  # tokens per forward pass: small enough that the batch below needs several
 
@@ -59,19 +59,14 @@ def _ragged_batch(vocab: int) -> tuple[list[list[int]], list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths], starts
 
 
-def _sample(srv: RunningServer, name: str) -> float:
-    return srv.registry.get_sample_value(name) or 0.0
-
-
 def test_logprobs_equal_direct_transformers(server, stub, tiny_checkpoint) -> None:
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32, local_files_only=True)
-    model.eval()
+    model = hf_model(tiny_checkpoint)
     rows, starts = _ragged_batch(model.config.vocab_size)
-    micro_before = _sample(server, "quartet_reference_micro_batches_total")
+    micro_before = metric(server, "quartet_reference_micro_batches_total")
 
     got = decode_ragged(stub.LogProbs(_request(rows, starts), timeout=30).logprobs, dtypes=(torch.float32,)).rows()
 
-    assert _sample(server, "quartet_reference_micro_batches_total") - micro_before >= 4  # budget forced splitting
+    assert metric(server, "quartet_reference_micro_batches_total") - micro_before >= 4  # budget forced splitting
     assert len(got) == len(rows)
     with torch.no_grad():
         for row, start, out in zip(rows, starts, got, strict=True):
@@ -147,21 +142,14 @@ def test_get_info(stub, tiny_checkpoint) -> None:
 def test_metrics_move(server, stub) -> None:
     names = ["quartet_reference_sequences_total", "quartet_reference_tokens_total",
              "quartet_reference_response_tokens_total", "quartet_reference_micro_batches_total"]
-    before = [_sample(server, n) for n in names]
+    before = [metric(server, n) for n in names]
     stub.LogProbs(_request([[1, 2, 3, 4], [5, 6]], [2, 1]), timeout=10)
-    after = [_sample(server, n) for n in names]
+    after = [metric(server, n) for n in names]
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 6, 3, 1]
 
 
 def test_health_not_serving_until_loaded(tiny_checkpoint, monkeypatch) -> None:
-    release = threading.Event()
-    original = ReferenceBackend.load
-
-    def slow_load(self: ReferenceBackend) -> None:
-        release.wait(30)
-        original(self)
-
-    monkeypatch.setattr(ReferenceBackend, "load", slow_load)
+    release = hold_load(monkeypatch, ReferenceBackend)
     srv = start_server("reference", model=_model(tiny_checkpoint), wait_ready=False)
     channel = open_channel(srv.address)
     stub = reference_pb2_grpc.ReferenceStub(channel)

@@ -23,6 +23,7 @@ from services.common.codec import decode_tensor, encode_ragged
 from services.common.config import ServerConfig
 from services.common.role import ModelConfig
 from services.common.server import RunningServer, start_server
+from tests.integration.serving import metric
 
 TOKEN = "reward-call-token"
 PLUGIN_TIMEOUT = 1.0
@@ -71,10 +72,6 @@ def _rewards(response: reward_pb2.ScoreResponse) -> list[float]:
     return decode_tensor(response.rewards, dtypes=(torch.float32,), ndim=1).tolist()
 
 
-def _metric(srv: RunningServer, name: str, labels: dict[str, str] | None = None) -> float:
-    return srv.registry.get_sample_value(name, labels or {}) or 0.0
-
-
 def _code(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as e:
         call()
@@ -95,7 +92,7 @@ def arith() -> Iterator[tuple[RunningServer, reward_pb2_grpc.RewardStub]]:
 
 def test_arithmetic_rule_scores_right_wrong_garbage(arith) -> None:
     srv, stub = arith
-    before = _metric(srv, "quartet_reward_samples_total", {"kind": "rule"})
+    before = metric(srv, "quartet_reward_samples_total", {"kind": "rule"})
     resp = stub.Score(_request(["71", "70", "banana", "", "071<eos>", "-3"], ["71", "71", "71", "71", "71", "-3"]),
                       timeout=10)
     assert _rewards(resp) == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
@@ -105,8 +102,8 @@ def test_arithmetic_rule_scores_right_wrong_garbage(arith) -> None:
     assert (info.role, info.backend, info.model_path) == ("reward", "rule:arithmetic", "rule:arithmetic")
     assert info.limits.max_batch_sequences == 128 and info.limits.max_message_bytes > 0
     assert info.extra["kind"] == "rule" and info.extra["answer_key"] == "answer"
-    assert _metric(srv, "quartet_reward_samples_total", {"kind": "rule"}) - before == 6
-    assert _metric(srv, "quartet_reward_value_count", {"kind": "rule"}) >= 6
+    assert metric(srv, "quartet_reward_samples_total", {"kind": "rule"}) - before == 6
+    assert metric(srv, "quartet_reward_value_count", {"kind": "rule"}) >= 6
 
 
 def test_arithmetic_score_latency_64_samples(arith) -> None:
@@ -197,9 +194,9 @@ def test_math_rule_and_pathological_answer_timeout(engine: str) -> None:
         # Two workers: the good sample is scored by the other one, so the call costs the timeout plus
         # the kill, not a fresh worker's start (a math-verify import takes seconds on a busy box).
         assert elapsed < 1.0 + 3.0, elapsed
-        assert _metric(srv, "quartet_reward_timeouts_total", {"kind": "rule"}) == 1
-        assert _metric(srv, "quartet_reward_failed_samples_total", {"kind": "rule", "reason": "timeout"}) == 1
-        assert _metric(srv, "quartet_reward_worker_restarts_total", {"reason": "timeout"}) == 1
+        assert metric(srv, "quartet_reward_timeouts_total", {"kind": "rule"}) == 1
+        assert metric(srv, "quartet_reward_failed_samples_total", {"kind": "rule", "reason": "timeout"}) == 1
+        assert metric(srv, "quartet_reward_worker_restarts_total", {"reason": "timeout"}) == 1
         assert _rewards(stub.Score(_request(["3"], ["3"]), timeout=10)) == [1.0]
     finally:
         channel.close()
@@ -285,24 +282,24 @@ def test_plugin_scores_and_reports_identity(plugin) -> None:
 ])
 def test_misbehaving_plugin_is_internal_naming_it(plugin, completion: str, reason: str, match: str) -> None:
     srv, stub = plugin
-    before = _metric(srv, "quartet_reward_errors_total", {"kind": "plugin", "reason": reason})
+    before = metric(srv, "quartet_reward_errors_total", {"kind": "plugin", "reason": reason})
     code, details = _code(lambda: stub.Score(_request(["fine", completion, "ok"]), timeout=10))
     assert code == grpc.StatusCode.INTERNAL
     assert "reward backend plugin:quartet_test_plugin:score" in details
     assert re.search(match, details), details
-    assert _metric(srv, "quartet_reward_errors_total", {"kind": "plugin", "reason": reason}) - before == 1
+    assert metric(srv, "quartet_reward_errors_total", {"kind": "plugin", "reason": reason}) - before == 1
     _plugin_ok(stub)  # the service stays up and the next call works
 
 
 def test_plugin_past_timeout_scores_failure(plugin) -> None:
     srv, stub = plugin
-    timeouts = _metric(srv, "quartet_reward_timeouts_total", {"kind": "plugin"})
+    timeouts = metric(srv, "quartet_reward_timeouts_total", {"kind": "plugin"})
     t = time.perf_counter()
     resp = stub.Score(_request(["sleep"]), timeout=20)
     elapsed = time.perf_counter() - t
     assert _rewards(resp) == [-1.0] and list(resp.failed) == [True]
     assert elapsed < PLUGIN_TIMEOUT + 1.5, elapsed  # ~1.01 s measured; slack for a loaded 2-core CI box
-    assert _metric(srv, "quartet_reward_timeouts_total", {"kind": "plugin"}) - timeouts == 1
+    assert metric(srv, "quartet_reward_timeouts_total", {"kind": "plugin"}) - timeouts == 1
     # A sleeper among good samples fails alone; the others are scored.
     resp = stub.Score(_request(["ab", "sleep", "abc", "abcd"]), timeout=20)
     assert _rewards(resp) == pytest.approx([0.2, -1.0, 0.3, 0.4]) and list(resp.failed) == [False, True, False, False]
@@ -387,7 +384,7 @@ def test_model_backend_equals_direct_forward(reward_checkpoint: Path) -> None:
         info = stub.GetInfo(common_pb2.GetInfoRequest(), timeout=5)
         assert info.backend == "model:rm" and info.tokenizer_fingerprint == hf.tokenizer_fingerprint(tokenizer)
         assert (info.dtype, info.device, info.model_path) == ("float32", "cpu", str(reward_checkpoint))
-        assert _metric(srv, "quartet_reward_samples_total", {"kind": "model"}) == 4
+        assert metric(srv, "quartet_reward_samples_total", {"kind": "model"}) == 4
         code, details = _code(lambda: stub.Score(reward_pb2.ScoreRequest(completion_text=["3"]), timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("prompt_text:")
     finally:

@@ -5,7 +5,6 @@ input names the field, health, GetInfo, metrics."""
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from services.common.config import ServerConfig
 from services.common.role import ModelConfig
 from services.common.server import RunningServer, start_server
 from services.value.backend import ValueBackend
+from tests.integration.serving import hold_load, metric
 
 CALL, ADMIN = "call-token", "admin-token"
 OPTIONS = {"lr": 3e-3, "max_batch_tokens": 32, "max_batch_sequences": 8}
@@ -84,10 +84,6 @@ def _values(stub: value_pb2_grpc.ValueStub) -> tuple[list[torch.Tensor], int]:
     return [r.clone() for r in decode_ragged(response.values, dtypes=(torch.float32,)).rows()], response.steps_trained
 
 
-def _sample(srv: RunningServer, name: str) -> float:
-    return srv.registry.get_sample_value(name) or 0.0
-
-
 def test_values_shape_and_fresh_head_is_zero(client) -> None:
     values, steps = _values(client.call_stub)  # the call token may read values
     assert [v.numel() for v in values] == [n - s for n, s in zip(LENGTHS, STARTS, strict=True)]
@@ -105,9 +101,9 @@ def test_twenty_steps_lower_the_loss(client) -> None:
     info = client.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=10)
     assert info.weight_version == 20 and info.last_step_id == 19
     srv = client.server
-    assert _sample(srv, "quartet_value_train_steps_total") == 20
-    assert _sample(srv, "quartet_value_loss") == pytest.approx(losses[-1])
-    assert _sample(srv, "quartet_value_explained_variance") == pytest.approx(responses[-1].explained_variance)
+    assert metric(srv, "quartet_value_train_steps_total") == 20
+    assert metric(srv, "quartet_value_loss") == pytest.approx(losses[-1])
+    assert metric(srv, "quartet_value_explained_variance") == pytest.approx(responses[-1].explained_variance)
 
 
 def test_clip_fraction_and_minibatches(client) -> None:
@@ -117,7 +113,7 @@ def test_clip_fraction_and_minibatches(client) -> None:
     r = client.stub.TrainStep(_train(1, returns=[-x for x in RETURNS], old_values=old, clip=1e-4,
                                      epochs=2, minibatch_size=2), timeout=60)
     assert 0 < r.clip_fraction <= 1 and r.steps_trained == 2
-    assert _sample(client.server, "quartet_value_optimizer_steps_total") == 1 + 2 * 3  # 2 epochs x ceil(5 / 2)
+    assert metric(client.server, "quartet_value_optimizer_steps_total") == 1 + 2 * 3  # 2 epochs x ceil(5 / 2)
 
 
 def test_repeated_step_id_does_not_train(client) -> None:
@@ -129,7 +125,7 @@ def test_repeated_step_id_does_not_train(client) -> None:
         assert again.duplicate and again.steps_trained == 1 and again.last_step_id == 5
     after, steps = _values(client.stub)
     assert steps == 1 and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    assert _sample(client.server, "quartet_value_duplicate_steps_total") == 3
+    assert metric(client.server, "quartet_value_duplicate_steps_total") == 3
     assert not client.stub.TrainStep(_train(6), timeout=60).duplicate
 
 
@@ -260,19 +256,12 @@ def test_get_info_and_value_metrics(client, tiny_checkpoint) -> None:
     assert info.tokenizer_fingerprint == hf.tokenizer_fingerprint(hf.load_tokenizer(tiny_checkpoint))
     assert info.limits.max_batch_sequences == 8
     _values(client.call_stub)
-    assert _sample(client.server, "quartet_value_sequences_total") == 5
-    assert _sample(client.server, "quartet_value_tokens_total") == sum(n - s for n, s in zip(LENGTHS, STARTS, strict=True))
+    assert metric(client.server, "quartet_value_sequences_total") == 5
+    assert metric(client.server, "quartet_value_tokens_total") == sum(n - s for n, s in zip(LENGTHS, STARTS, strict=True))
 
 
 def test_health_not_serving_until_loaded(tiny_checkpoint, tmp_path, monkeypatch) -> None:
-    release = threading.Event()
-    original = ValueBackend.load
-
-    def slow_load(self: ValueBackend) -> None:
-        release.wait(30)
-        original(self)
-
-    monkeypatch.setattr(ValueBackend, "load", slow_load)
+    release = hold_load(monkeypatch, ValueBackend)
     client = _start(tiny_checkpoint, tmp_path, wait_ready=False)
     try:
         assert health_status(client.channels[0], "quartet.v1.Value") == "NOT_SERVING"

@@ -14,7 +14,6 @@ import grpc
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import AutoModelForCausalLM
 
 from orchestrator.remote.clients import GeneratorClient, ServiceError
 from orchestrator.run.services_config import Endpoint, GeneratorEndpoint
@@ -22,32 +21,25 @@ from quartet.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.common import shm_weights, weights
 from services.common.channel import open_channel
 from services.common.codec import decode_ragged, encode_ragged
-from services.common.config import ServerConfig
-from services.common.role import ModelConfig
-from services.common.server import RunningServer, start_server
+from services.common.server import RunningServer
 from services.common.weights import SharedWeightsWriter
+from tests.forward import hf_model
+from tests.integration.serving import metric, serve_generator
 
 CALL, ADMIN = "shm-call-token", "shm-admin-token"
 PROMPTS = [[5, 6, 7], [8, 9]]
 
 
-def _start(path: Path, **options) -> RunningServer:
-    return start_server("generator", model=ModelConfig(path=str(path), dtype="float32", device="cpu"),
-                        options=options, server=ServerConfig(token=CALL, admin_token=ADMIN))
-
-
 @pytest.fixture
 def fresh(tiny_checkpoint: Path) -> Iterator[RunningServer]:
-    srv = _start(tiny_checkpoint)
-    yield srv
-    srv.stop(grace=0)
+    with serve_generator(tiny_checkpoint, token=CALL, admin_token=ADMIN) as srv:
+        yield srv
 
 
 @pytest.fixture
 def refusing(tiny_checkpoint: Path) -> Iterator[RunningServer]:
-    srv = _start(tiny_checkpoint, shared_memory_weights=False)
-    yield srv
-    srv.stop(grace=0)
+    with serve_generator(tiny_checkpoint, token=CALL, admin_token=ADMIN, shared_memory_weights=False) as srv:
+        yield srv
 
 
 def _client(srv: RunningServer, transport: str | None = None) -> GeneratorClient:
@@ -59,11 +51,7 @@ def _client(srv: RunningServer, transport: str | None = None) -> GeneratorClient
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).state_dict()
-
-
-def _metric(srv: RunningServer, name: str, labels: dict[str, str] | None = None) -> float:
-    return srv.registry.get_sample_value(name, labels or {}) or 0.0
+    return hf_model(path).state_dict()
 
 
 def _generate(srv: RunningServer) -> generator_pb2.GenerateResponse:
@@ -88,7 +76,7 @@ def test_auto_sends_through_shared_memory_and_serves_exactly_those_weights(
     again = _generate(fresh)
     assert again.weight_version == 2
     assert (again.completion_ids, again.logprobs) == (before.completion_ids, before.logprobs)
-    assert _metric(fresh, "quartet_generator_weight_updates_total", {"transport": "shm"}) == 2
+    assert metric(fresh, "quartet_generator_weight_updates_total", {"transport": "shm"}) == 2
     assert client.weight_transport.fallbacks == 0
     client.close()
     assert set(os.listdir("/dev/shm")) == before_shm
@@ -101,7 +89,7 @@ def test_shared_memory_and_stream_apply_the_same_bytes(fresh, tiny_checkpoint_ot
     _client(fresh, "grpc").update_weights(state, 2)
     by_stream = _generate(fresh)
     assert (by_shm.completion_ids, by_shm.logprobs) == (by_stream.completion_ids, by_stream.logprobs)
-    assert _metric(fresh, "quartet_generator_weight_updates_total", {"transport": "grpc"}) == 1
+    assert metric(fresh, "quartet_generator_weight_updates_total", {"transport": "grpc"}) == 1
 
 
 def test_a_refusing_generator_gets_the_stream_logged_once_and_counted(refusing, tiny_checkpoint_other, caplog) -> None:
@@ -113,7 +101,7 @@ def test_a_refusing_generator_gets_the_stream_logged_once_and_counted(refusing, 
     warnings = [r for r in caplog.records if "shared-memory weights" in r.getMessage()]
     assert len(warnings) == 1 and "shared_memory_weights" in warnings[0].getMessage()
     assert client.weight_transport.fallbacks == 1
-    assert _metric(refusing, "quartet_generator_weight_update_failures_total", {"reason": "shm_disabled"}) == 1
+    assert metric(refusing, "quartet_generator_weight_update_failures_total", {"reason": "shm_disabled"}) == 1
     assert _generate(refusing).weight_version == 2
 
 
@@ -185,7 +173,7 @@ def test_bad_handles_and_checksums_change_nothing(fresh, tiny_checkpoint_other, 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in info.value.details()
     after = _generate(fresh)
     assert after.weight_version == 0 and after == before
-    assert _metric(fresh, "quartet_generator_weight_update_failures_total", {"reason": "shm_InvalidArgument"}) == 1
+    assert metric(fresh, "quartet_generator_weight_update_failures_total", {"reason": "shm_InvalidArgument"}) == 1
     good = list(writer.messages(_state(tiny_checkpoint_other).items(), 1))
     assert _push_raw(fresh, good).version == 1  # the update lock and the segment lock were released
     info_stub = generator_pb2_grpc.GeneratorStub(open_channel(fresh.address, token=CALL))

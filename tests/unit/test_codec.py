@@ -7,6 +7,7 @@ test what crosses the wire, and compare raw bytes, so NaN payloads and -0.0 must
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -170,14 +171,20 @@ MALFORMED_TENSORS = {
 }
 
 
+def _refused(decode: Callable[..., object], msg: object, name: str, kwargs: dict, field: str) -> InvalidArgument:
+    """Decode `msg` (as received) as field `name`; it must raise InvalidArgument naming `field`."""
+    with pytest.raises(InvalidArgument) as err:
+        decode(_wire(msg), field=name, **kwargs)
+    assert err.value.field == field
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    return err.value
+
+
 @pytest.mark.parametrize("case", list(MALFORMED_TENSORS), ids=str)
 def test_malformed_tensor_is_invalid_argument(case: str) -> None:
     msg, kwargs, field = MALFORMED_TENSORS[case]
-    with pytest.raises(InvalidArgument) as err:
-        decode_tensor(_wire(msg), field="x", **kwargs)
-    assert err.value.field == field
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert str(err.value).startswith(field)
+    err = _refused(decode_tensor, msg, "x", kwargs, field)
+    assert str(err).startswith(field)
 
 
 def test_decode_array_rejects_bf16_naming_field() -> None:
@@ -209,10 +216,7 @@ MALFORMED_RAGGED = {
 @pytest.mark.parametrize("case", list(MALFORMED_RAGGED), ids=str)
 def test_malformed_ragged_is_invalid_argument(case: str) -> None:
     msg, kwargs, field = MALFORMED_RAGGED[case]
-    with pytest.raises(InvalidArgument) as err:
-        decode_ragged(_wire(msg), field="r", **kwargs)
-    assert err.value.field == field
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    _refused(decode_ragged, msg, "r", kwargs, field)
 
 
 def test_empty_ragged_batch_is_valid() -> None:

@@ -1,4 +1,6 @@
-"""The tiny model kit: tokenizer, checkpoint round trip, arithmetic task, warm-up, greedy evaluation."""
+"""The tiny model kit: tokenizer, checkpoint round trip, arithmetic task, warm-up, greedy evaluation.
+
+Through the names the package exports, and its submodules for the helpers it does not export."""
 
 from __future__ import annotations
 
@@ -9,23 +11,27 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from demo.modelkit.arithmetic import (
+from demo.modelkit import (
+    build_char_tokenizer,
+    build_tiny_model,
+    count_parameters,
+    encode_answer,
+    encode_prompt,
     extract_number,
+    greedy_accuracy,
+    greedy_complete,
     is_correct,
     load_jsonl,
     make_arithmetic_rows,
     make_arithmetic_task,
     make_dev_rows,
-)
-from demo.modelkit.evaluate import greedy_accuracy, greedy_complete, left_pad
-from demo.modelkit.model import (
-    build_tiny_model,
-    count_parameters,
     make_tiny_checkpoint,
     save_checkpoint,
+    sft_warmup,
 )
-from demo.modelkit.tokenizer import ALPHABET, build_char_tokenizer
-from demo.modelkit.warmup import collate_sft, encode_answer, encode_prompt, sft_warmup
+from demo.modelkit.evaluate import left_pad
+from demo.modelkit.tokenizer import ALPHABET
+from demo.modelkit.warmup import collate_sft
 
 TEXTS = ["23+48=", "71", "-5", "12*3=36", "what is 7 - 9 ?", "a, b. c: (d)!/", "  two  spaces ", ""]
 

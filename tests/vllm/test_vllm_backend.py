@@ -29,7 +29,8 @@ from services.generator.vllm_backend import (  # noqa: E402
     import_vllm,
     to_wire,
 )
-from tests.vllm.conftest import direct_logprobs, hf_model, logprob_atol  # noqa: E402
+from tests.forward import direct_logprobs, hf_model  # noqa: E402
+from tests.vllm.conftest import logprob_atol  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

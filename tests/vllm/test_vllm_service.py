@@ -24,7 +24,8 @@ from services.common.config import ServerConfig  # noqa: E402
 from services.common.role import ModelConfig  # noqa: E402
 from services.common.server import RunningServer, start_server  # noqa: E402
 from services.common.weights import push_weights  # noqa: E402
-from tests.vllm.conftest import direct_logprobs, hf_model, logprob_atol  # noqa: E402
+from tests.forward import direct_logprobs, hf_model  # noqa: E402
+from tests.vllm.conftest import logprob_atol  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
