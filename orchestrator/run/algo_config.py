@@ -178,6 +178,15 @@ class AlgorithmConfig(BaseModel):
         "(detached: the ratio is exactly 1) and skip the separate no-grad log-prob pass; the generator-vs-trainer "
         "gap and kl_ref are then measured on that forward. false: always run the separate pass.",
     )
+    micro_batch_tokens: int = Field(
+        16384, ge=1,
+        description="Most padded tokens (rows x longest row) in one forward pass of the trainer; a minibatch over "
+        "this is split and its gradients accumulated, so the trainer's memory stays bounded as completions grow "
+        "(as veRL's ppo_max_token_len_per_gpu). The activations of a pass grow with it: SmolLM2-135M (49k-token "
+        "vocabulary, fp32) takes ~1.8 MB a token, so one GRPO update of 16 x 330 tokens peaked at 11.5 GiB with "
+        "16384, 5.9 GiB with 2048 and 2.6 GiB with 512 (same gradients). Above one pass, the loss forward can no "
+        "longer double as the old-log-prob pass (reuse_loss_forward), which then costs a forward of its own.",
+    )
     tis_cap: float | None = Field(
         None,
         gt=0.0,

@@ -278,7 +278,7 @@ def build_experience(
     cfg: AlgorithmConfig,
     *,
     pad_token_id: int,
-    micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+    micro_batch_tokens: int | None = None,
     policy_logprobs: Tensor | None = None,
     from_update: bool = False,
 ) -> Experience:
@@ -344,17 +344,19 @@ def _trainer_logprobs(
     from_update: bool,
     *,
     pad_token_id: int,
-    micro_batch_tokens: int,
+    micro_batch_tokens: int | None,
 ) -> Tensor | None:
     """``build_experience``'s trainer log-probs [B, T]: ``policy_logprobs`` checked against the padded
-    ``batch``, or computed when None; with ``from_update`` (checked to be allowed) none are needed."""
+    ``batch``, or computed when None (``micro_batch_tokens`` per pass, default ``cfg.micro_batch_tokens``);
+    with ``from_update`` (checked to be allowed) none are needed."""
     if from_update:
         if not cfg.old_logprobs_from_update(len(rollout.completion_ids)):
             raise ValueError("from_update needs an update of one on-policy step: see "
                              "AlgorithmConfig.old_logprobs_from_update")
     elif policy_logprobs is None:
         policy_logprobs = trainer_logprobs(rollout.prompt_ids, rollout.completion_ids, policy_model,
-                                           pad_token_id=pad_token_id, micro_batch_tokens=micro_batch_tokens)
+                                           pad_token_id=pad_token_id,
+                                           micro_batch_tokens=micro_batch_tokens or cfg.micro_batch_tokens)
     elif tuple(policy_logprobs.shape) != (len(rollout.completion_ids), batch.response_length):
         raise ValueError(f"policy_logprobs has shape {tuple(policy_logprobs.shape)}, the rollout pads to "
                          f"{(len(rollout.completion_ids), batch.response_length)}")

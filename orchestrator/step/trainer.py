@@ -43,7 +43,6 @@ from orchestrator.step.objectives import (
     trpo_objective,
 )
 from orchestrator.step.policy import (
-    DEFAULT_MICRO_BATCH_TOKENS,
     TokenBatch,
     TokenLogProbs,
     logprobs_from_logits,
@@ -78,7 +77,8 @@ class PolicyTrainer:
         model: the trainable causal LM (parameters with requires_grad are trained).
         cfg: the algorithm config.
         seed: seeds the minibatch shuffle (its state is in ``state_dict`` for resume).
-        micro_batch_tokens: most padded tokens in one forward pass; gradients accumulate over them.
+        micro_batch_tokens: most padded tokens in one forward pass, gradients accumulating over them;
+            default: ``cfg.micro_batch_tokens``.
         max_len: the constant normaliser of ``seq_mean_token_sum_norm`` (Dr. GRPO): pass the
             generation budget (sampling max_new_tokens); None uses each batch's longest completion.
     """
@@ -89,12 +89,12 @@ class PolicyTrainer:
         cfg: AlgorithmConfig,
         *,
         seed: int,
-        micro_batch_tokens: int = DEFAULT_MICRO_BATCH_TOKENS,
+        micro_batch_tokens: int | None = None,
         max_len: int | None = None,
     ) -> None:
         self.model = model
         self.cfg = cfg
-        self.micro_batch_tokens = micro_batch_tokens
+        self.micro_batch_tokens = micro_batch_tokens or cfg.micro_batch_tokens
         self.max_len = max_len
         self.model.eval()
         self.params = [p for p in model.parameters() if p.requires_grad]

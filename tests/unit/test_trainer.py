@@ -218,12 +218,18 @@ def test_resuming_from_state_dict_continues_bit_identically(tiny_qwen):
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
-def test_micro_batching_does_not_change_the_update(tiny_qwen, aggregation):
+@pytest.mark.parametrize("budget_from", ["argument", "config"])
+def test_micro_batching_does_not_change_the_update(tiny_qwen, aggregation, budget_from):
     cfg = AlgorithmConfig(name="ppo", lr=1e-3, epochs=1, aggregation=aggregation)
     exp = experience(tiny_qwen, cfg)
     whole, split = copy.deepcopy(tiny_qwen), copy.deepcopy(tiny_qwen)
     a = PolicyTrainer(whole, cfg, seed=0).update(exp)
-    b = PolicyTrainer(split, cfg, seed=0, micro_batch_tokens=1).update(exp)  # one row per micro-batch
+    if budget_from == "argument":
+        b_trainer = PolicyTrainer(split, cfg, seed=0, micro_batch_tokens=1)  # one row per micro-batch
+    else:  # algorithm.micro_batch_tokens, as a run config sets it
+        b_trainer = PolicyTrainer(split, cfg.model_copy(update={"micro_batch_tokens": 1}), seed=0)
+    assert b_trainer.micro_batch_tokens == 1 and PolicyTrainer(whole, cfg, seed=0).micro_batch_tokens == 16384
+    b = b_trainer.update(exp)
     assert a.policy_loss == pytest.approx(b.policy_loss, abs=1e-6)
     assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
     # Compare the accumulated gradients (left in .grad after the step), not the weights: Adam's
