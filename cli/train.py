@@ -274,7 +274,8 @@ def print_summary(console, cfg, results) -> None:
         return
     first, last = results[0], results[-1]
     algo = cfg.algorithm.name
-    table = Table(title=f"{algo} run: {len(results)} steps ({last.step} total) in {cfg.run_dir}")
+    n = len(results)
+    table = Table(title=f"{algo} run: {n} step{'s' if n != 1 else ''} ({last.step} total) in {cfg.run_dir}")
     table.add_column("metric")
     table.add_column(f"step {first.step}", justify="right")
     table.add_column(f"step {last.step}", justify="right")
