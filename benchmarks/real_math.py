@@ -47,8 +47,10 @@ class DatasetResult:
 
 
 def generate(model, tokenizer, prompts: list[tuple[int, ...]], *, eot: list[int], max_new_tokens: int,
-             batch_size: int) -> list[tuple[list[int], bool]]:
-    """Greedy completions (token ids up to and including the end-of-turn token) and a truncated flag."""
+             batch_size: int, stop: tuple[str, ...] = ()) -> list[tuple[list[int], bool]]:
+    """Greedy completions (token ids up to and including the end-of-turn token, or the token that
+    completes a stop string) and a truncated flag. Stop strings are for models without a chat
+    template, whose completions otherwise run on into a next "Question:" of their own."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
     out: list[tuple[list[int], bool]] = []
     for start in range(0, len(prompts), batch_size):
@@ -58,11 +60,26 @@ def generate(model, tokenizer, prompts: list[tuple[int, ...]], *, eot: list[int]
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         with torch.no_grad():
             seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  do_sample=False, eos_token_id=eot, pad_token_id=pad)
+                                  do_sample=False, eos_token_id=eot, pad_token_id=pad,
+                                  stop_strings=list(stop) or None, tokenizer=tokenizer if stop else None)
         for row in seqs[:, width:].tolist():
             ends = [i for i, t in enumerate(row) if t in eot]
-            out.append((row[:ends[0] + 1], False) if ends else (row, True))
+            if ends:
+                out.append((row[:ends[0] + 1], False))
+                continue
+            stopped = _stop_end(tokenizer, row, stop)
+            out.append((row[:stopped], False) if stopped else (row, True))
     return out
+
+
+def _stop_end(tokenizer, row: list[int], stop: tuple[str, ...]) -> int | None:
+    """The length of the shortest prefix of `row` whose text contains a stop string, or None."""
+    if not stop or not any(s in tokenizer.decode(row) for s in stop):
+        return None
+    for n in range(1, len(row) + 1):
+        if any(s in tokenizer.decode(row[:n]) for s in stop):
+            return n
+    return None
 
 
 def score(rule: str, completions: list[str], answers: list[str]) -> list[float]:
@@ -94,7 +111,7 @@ def run_dataset(kind: str, model, tokenizer, args: argparse.Namespace) -> Datase
     eot = end_of_turn_token_ids(tokenizer)
     started = time.perf_counter()
     outputs = generate(model, tokenizer, [e.prompt_ids for e in examples], eot=eot,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop=tuple(args.stop))
     seconds = time.perf_counter() - started
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs]
     answers = [e.answer for e in examples]
@@ -124,6 +141,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--template", default="{question}", help="User message; {question} is the problem.")
     parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--stop", action="append", default=[],
+                        help="Stop string (repeatable), for models without a chat template, e.g. '\\nQuestion:'.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--show", type=int, default=3, help="Completions kept per dataset in the JSON.")
