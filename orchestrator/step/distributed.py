@@ -14,6 +14,10 @@ What rank 0 sends the others (``broadcast_object_list``, in this order):
 - ``update``: before each update, the experience; every rank runs ``PolicyTrainer.update`` on it.
 - ``stop``: rank 0 is done, finished or failed; the others return.
 
+Before the first message every rank says where it runs (host, pid). Rank 0 that fails waits for the
+ranks on its host to exit before it exits itself: torchrun stops all of its workers as soon as one
+exits with an error, and a rank still tearing down after ``stop`` would be reported as killed.
+
 TRPO takes ``autograd.grad``, which DDP does not all-reduce: its step sums the ranks' shares itself
 (``rl.trpo.trpo_step``'s ``all_sum``) and runs on the unwrapped policy.
 """
@@ -24,7 +28,10 @@ import dataclasses
 import gc
 import inspect
 import os
+import socket
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +48,8 @@ from services.common.hf import load_causal_lm, resolve_device, resolve_dtype
 # updates, so this bounds a step, not a message; a rank that fails ends the others sooner (torchrun
 # stops the whole group when one exits with an error, and rank 0 sends `stop` whenever it ends).
 WAIT = timedelta(hours=24)
+# How long a failing rank 0 waits for the other ranks on its host to exit after `stop`.
+EXIT_WAIT_S = 30.0
 JOIN, UPDATE, STOP = "join", "update", "stop"
 _DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
@@ -126,6 +135,7 @@ class Leader:
         self.ranks = ranks
         self._stopped = False
         self._trainer: PolicyTrainer | None = None
+        self._peers = _whereabouts()
 
     def join(self, trainer: PolicyTrainer) -> None:
         """Call once the trainer's state is final (after a resume's restore), before the first update."""
@@ -155,11 +165,15 @@ class Leader:
             # group: the error the run ends with is the one that ended it, not this one.
             if exc_type is None:
                 raise
+        if exc_type is not None:
+            here = socket.gethostname()
+            await_exit([pid for host, pid in self._peers[1:] if host == here], timeout_s=EXIT_WAIT_S)
 
 
 def follow(cfg: RunConfig, ranks: Ranks) -> int:
     """Ranks 1..N-1: a policy replica that takes part in rank 0's updates until it stops; returns the
     number of updates taken part in."""
+    _whereabouts()
     silence_progress_bars()
     torch.manual_seed(cfg.seed)
     if cfg.models.threads is not None:
@@ -194,6 +208,37 @@ def follow(cfg: RunConfig, ranks: Ranks) -> int:
     return updates
 
 
+def _whereabouts() -> list[tuple[str, int]]:
+    """(host, pid) of every rank, by rank (collective: the first thing every rank does after start)."""
+    peers: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    return [tuple(p) for p in peers]
+
+
+def await_exit(pids: list[int], *, timeout_s: float, poll_s: float = 0.05) -> list[int]:
+    """Wait until none of these processes runs any more (an exited one not yet reaped counts as gone),
+    at most `timeout_s`; returns those still running."""
+    deadline = time.monotonic() + timeout_s
+    running = [p for p in pids if _running(p)]
+    while running and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        running = [p for p in running if _running(p)]
+    return running
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited; its parent (torchrun) reaps it at its next poll
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def _leave() -> None:
     """Leave the process group together: a root's broadcast can return before the others have its
     message, and a group destroyed under it leaves them waiting (seen with gloo)."""
@@ -201,4 +246,4 @@ def _leave() -> None:
     dist.destroy_process_group()
 
 
-__all__ = ["WAIT", "Leader", "attach", "check", "detach", "follow", "start"]
+__all__ = ["EXIT_WAIT_S", "WAIT", "Leader", "attach", "await_exit", "check", "detach", "follow", "start"]

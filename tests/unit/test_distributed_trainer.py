@@ -153,3 +153,38 @@ def test_retries_under_torchrun_point_to_torchrun_restarts(monkeypatch, tmp_path
         _start_ranks(cfg, console, retries=1)  # refused before any process group is joined
     assert exit_.value.exit_code == 2
     assert "torchrun --max-restarts N" in console.file.getvalue() and "--resume" in console.file.getvalue()
+
+
+def test_await_exit_returns_when_the_processes_are_gone_or_only_unreaped(tmp_path) -> None:
+    # A failing rank 0 waits for the ranks on its host to exit before it exits (torchrun would
+    # otherwise SIGTERM a rank still tearing down after `stop` and report it as failed too).
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    from orchestrator.step.distributed import await_exit
+
+    go = tmp_path / "go"
+    waiter = subprocess.Popen([sys.executable, "-c", f"import os, time\nwhile not os.path.exists({str(go)!r}): "
+                                                     "time.sleep(0.01)"])
+    unreaped = subprocess.Popen([sys.executable, "-c", "pass"])  # exits at once; not waited for until the end
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{unreaped.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the short-lived child never exited"
+            time.sleep(0.02)
+        threading.Timer(0.3, go.touch).start()  # the waiter can exit only from then on
+        t0 = time.monotonic()
+        assert await_exit([waiter.pid, unreaped.pid], timeout_s=20) == []
+        assert 0.3 <= time.monotonic() - t0 < 15
+        t0 = time.monotonic()
+        assert await_exit([stuck.pid], timeout_s=0.4) == [stuck.pid]  # bounded: a hung rank does not hold it
+        assert 0.4 <= time.monotonic() - t0 < 5
+    finally:
+        go.touch()
+        stuck.kill()
+        for p in (waiter, unreaped, stuck):
+            p.wait()
