@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -147,8 +148,9 @@ def _train(hosts: Hosts, tmp: Path, model: Path, files: dict[str, Path], service
     }
     (tmp / "run.yaml").write_text(yaml.safe_dump(cfg))
     out = (tmp / "orchestrator.log").open("w")
+    # PYTHONFAULTHANDLER: a run that hangs is sent SIGABRT below, and its log then shows every thread's stack.
     orch = hosts.popen("orch", [sys.executable, "-m", "cli.main", "train", str(tmp / "run.yaml")], stdout=out,
-                       stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+                       stderr=subprocess.STDOUT, env={**_env(), "PYTHONFAULTHANDLER": "1"}, cwd=REPO)
     log_path = run_dir / "steps.jsonl"
 
     def done_steps() -> int:
@@ -157,7 +159,12 @@ def _train(hosts: Hosts, tmp: Path, model: Path, files: dict[str, Path], service
 
     try:
         during(done_steps)
-        code = orch.wait(timeout=240)
+        try:
+            code = orch.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            orch.send_signal(signal.SIGABRT)  # `ip netns exec` execs python: this is the orchestrator itself
+            orch.wait(timeout=30)
+            pytest.fail("the run hung; its threads when stopped:\n" + (tmp / "orchestrator.log").read_text()[-12000:])
     finally:
         _stop([orch])
     lines = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
