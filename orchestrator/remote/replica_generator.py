@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
@@ -28,6 +29,8 @@ from orchestrator.remote.replicas import Replica, ReplicaSet, first_answer
 from orchestrator.remote.retry import ServiceError
 
 log = logging.getLogger("quartet.orchestrator.replicas")
+# Added to a replica's push bound (push_limit_s) for scheduling on a loaded host.
+PUSH_SLACK_S = 10.0
 
 
 class ReplicaGenerator:
@@ -86,8 +89,13 @@ class ReplicaGenerator:
         futures = [(r, rs.pool.submit(r.client.update_weights, named_tensors, version)) for r in targets]
         syncs, errors = [], []
         for r, fut in futures:
+            limit = push_limit_s(r.client)
             try:
-                sync = fut.result()
+                try:
+                    sync = fut.result(timeout=limit)
+                except FutureTimeout:
+                    raise ServiceError(r.client.name, "UpdateWeights", f"no answer within {limit:.0f} s (every attempt's "
+                                       "deadline and the retry budget); taken out") from None
             except ServiceError as e:
                 r.stats.failures["UpdateWeights"] = r.stats.failures.get("UpdateWeights", 0) + 1
                 rs.remove(r, str(e))
@@ -134,3 +142,15 @@ class ReplicaGenerator:
 
     def close(self) -> None:
         self.replicas.close()
+
+
+def push_limit_s(client) -> float | None:
+    """The longest one replica's weight push can take when every deadline holds: each attempt to its
+    deadline plus the GetInfo that checks a refused retry, and the retry budget's backoffs. A push still
+    running after that is given up on, so one replica whose call never returns cannot stall the run.
+    None (no bound) for a client without deadlines."""
+    deadline, retry = getattr(client, "weights_deadline_s", None), getattr(client, "retry", None)
+    if deadline is None or retry is None:
+        return None
+    info = getattr(client, "info_deadline_s", 10.0)
+    return retry.max_attempts * (deadline + info) + retry.budget_s + PUSH_SLACK_S

@@ -219,3 +219,31 @@ def test_first_lookup_waits_for_records_then_gives_up_naming_the_budget() -> Non
 
     with pytest.raises(ServiceError, match=r"generator at gen:1 service, DNS lookup: Name or service not known after 3 s"):
         first_lookup("generator", "gen:1", budget_s=3, lookup=missing, sleep=sleep, clock=clock)
+
+
+def test_a_push_that_never_returns_is_given_up_on_at_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A replica whose UpdateWeights never comes back (its host cut off mid-stream, and the call's deadline
+    # missed) is taken out once every attempt's deadline and the retry budget have passed; the run goes on.
+    import threading
+    import time
+
+    from orchestrator.remote import replica_generator
+    from orchestrator.remote.retry import RetryPolicy
+
+    monkeypatch.setattr(replica_generator, "PUSH_SLACK_S", 0.2)
+    gen, gens = _generators([0, 0])
+    gen.info()
+    release = threading.Event()
+    stuck = gens["10.0.1.0:1"]
+    stuck.weights_deadline_s, stuck.info_deadline_s = 0.1, 0.1
+    stuck.retry = RetryPolicy(max_attempts=2, budget_s=0.3)
+    stuck.update_weights = lambda named, version: release.wait(60)  # never answers within the test
+    assert replica_generator.push_limit_s(stuck) == pytest.approx(2 * 0.2 + 0.3 + 0.2)
+    assert replica_generator.push_limit_s(gens["10.0.1.1:1"]) is None  # no deadlines known: no bound
+    try:
+        t0 = time.monotonic()
+        assert gen.update_weights({"w": torch.zeros(1)}, 1).version == 1
+        assert 0.9 <= time.monotonic() - t0 < 10
+        assert [a for a, ok, _ in gen.replicas.snapshot() if ok] == ["10.0.1.1:1"]
+    finally:
+        release.set()
